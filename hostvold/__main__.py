@@ -1,0 +1,5 @@
+import sys
+
+from hostvold.daemon import main
+
+sys.exit(main())

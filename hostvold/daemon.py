@@ -1,0 +1,124 @@
+"""The composition root: config -> shares -> index -> recovery -> ready -> serve -> stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from hostvold import __version__, notify
+from hostvold.config import Config, load_config
+from hostvold.errors import ConfigError
+from hostvold.index import VolumeIndex
+from hostvold.locks import LocalLocks
+from hostvold.mounts import Share, ensure_mounted
+from hostvold.permissions import file_mode, resolve_secure
+from hostvold.shares import ShareSpec, parse_options, parse_shares_file
+from hostvold.volumes import VolumeService
+
+log = logging.getLogger("hostvold")
+
+EX_CONFIG = 78
+
+
+def share_specs(config: Config) -> list[ShareSpec]:
+    """The configured shares; with none configured, the embedded local share directory."""
+    shares = config.shares
+    if shares.nas_host and shares.nas_share_path:
+        options = f"-o {shares.nas_mount_options}" if shares.nas_mount_options else ""
+        return [parse_options(f"{shares.nas_host}:{shares.nas_share_path}", options)]
+    if shares.shares_config:
+        specs, problems = parse_shares_file(shares.shares_config.read_text())
+        for problem in problems:
+            log.error("%s line %d skipped (%s): %s", shares.shares_config, problem.line,
+                      problem.reason, problem.text)
+        return specs
+    return [ShareSpec(address=str(config.local_share_dir), fstype="none", local_dir=True)]
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop_requested = asyncio.Event()
+        self.service: VolumeService | None = None
+        self.index: VolumeIndex | None = None
+
+    async def start(self) -> VolumeService:
+        config = self.config
+        state_dir = config.daemon.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        notify.status("mounting shares")
+        base = config.mount_point_base
+        shares = [Share(spec, spec.mount_point(base)) for spec in share_specs(config)]
+        await asyncio.gather(*(ensure_mounted(share, config.shares.mount_attempts)
+                               for share in shares))
+        for share in shares:
+            if not share.mounted:
+                log.error("share %s unavailable: %s", share.spec.address, share.error)
+        self.index = VolumeIndex(state_dir / "index.sqlite")
+        locks = LocalLocks(state_dir / "locks")
+        service = VolumeService(config, shares, self.index, locks, 0o660)
+        notify.status("loading the volume index")
+        if self.index.fresh:
+            service.rebuild_index()
+        else:
+            service.load_index()
+        first = next((s.mount_point for s in shares if s.mounted), None)
+        secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
+                                new_install=not service.list_volumes())
+        service.file_mode = file_mode(secure)
+        notify.status("recovering interrupted operations")
+        await service.recover()
+        self.service = service
+        return service
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop_requested.set)
+        service = await self.start()
+        mounted = len(service.mounted_shares())
+        summary = f"{len(service.list_volumes())} volumes on {mounted}/{len(service.shares)} shares"
+        log.info("hostvold %s ready: %s", __version__, summary)
+        notify.ready(summary)
+        await self.stop_requested.wait()
+        log.info("stopping")
+        notify.stopping()
+        if self.index is not None:
+            self.index.close()
+        return 0
+
+
+def setup_logging(level: str) -> None:
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM"):
+        from systemd.journal import JournalHandler
+        handler = JournalHandler(SYSLOG_IDENTIFIER="hostvold")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hostvold", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="configuration file (default /etc/hostvold/hostvold.conf)")
+    parser.add_argument("--version", action="version", version=f"hostvold {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"hostvold: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.daemon.log_level)
+    return asyncio.run(Daemon(config).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Error types.
+
+Every error a caller can see has a stable ``name``; the D-Bus layer maps it to
+``org.hostvold1.Error.<name>``. Subclasses refine the message but keep one of the
+public names, so clients can match on a small, documented set.
+"""
+
+from __future__ import annotations
+
+
+class HostvoldError(Exception):
+    """Base of every error hostvold reports to a caller."""
+
+    name = "Failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.message}"
+
+
+class NotFound(HostvoldError):
+    name = "NotFound"
+
+
+class InvalidArgument(HostvoldError):
+    name = "InvalidArgument"
+
+
+class AlreadyExists(HostvoldError):
+    name = "AlreadyExists"
+
+
+class Busy(HostvoldError):
+    name = "Busy"
+
+
+class InvalidState(HostvoldError):
+    name = "InvalidState"
+
+
+class NoSpace(HostvoldError):
+    name = "NoSpace"
+
+
+class StorageUnavailable(HostvoldError):
+    name = "StorageUnavailable"
+
+
+class NotAuthorized(HostvoldError):
+    name = "NotAuthorized"
+
+
+class Failed(HostvoldError):
+    name = "Failed"
+
+
+class UnsafeImage(HostvoldError):
+    """An image or chain that must not be used: it could make us read or write outside
+    the volume. Nothing is done with it."""
+
+    name = "UnsafeImage"
+
+
+class BackingFileOutsideVolume(UnsafeImage):
+    name = "BackingFileOutsideVolume"
+
+
+class ForeignBackingFile(UnsafeImage):
+    name = "ForeignBackingFile"
+
+
+class ExternalDataFile(UnsafeImage):
+    name = "ExternalDataFile"
+
+
+class UnknownImageFeature(UnsafeImage):
+    name = "UnknownImageFeature"
+
+
+class QemuImgError(Failed):
+    """qemu-img exited non-zero, timed out, or hit a resource limit."""
+
+    name = "QemuImgFailed"
+
+    def __init__(self, argv: list[str], returncode: int | None, stderr: str) -> None:
+        tool = " ".join(argv[:2]) if argv else "qemu-img"
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
+        status = "timed out" if returncode is None else f"exited {returncode}"
+        super().__init__(f"{tool} {status}: {detail}")
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class ConfigError(Exception):
+    """An invalid configuration value. ``str()`` is the one line shown to the operator."""
+
+    def __init__(self, source: str, section: str, key: str, value: object, allowed: str) -> None:
+        shown = repr(value) if value is not None else "(missing)"
+        super().__init__(f"{source}: [{section}] {key} = {shown}: {allowed}")
+        self.section = section
+        self.key = key

@@ -1,0 +1,51 @@
+"""Per-volume locks on this host.
+
+An asyncio lock serialises operations inside the daemon; an ``flock`` on
+``<state_dir>/locks/<id>.lock`` keeps any other process on this host (a second daemon, a
+maintenance tool) out while we hold it. Operations on different volumes never wait on
+each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+
+class LocalLocks:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def volume(self, volume_id: str) -> AsyncIterator[None]:
+        """Hold the lock of ``volume_id`` (a validated id) for the body."""
+        lock = self._locks.setdefault(volume_id, asyncio.Lock())
+        self._users[volume_id] = self._users.get(volume_id, 0) + 1
+        try:
+            async with lock, self._file_lock(volume_id):
+                yield
+        finally:
+            self._users[volume_id] -= 1
+            if not self._users[volume_id]:  # forget idle locks: memory stays O(busy volumes)
+                del self._users[volume_id], self._locks[volume_id]
+
+    @asynccontextmanager
+    async def _file_lock(self, volume_id: str) -> AsyncIterator[None]:
+        fd = os.open(self.directory / f"{volume_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # blocking flock in a worker thread: waits for another process, never polls
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+

@@ -1,0 +1,56 @@
+"""hostvold's per-volume metadata file: the share alone describes its volumes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from hostvold.atomic import write_atomic
+from hostvold.errors import Failed
+
+VolumeState = Literal["creating", "available", "in-use", "busy", "error", "deleting"]
+Provisioning = Literal["thin", "thick"]
+
+SCHEMA = 1
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class VolumeMeta(BaseModel):
+    """What hostvold records about a volume, next to its files."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: int = SCHEMA
+    id: str
+    size: int
+    format: Literal["raw", "qcow2"]
+    provisioning: Provisioning = "thin"
+    created: str
+    state: VolumeState
+    share: str
+    active: str
+    attachment: dict[str, str] | None = None
+    # the in-flight operation, recorded before its first side effect (SPEC section 7)
+    operation: dict[str, Any] | None = None
+
+    def evolve(self, **changes: Any) -> VolumeMeta:
+        return self.model_validate(self.model_dump() | changes)
+
+
+def read_meta(path: Path) -> VolumeMeta:
+    try:
+        return VolumeMeta.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise Failed(f"metadata file {path} is invalid: {exc.errors()[0]['msg']}") from None
+
+
+def write_meta(path: Path, meta: VolumeMeta, mode: int) -> None:
+    data = json.dumps(meta.model_dump(), indent=1, sort_keys=True).encode() + b"\n"
+    write_atomic(path, data, mode)
