@@ -161,9 +161,8 @@ class VolumeService:
         source = request.source
         if not source.is_file():
             raise NotFound(f"image file {source} does not exist or is not a regular file")
-        src_fmt = request.source_format
-        if src_fmt is None:
-            src_fmt = await asyncio.to_thread(_sniff_format, source)
+        sniffed = await asyncio.to_thread(_sniff_format, source)
+        src_fmt: Format = request.source_format or sniffed
         if src_fmt == "qcow2":
             header = await asyncio.to_thread(read_qcow2_header, source)
             if header.backing_file is not None:

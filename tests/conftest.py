@@ -1,0 +1,274 @@
+"""Real-service test harness.
+
+Session fixtures bring up the real things the suite needs and clean them up:
+loop-mounted ext4 shares, ``virtlogd`` + ``libvirtd`` on ``qemu:///system``, and a private
+``dbus-daemon`` with a system-bus-style policy. With ``CI=true`` or
+``HOSTVOLD_REQUIRE_INTEGRATION=1`` a missing service fails the test; it never skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hostvold.config import Config, parse_config
+from hostvold.daemon import Daemon
+from hostvold.volumes import VolumeService
+
+REQUIRE_INTEGRATION = (os.environ.get("CI") == "true"
+                       or os.environ.get("HOSTVOLD_REQUIRE_INTEGRATION") == "1")
+
+
+def need(available: bool, what: str) -> None:
+    """Fail (in CI) or skip (on a developer machine) when a real service is missing."""
+    if available:
+        return
+    if REQUIRE_INTEGRATION:
+        pytest.fail(f"required service missing: {what}", pytrace=False)
+    pytest.skip(f"service missing: {what}")
+
+
+def run(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True,  # type: ignore
+                          **kwargs)
+
+
+# ---- loop-mounted ext4 shares ----------------------------------------------------------
+
+def make_ext4_image(path: Path, size_mib: int) -> Path:
+    """A sparse file formatted as ext4: mounted with ``-o loop`` it is a real filesystem with
+    real capacity and real ENOSPC."""
+    need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs)")
+    with open(path, "wb") as image:
+        image.truncate(size_mib << 20)
+    run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0", str(path))
+    return path
+
+
+def mounts_under(base: Path) -> list[Path]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = Path(line.split()[4].replace("\\040", " "))
+        if point == base or base in point.parents:
+            points.append(point)
+    return points
+
+
+def umount_all(base: Path) -> None:
+    for point in sorted(mounts_under(base), key=lambda p: len(p.parts), reverse=True):
+        run("umount", "-l", str(point), check=False)
+
+
+@pytest.fixture(scope="session")
+def loop_supported(tmp_path_factory: pytest.TempPathFactory) -> bool:
+    probe = make_ext4_image(tmp_path_factory.mktemp("probe") / "probe.img", 8)
+    point = probe.with_suffix(".mnt")
+    point.mkdir()
+    ok = run("mount", "-o", "loop", "-t", "ext4", str(probe), str(point), check=False)
+    run("umount", str(point), check=False)
+    return ok.returncode == 0
+
+
+@pytest.fixture
+def ext4_image(tmp_path: Path, loop_supported: bool) -> Callable[..., Path]:
+    """Factory: ``ext4_image("a", 64)`` makes a 64 MiB ext4 image file (unmounted)."""
+    need(loop_supported, "loop mounts of ext4 images (mount -o loop)")
+
+    def factory(name: str, size_mib: int) -> Path:
+        return make_ext4_image(tmp_path / f"{name}.img", size_mib)
+
+    return factory
+
+
+@pytest.fixture
+def mounted_ext4(tmp_path: Path, loop_supported: bool) -> Iterator[Callable[..., Path]]:
+    """Factory: a 64 MiB (or sized) ext4 filesystem mounted at a fresh directory."""
+    need(loop_supported, "loop mounts of ext4 images (mount -o loop)")
+    base = tmp_path / "mounts"
+    base.mkdir()
+
+    def factory(name: str, size_mib: int = 64) -> Path:
+        image = make_ext4_image(tmp_path / f"{name}.img", size_mib)
+        point = base / name
+        point.mkdir()
+        run("mount", "-o", "loop", "-t", "ext4", str(image), str(point))
+        return point
+
+    yield factory
+    umount_all(base)
+
+
+# ---- a hostvold configured on real loop shares ------------------------------------------
+
+class Host:
+    """A hostvold set-up on a temporary state directory, restartable in-process."""
+
+    def __init__(self, root: Path, images: list[Path], extra: str = "") -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.shares_file = root / "shares"
+        self.shares_file.write_text("".join(f"{img} -t ext4 -o loop\n" for img in images))
+        self.config_text = (f"[daemon]\nstate_dir = {self.state_dir}\n"
+                            f"[shares]\nshares_config = {self.shares_file}\n" + extra)
+        self.daemon: Daemon | None = None
+
+    @property
+    def config(self) -> Config:
+        return parse_config(self.config_text, "test.conf")
+
+    async def start(self) -> VolumeService:
+        self.stop()
+        self.daemon = Daemon(self.config)
+        return await self.daemon.start()
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.daemon.index is not None:
+            self.daemon.index.close()
+        self.daemon = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        umount_all(self.state_dir)
+
+
+@pytest.fixture
+def host_factory(tmp_path: Path, ext4_image: Callable[..., Path]) -> Iterator[Callable[..., Host]]:
+    hosts: list[Host] = []
+
+    def factory(*sizes_mib: int, extra: str = "") -> Host:
+        images = [ext4_image(f"share{i}", size) for i, size in enumerate(sizes_mib or (256,))]
+        host = Host(tmp_path / f"host{len(hosts)}", images, extra)
+        host.root.mkdir()
+        hosts.append(host)
+        return host
+
+    yield factory
+    for host in hosts:
+        host.cleanup()
+
+
+@pytest.fixture
+async def service(host_factory: Callable[..., Host]) -> AsyncIterator[VolumeService]:
+    """A started hostvold with one 256 MiB ext4 share."""
+    host = host_factory(256)
+    yield await host.start()
+    host.stop()
+
+
+# ---- libvirtd ------------------------------------------------------------------------------
+
+LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
+
+
+def _ensure_libvirt_accounts() -> None:
+    for group in ("kvm", "libvirt", "libvirt-qemu"):
+        if run("getent", "group", group, check=False).returncode != 0:
+            run("groupadd", "--system", group)
+    if run("getent", "passwd", "libvirt-qemu", check=False).returncode != 0:
+        run("useradd", "--system", "--no-create-home", "--gid", "libvirt-qemu",
+            "--groups", "kvm", "--shell", "/usr/sbin/nologin", "libvirt-qemu")
+    for directory in ("/var/log/libvirt", "/var/lib/libvirt/qemu", "/run/libvirt"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    # /dev/kvm that QEMU's user cannot open makes libvirt re-probe QEMU's capabilities on
+    # every lookup (tens of seconds per domain start); Debian's udev rule is root:kvm 0660.
+    kvm = Path("/dev/kvm")
+    if kvm.exists():
+        shutil.chown(kvm, group="kvm")
+        kvm.chmod(0o660)
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
+    """Wait for a daemon we just forked to create its socket (test set-up only)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """A running libvirtd on qemu:///system (started here when none runs)."""
+    need(shutil.which("libvirtd") is not None or Path("/usr/sbin/libvirtd").exists(),
+         "libvirtd (Debian package libvirt-daemon)")
+    started: list[str] = []
+    if not LIBVIRT_SOCK.exists() or run("virsh", "-c", "qemu:///system", "version",
+                                       check=False).returncode != 0:
+        _ensure_libvirt_accounts()
+        if run("pgrep", "-x", "virtlogd", check=False).returncode != 0:
+            run("virtlogd", "-d")
+            started.append("virtlogd")
+        _wait_for(Path("/run/libvirt/virtlogd-sock").exists, 10)
+        run("libvirtd", "-d")
+        started.append("libvirtd")
+        _wait_for(lambda: run("virsh", "-c", "qemu:///system", "version",
+                              check=False).returncode == 0, 30)
+    ok = run("virsh", "-c", "qemu:///system", "version", check=False).returncode == 0
+    need(ok, "libvirtd answering on qemu:///system")
+    yield "qemu:///system"
+    for name in reversed(started):
+        run("pkill", "-x", name, check=False)
+
+
+# ---- a private system-bus-style dbus-daemon --------------------------------------------
+
+DBUS_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <policy user="root">
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+  </policy>
+  {extra}
+</busconfig>
+"""
+
+
+@pytest.fixture(scope="session")
+def dbus_daemon() -> Iterator[str]:
+    """A private dbus-daemon with system-bus rules; yields its address."""
+    need(shutil.which("dbus-daemon") is not None, "dbus-daemon (Debian package dbus)")
+    # outside pytest's 0700 temp tree, so unprivileged test users can reach the socket
+    root = Path(tempfile.mkdtemp(prefix="hostvold-dbus-"))
+    root.chmod(0o755)
+    socket = root / "system_bus_socket"
+    config = root / "system.conf"
+    config.write_text(DBUS_POLICY.format(socket=socket, extra=""))
+    proc = subprocess.Popen(["dbus-daemon", "--nofork", "--nopidfile", "--print-address=1",
+                             f"--config-file={config}"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    need(bool(address) and proc.poll() is None, "a private dbus-daemon")
+    yield address
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    shutil.rmtree(root, ignore_errors=True)
