@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -53,9 +54,20 @@ def _optional(value: object) -> object:
 
 Bool = Annotated[bool, BeforeValidator(_bool), Field(description="true or false")]
 AbsPath = Annotated[Path, BeforeValidator(_absolute_path), Field(description="an absolute path")]
-OptPath = Annotated[AbsPath | None, BeforeValidator(_optional)]
+OptPath = Annotated[AbsPath | None, BeforeValidator(_optional),
+                   Field(description="an absolute path, or empty")]
 Tristate = Annotated[Literal["auto", "true", "false"], BeforeValidator(_lower),
                      Field(description="one of auto, true, false")]
+
+
+def _matching(pattern: str) -> Callable[[object], object]:
+    """An optional string that must match ``pattern`` whole when set."""
+    def check(value: object) -> object:
+        value = _optional(value)
+        if isinstance(value, str) and not re.fullmatch(pattern, value.strip()):
+            raise ValueError("no match")
+        return value.strip() if isinstance(value, str) else value
+    return check
 
 
 def _bus(value: object) -> object:
@@ -107,10 +119,10 @@ class DaemonConfig(_Section):
 
 class SharesConfig(_Section):
     shares_config: OptPath = None
-    nas_host: Annotated[str | None, BeforeValidator(_optional), Field(
-        pattern=r"^[A-Za-z0-9.\-:\[\]]+$", description="a host name or IP address")] = None
-    nas_share_path: Annotated[str | None, BeforeValidator(_optional), Field(
-        pattern=r"^/\S*$", description="an absolute export path")] = None
+    nas_host: Annotated[str | None, BeforeValidator(_matching(r"[A-Za-z0-9.\-:\[\]]+")),
+                        Field(description="a host name or IP address")] = None
+    nas_share_path: Annotated[str | None, BeforeValidator(_matching(r"/\S*")),
+                              Field(description="an absolute export path")] = None
     nas_mount_options: Annotated[str | None, BeforeValidator(_optional)] = None
     mount_point_base: OptPath = None
     mount_attempts: Annotated[int, Field(ge=1, le=20, description="an integer from 1 to 20")] = 3

@@ -1,0 +1,58 @@
+"""The daemon process: ready through sd_notify, clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def test_default_config_becomes_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    config = tmp_path / "hostvold.conf"
+    config.write_text(f"[daemon]\nstate_dir = {tmp_path / 'state'}\n")
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+    env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(listener.recv(4096).decode())
+        assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in messages)
+        state = tmp_path / "state"
+        assert (state / "share").is_dir()  # the embedded default share
+        assert (state / "index.sqlite").exists()
+        assert state.stat().st_mode & 0o777 == 0o700
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=2) == 0
+        elapsed = time.monotonic() - sent
+        assert elapsed < 2
+        listener.settimeout(1)
+        assert "STOPPING=1" in listener.recv(4096).decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def test_cli_check_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.conf"
+    good.write_text("[volumes]\nqcow2_volumes = true\n")
+    bad = tmp_path / "bad.conf"
+    bad.write_text("[volumes]\nqcow2_volumes = sometimes\n")
+    cli = [sys.executable, "-c", "import sys; from hostvold.cli import main; sys.exit(main())"]
+    ok = subprocess.run([*cli, "check-config", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    failed = subprocess.run([*cli, "check-config", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 78
+    assert "[volumes] qcow2_volumes = 'sometimes'" in failed.stderr
