@@ -85,11 +85,15 @@ class QemuImgError(Failed):
 
     name = "QemuImgFailed"
 
-    def __init__(self, argv: list[str], returncode: int | None, stderr: str) -> None:
-        tool = " ".join(argv[:2]) if argv else "qemu-img"
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
+    def __init__(self, argv: list[str], returncode: int | None, stderr: str,
+                 context: str = "") -> None:
+        tool = argv[argv.index("--") + 1:] if "--" in argv else argv
+        command = " ".join(tool[:2]) if tool else "qemu-img"
+        lines = stderr.strip().splitlines()
+        detail = lines[-1] if lines else "no error output"
         status = "timed out" if returncode is None else f"exited {returncode}"
-        super().__init__(f"{tool} {status}: {detail}")
+        suffix = f" ({context})" if context else ""
+        super().__init__(f"{command} {status}: {detail}{suffix}")
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr

@@ -94,7 +94,7 @@ async def run(argv: list[str], *, timeout: float | None = None,
         raise
     if proc.returncode not in ok_codes:
         stderr = err.decode(errors="replace")
-        raise QemuImgError(argv, proc.returncode, stderr + (f" ({context})" if context else ""))
+        raise QemuImgError(argv, proc.returncode, stderr, context)
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hostvold.errors import NoSpace
 
-_REMOTE = re.compile(r"^[^\s/]+:/\S*$")
+_REMOTE = re.compile(r"^[^\s/]+:/.*$")
 
 
 @dataclass(frozen=True)

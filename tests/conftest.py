@@ -113,6 +113,7 @@ class Host:
 
     def __init__(self, root: Path, images: list[Path], extra: str = "") -> None:
         self.root = root
+        root.mkdir()
         self.state_dir = root / "state"
         self.shares_file = root / "shares"
         self.shares_file.write_text("".join(f"{img} -t ext4 -o loop\n" for img in images))
@@ -144,9 +145,9 @@ def host_factory(tmp_path: Path, ext4_image: Callable[..., Path]) -> Iterator[Ca
     hosts: list[Host] = []
 
     def factory(*sizes_mib: int, extra: str = "") -> Host:
-        images = [ext4_image(f"share{i}", size) for i, size in enumerate(sizes_mib or (256,))]
+        images = [ext4_image(f"host{len(hosts)}-share{i}", size)
+                  for i, size in enumerate(sizes_mib or (256,))]
         host = Host(tmp_path / f"host{len(hosts)}", images, extra)
-        host.root.mkdir()
         hosts.append(host)
         return host
 
