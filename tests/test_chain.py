@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 
 from hostvold.chain import read_qcow2_header, validate_chain
-from hostvold.errors import (BackingFileOutsideVolume, ExternalDataFile, ForeignBackingFile,
-                             UnknownImageFeature, UnsafeImage)
+from hostvold.errors import (
+    BackingFileOutsideVolume,
+    ExternalDataFile,
+    ForeignBackingFile,
+    UnknownImageFeature,
+    UnsafeImage,
+)
 from hostvold.layout import Naming, VolumeFiles
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,16 @@ import pytest
 
 from hostvold.errors import NoSpace, StorageUnavailable
 from hostvold.mounts import Share, ensure_mounted, mounted_points, unmount
-from hostvold.shares import (Candidate, Capacity, Placement, ShareSpec, choose_share,
-                             ineligible_reason, parse_shares_file, share_hash)
+from hostvold.shares import (
+    Candidate,
+    Capacity,
+    Placement,
+    ShareSpec,
+    choose_share,
+    ineligible_reason,
+    parse_shares_file,
+    share_hash,
+)
 
 GiB = 1 << 30
 

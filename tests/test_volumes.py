@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import (AlreadyExists, BackingFileOutsideVolume, InvalidArgument,
-                             InvalidState, NoSpace, NotFound, QemuImgError, UnsafeImage)
+from hostvold.errors import (
+    AlreadyExists,
+    BackingFileOutsideVolume,
+    InvalidArgument,
+    InvalidState,
+    NoSpace,
+    NotFound,
+    QemuImgError,
+    UnsafeImage,
+)
 from hostvold.ids import new_id
 from hostvold.metadata import read_meta, write_meta
 from hostvold.volumes import VolumeService
