@@ -40,6 +40,8 @@ class Qcow2Header:
     backing_format: str | None
     incompatible_features: int
     data_file: str | None
+    l1_size: int = 0
+    l1_table_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
         raise UnsafeImage(f"{path.name} is not a qcow2 image")
     version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
     (size,) = struct.unpack_from(">Q", head, 24)
+    l1_size, l1_table_offset = struct.unpack_from(">IQ", head, 36)
     incompatible, header_length = 0, 72
     if version >= 3:
         if len(head) < 104:
@@ -82,7 +85,25 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
         elif ext_type == _EXT_DATA_FILE:
             data_file = data.decode("utf-8", errors="replace")
         offset += 8 + ((ext_len + 7) & ~7)
-    return Qcow2Header(version, size, backing_file, backing_format, incompatible, data_file)
+    return Qcow2Header(version, size, backing_file, backing_format, incompatible, data_file,
+                       l1_size, l1_table_offset)
+
+
+def qcow2_is_empty(path: Path) -> bool:
+    """True when a qcow2 image holds no data of its own (no L2 table allocated): removing it
+    loses nothing. Used by repair to tell a stale empty overlay from one holding writes."""
+    header = read_qcow2_header(path)
+    with open(path, "rb") as image:
+        image.seek(header.l1_table_offset)
+        table = image.read(header.l1_size * 8)
+    return len(table) == header.l1_size * 8 and not any(table)
+
+
+def sniff_format(path: Path) -> str:
+    """raw or qcow2 from the magic alone; only for files that no guest writes to as raw
+    (import sources, adoption of a base file whose format nothing recorded)."""
+    with open(path, "rb") as image:
+        return "qcow2" if image.read(4) == QCOW2_MAGIC else "raw"
 
 
 def check_backing_name(files: VolumeFiles, name: str) -> None:

@@ -80,6 +80,19 @@ class UnknownImageFeature(UnsafeImage):
     name = "UnknownImageFeature"
 
 
+class InfoFileDamaged(InvalidState):
+    """The info file (Cinder's chain map) is empty, truncated or names files that are not
+    there: the volume needs an explicit repair."""
+
+    name = "InfoFileDamaged"
+
+
+class NeedsRepair(InvalidState):
+    """The volume's files do not match its records; nothing is done until a repair."""
+
+    name = "NeedsRepair"
+
+
 class QemuImgError(Failed):
     """qemu-img exited non-zero, timed out, or hit a resource limit."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hostvold.metadata import VolumeMeta
 
-_SCHEMA = 1
+_SCHEMA = 2
 
 
 class VolumeIndex:
@@ -20,7 +20,7 @@ class VolumeIndex:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         self.fresh = version != _SCHEMA
         if self.fresh:
@@ -28,6 +28,8 @@ class VolumeIndex:
                 DROP TABLE IF EXISTS volumes;
                 CREATE TABLE volumes (id TEXT PRIMARY KEY, share TEXT NOT NULL,
                                       meta TEXT NOT NULL);
+                DROP TABLE IF EXISTS inflight;
+                CREATE TABLE inflight (id TEXT PRIMARY KEY, share TEXT NOT NULL);
                 PRAGMA user_version = {_SCHEMA};
             """)
 
@@ -43,12 +45,30 @@ class VolumeIndex:
                          (meta.id, meta.share, meta.model_dump_json()))
 
     def remove(self, volume_id: str) -> None:
-        self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+            self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
+
+    def mark_inflight(self, volume_id: str, share: str) -> None:
+        """Durably note that ``volume_id`` has an operation under way, before its metadata
+        file says so: a restart then re-reads that volume from its share, even if the
+        crash came before this index heard the rest."""
+        self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
+                         (volume_id, share))
+
+    def clear_inflight(self, volume_id: str) -> None:
+        self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
+
+    def inflight(self) -> list[tuple[str, str]]:
+        return [(row[0], row[1]) for row in
+                self._db.execute("SELECT id, share FROM inflight ORDER BY id").fetchall()]
 
     def replace_all(self, metas: Iterable[VolumeMeta]) -> None:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM volumes")
+            self._db.execute("DELETE FROM inflight")
             self._db.executemany(
                 "INSERT INTO volumes (id, share, meta) VALUES (?, ?, ?)",
                 ((m.id, m.share, m.model_dump_json()) for m in metas))

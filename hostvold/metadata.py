@@ -37,6 +37,12 @@ class VolumeMeta(BaseModel):
     share: str
     active: str
     attachment: dict[str, str] | None = None
+    # snapshot id -> {"created": ISO time, "quiesced": bool}; which snapshots exist is decided
+    # by the info file (Cinder's chain map), this only adds what the info file cannot hold
+    snapshots: dict[str, dict[str, Any]] = {}
+    # health problems found in the files (stale overlays, damaged info file); operations are
+    # refused until an explicit repair
+    problems: list[str] = []
     # the in-flight operation, recorded before its first side effect (SPEC section 7)
     operation: dict[str, Any] | None = None
 

@@ -1,14 +1,22 @@
 """The volume use cases for detached volumes: create, import, delete, extend, export, list.
 
-Every multi-step operation records its intent in the volume's metadata file before its
-first side effect, so :meth:`VolumeService.recover` can finish or undo it after a crash:
+Every multi-step operation records its intent before its first side effect: first a row in
+the local index's ``inflight`` table (so a restart knows which volumes to re-read), then
+the volume's metadata file on the share (the truth). :meth:`VolumeService.recover` finishes
+or undoes what a crash interrupted:
 
-``create``/``import``  metadata ``state=creating`` is written first. Recovery: the caller
-                       never heard of success, so every file of the volume is removed.
-``delete``             metadata ``state=deleting`` first, metadata file removed last.
-                       Recovery: remove what is left.
-``extend``             ``operation={"name": "extend", "size": N}`` first. Recovery: grow
-                       to N again (idempotent), then record the new size.
+``create``/``import``/``clone``/``create-from-snapshot``
+    states: ``intent`` (metadata ``state=creating`` written) -> ``made`` (image written)
+    -> done (``state=available``). Recovery: the caller never heard of success, so every
+    file of the new volume is removed; the source is never touched.
+``delete``
+    states: ``intent`` (``state=deleting``) -> ``files-removed`` -> done (metadata file
+    removed last). Recovery: remove what is left.
+``extend``
+    states: ``intent`` (``operation={"name": "extend", "size": N}``) -> ``grown`` -> done.
+    Recovery: grow to N again (idempotent), then record the new size.
+
+Snapshot operations (:mod:`hostvold.snapshots`) register their own recovery here.
 """
 
 from __future__ import annotations
@@ -16,20 +24,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from hostvold import qemuimg
-from hostvold.atomic import fsync_dir, is_temp_of, temp_name, unlink_durable
+from hostvold import crash, qemuimg
+from hostvold.atomic import fsync_dir, temp_name, unlink_durable
 from hostvold.chain import QCOW2_KNOWN_SAFE, Layer, read_qcow2_header, validate_chain
 from hostvold.config import Config
 from hostvold.errors import (
     AlreadyExists,
     Failed,
     HostvoldError,
+    InfoFileDamaged,
     InvalidArgument,
     InvalidState,
+    NeedsRepair,
     NoSpace,
     NotFound,
     UnsafeImage,
@@ -37,15 +47,19 @@ from hostvold.errors import (
 from hostvold.files import create_raw, fsync_file, grow_raw, is_enospc
 from hostvold.ids import new_id, valid_id
 from hostvold.index import VolumeIndex
+from hostvold.infofile import SnapshotMap, read_info
 from hostvold.layout import Naming, VolumeFiles
 from hostvold.locks import LocalLocks
 from hostvold.metadata import VolumeMeta, read_meta, utc_now, write_meta
 from hostvold.models import CreateVolume, ExportVolume, ExtendVolume, ImportVolume
 from hostvold.mounts import Share, capacity
+from hostvold.planning import chain_problems
 from hostvold.qemuimg import Format, Limits
 from hostvold.shares import Candidate, Placement, choose_share
 
 log = logging.getLogger(__name__)
+
+Recoverer = Callable[[VolumeFiles, VolumeMeta], Awaitable[None]]
 
 
 class VolumeService:
@@ -64,6 +78,7 @@ class VolumeService:
         self.placement = Placement(config.volumes.reserved_percentage,
                                    config.volumes.max_over_subscription_ratio)
         self._volumes: dict[str, VolumeMeta] = {}
+        self.recoverers: dict[str, Recoverer] = {"extend": self._recover_extend}
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -95,21 +110,47 @@ class VolumeService:
 
     async def recover(self) -> None:
         """Finish or undo every operation a crash interrupted (see the module docstring)."""
-        for meta in list(self._volumes.values()):
-            try:
-                share = self._share_of(meta)
-            except HostvoldError:
+        for volume_id, share_address in self.index.inflight():
+            share = next((s for s in self.shares if s.spec.address == share_address), None)
+            if share is None or not share.mounted:
                 continue  # its share is down; recovered when it comes back
-            files = VolumeFiles.of(share.mount_point, self.naming, meta.id)
-            self._remove_temp_files(files)
-            if meta.state in ("creating", "deleting"):
-                log.warning("recovery: removing volume %s left in state %s", meta.id, meta.state)
-                self._remove_volume_files(files)
-                self._forget(meta.id)
-            elif meta.operation and meta.operation.get("name") == "extend":
-                log.warning("recovery: finishing extend of volume %s", meta.id)
-                await self._grow(files, meta, int(meta.operation["size"]))
-                self._record(files, meta.evolve(size=int(meta.operation["size"]), operation=None))
+            files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
+            if files.meta.exists():
+                self._volumes[volume_id] = read_meta(files.meta)
+            else:  # the crash came before the metadata file was written, or after delete
+                await asyncio.to_thread(self.remove_volume_files, files)
+                self._forget(volume_id)
+        for meta in list(self._volumes.values()):
+            if meta.state in ("creating", "deleting") or meta.operation:
+                try:
+                    await self._recover_one(meta)
+                except HostvoldError as exc:
+                    log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc)
+
+    async def _recover_one(self, meta: VolumeMeta) -> None:
+        try:
+            files = self.files_of(meta)
+        except HostvoldError:
+            return  # its share is down; recovered when it comes back
+        self._remove_temp_files(files)
+        if meta.state in ("creating", "deleting"):
+            log.warning("recovery: removing volume %s left in state %s", meta.id, meta.state)
+            await asyncio.to_thread(self.remove_volume_files, files)
+            self._forget(meta.id)
+            return
+        assert meta.operation is not None
+        name = str(meta.operation.get("name"))
+        log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation)
+        recoverer = self.recoverers.get(name)
+        if recoverer is None:
+            raise Failed(f"unknown interrupted operation {name!r}")
+        await recoverer(files, meta)
+
+    async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
+        assert meta.operation is not None
+        size = int(meta.operation["size"])
+        await self._grow(files, meta, size)
+        self.record(files, meta.evolve(size=size, operation=None))
 
     # ---- queries ----------------------------------------------------------------------
 
@@ -153,7 +194,8 @@ class VolumeService:
                 await qemuimg.create(path, "qcow2", request.size,
                                      preallocation="metadata" if thin else "falloc")
 
-        return await self._create(volume_id, request.size, fmt, thin, request.share, make)
+        return await self.create_new(volume_id, request.size, fmt, thin, request.share, make,
+                                     operation="create")
 
     async def import_volume(self, **options: Any) -> VolumeMeta:
         """A new volume holding the guest-visible bytes of an image file."""
@@ -186,8 +228,8 @@ class VolumeService:
             os.chmod(path, self.file_mode)
             await asyncio.to_thread(fsync_file, path)
 
-        return await self._create(request.id or new_id(), size, fmt, True, request.share, make,
-                                  space_needed=needed)
+        return await self.create_new(request.id or new_id(), size, fmt, True, request.share,
+                                     make, space_needed=needed, operation="import")
 
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
@@ -197,9 +239,11 @@ class VolumeService:
                 raise InvalidState(f"volume {volume_id} is attached to "
                                    f"{(meta.attachment or {}).get('domain', 'a domain')}; "
                                    "detach it first")
-            files = self._files(meta)
-            self._record(files, meta.evolve(state="deleting"))
-            await asyncio.to_thread(self._remove_volume_files, files)
+            files = self.files_of(meta)
+            self.record(files, meta.evolve(state="deleting"))
+            crash.point("delete:intent")
+            await asyncio.to_thread(self.remove_volume_files, files)
+            crash.point("delete:files-removed")
             self._forget(volume_id)
             log.info("deleted volume %s", volume_id)
 
@@ -207,12 +251,12 @@ class VolumeService:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
         async with self.locks.volume(volume_id):
-            meta = self._require_available(volume_id)
+            meta = self.require_available(volume_id)
             if request.size <= meta.size:
                 raise InvalidArgument(f"new size {request.size} must be larger than the "
                                       f"current {meta.size} bytes")
-            files = self._files(meta)
-            self._validated_chain(files, meta)
+            files = self.files_of(meta)
+            self.validated_chain(files, meta)
             grow = request.size - meta.size
             share = self._share_of(meta)
             allocated, provisioned = self.usage(share)
@@ -221,13 +265,15 @@ class VolumeService:
                     meta.provisioning == "thick" and grow > cap.free):
                 raise NoSpace(f"share {share.spec.address} cannot grow volume {volume_id} by "
                               f"{grow} bytes")
-            self._record(files, meta.evolve(operation={"name": "extend", "size": request.size}))
+            self.record(files, meta.evolve(operation={"name": "extend", "size": request.size}))
+            crash.point("extend:intent")
             try:
                 await self._grow(files, meta, request.size)
             except BaseException:
-                self._record(files, meta)
+                self.record(files, meta)
                 raise
-            return self._record(files, meta.evolve(size=request.size, operation=None))
+            crash.point("extend:grown")
+            return self.record(files, meta.evolve(size=request.size, operation=None))
 
     async def export_volume(self, volume_id: str, **options: Any) -> Path:
         """Flatten the volume's active chain into a new standalone image file."""
@@ -239,9 +285,9 @@ class VolumeService:
         if dest.exists() or dest.is_symlink():
             raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
         async with self.locks.volume(volume_id):
-            meta = self._require_available(volume_id)
-            files = self._files(meta)
-            top = self._validated_chain(files, meta)[0]
+            meta = self.require_available(volume_id)
+            files = self.files_of(meta)
+            top = self.validated_chain(files, meta)[1][0]
             tmp = temp_name(dest)
             try:
                 await qemuimg.convert(files.directory / top.name, _fmt(top), tmp, request.format)
@@ -258,9 +304,10 @@ class VolumeService:
 
     # ---- internals ----------------------------------------------------------------------
 
-    async def _create(self, volume_id: str, size: int, fmt: Format, thin: bool,
-                      share_name: str | None, make: Callable[[Path], Any],
-                      space_needed: int = 0) -> VolumeMeta:
+    async def create_new(self, volume_id: str, size: int, fmt: Format, thin: bool,
+                         share_name: str | None, make: Callable[[Path], Awaitable[None]], *,
+                         operation: str, space_needed: int = 0) -> VolumeMeta:
+        """Create a volume whose image ``make`` writes; undone completely on any failure."""
         async with self.locks.volume(volume_id):
             self._require_new(volume_id)
             share = self._pick_share(size, thin, share_name, space_needed)
@@ -268,14 +315,16 @@ class VolumeService:
             meta = VolumeMeta(id=volume_id, size=size, format=fmt,
                               provisioning="thin" if thin else "thick", created=utc_now(),
                               state="creating", share=share.spec.address,
-                              active=files.base_name, operation={"name": "create"})
+                              active=files.base_name, operation={"name": operation})
             try:
-                self._record(files, meta)  # the durable intent, before the image exists
+                self.record(files, meta)  # the durable intent, before the image exists
+                crash.point(f"{operation}:intent")
                 await make(files.base)
                 os.chmod(files.base, self.file_mode)
-                meta = self._record(files, meta.evolve(state="available", operation=None))
+                crash.point(f"{operation}:made")
+                meta = self.record(files, meta.evolve(state="available", operation=None))
             except BaseException as exc:
-                await asyncio.to_thread(self._remove_volume_files, files)
+                await asyncio.to_thread(self.remove_volume_files, files)
                 self._forget(volume_id)
                 if is_enospc(exc) and not isinstance(exc, NoSpace):
                     raise NoSpace(f"share {share.spec.address} ran out of space while "
@@ -311,11 +360,16 @@ class VolumeService:
                 raise AlreadyExists(f"files of volume {volume_id} already exist on "
                                     f"{share.spec.address}")
 
-    def _require_available(self, volume_id: str) -> VolumeMeta:
+    def require_available(self, volume_id: str) -> VolumeMeta:
         meta = self.get_volume(volume_id)
         if meta.state != "available":
             raise InvalidState(f"volume {volume_id} is {meta.state}; this needs an "
                                "available (detached, idle) volume")
+        if meta.operation is not None:
+            raise InvalidState(f"volume {volume_id} has an interrupted {meta.operation['name']} "
+                               "that must finish first (it is resumed at the next start)")
+        if meta.problems:
+            raise NeedsRepair(f"volume {volume_id} needs a repair: {'; '.join(meta.problems)}")
         return meta
 
     def _share_of(self, meta: VolumeMeta) -> Share:
@@ -325,15 +379,36 @@ class VolumeService:
                 return share
         raise NotFound(f"share {meta.share} of volume {meta.id} is not configured")
 
-    def _files(self, meta: VolumeMeta) -> VolumeFiles:
+    def files_of(self, meta: VolumeMeta) -> VolumeFiles:
         return VolumeFiles.of(self._share_of(meta).mount_point, self.naming, meta.id)
 
-    def _validated_chain(self, files: VolumeFiles, meta: VolumeMeta) -> list[Layer]:
-        top_format = meta.format if meta.active == files.base_name else "qcow2"
-        return validate_chain(files, meta.active, top_format)
+    def validated_chain(self, files: VolumeFiles,
+                        meta: VolumeMeta) -> tuple[SnapshotMap, list[Layer]]:
+        """The info file and the chain from its active file down, checked against each other.
+
+        No process is spawned: the chain is read from the image headers. A mismatch (a
+        damaged info file, a missing or foreign layer) is recorded on the volume as a health
+        problem and raised as NeedsRepair; nothing else is done.
+        """
+        try:
+            chain_map = read_info(files)
+            top_format = meta.format if chain_map.active == files.base_name else "qcow2"
+            chain = validate_chain(files, chain_map.active, top_format)
+        except InfoFileDamaged as exc:
+            self.record(files, meta.evolve(problems=[exc.message]))
+            raise
+        except FileNotFoundError as exc:
+            missing = Path(str(exc.filename)).name
+            problems = [f"{missing}, a file of the chain, is missing"]
+        else:
+            problems = chain_problems(files, chain, chain_map)
+        if problems:
+            self.record(files, meta.evolve(problems=problems))
+            raise NeedsRepair(f"volume {meta.id} needs a repair: {'; '.join(problems)}")
+        return chain_map, chain
 
     async def _grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
-        top = self._validated_chain(files, meta)[0]
+        top = self.validated_chain(files, meta)[1][0]
         path = files.directory / top.name
         if top.format == "raw":
             await asyncio.to_thread(grow_raw, path, size, meta.provisioning == "thick")
@@ -343,10 +418,16 @@ class VolumeService:
                 await qemuimg.resize(path, "qcow2", size, preallocation=(
                     "falloc" if meta.provisioning == "thick" else None))
 
-    def _record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
-        """Persist ``meta`` on the share (atomically), then in the index and memory."""
+    def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
+        """Persist ``meta``: an in-flight note in the index first when an operation is under
+        way, then the metadata file on the share (atomically), then the index and memory."""
+        busy = meta.operation is not None or meta.state in ("creating", "deleting")
+        if busy:
+            self.index.mark_inflight(meta.id, meta.share)
         write_meta(files.meta, meta, self.file_mode)
         self.index.put(meta)
+        if not busy:
+            self.index.clear_inflight(meta.id)
         self._volumes[meta.id] = meta
         return meta
 
@@ -355,7 +436,7 @@ class VolumeService:
         self._volumes.pop(volume_id, None)
 
     @staticmethod
-    def _remove_volume_files(files: VolumeFiles) -> None:
+    def remove_volume_files(files: VolumeFiles) -> None:
         """Remove every file of the volume, the metadata file last, and nothing else."""
         for path in files.existing():
             if path != files.meta:
@@ -364,10 +445,9 @@ class VolumeService:
 
     @staticmethod
     def _remove_temp_files(files: VolumeFiles) -> None:
+        """Leftovers of interrupted atomic writes: never the only copy of anything."""
         for path in files.existing():
-            if path.name.startswith(".") and path.name.endswith(".tmp") and any(
-                    is_temp_of(path.name, target) or path.name.startswith(f".{target}.")
-                    for target in (files.base_name,)):
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
                 unlink_durable(path)
 
 

@@ -286,9 +286,12 @@ async def test_crafted_chain_stops_operations(tmp_path: Path,
     service = await host.start()
     meta = await service.create_volume(size=MiB)
     mount = service.shares[0].mount_point
-    overlay = f"volume-{meta.id}.{new_id()}"
+    snapshot = new_id()
+    overlay = f"volume-{meta.id}.{snapshot}"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw",
                     str(mount / overlay), "1M"], check=True, capture_output=True)
+    (mount / f"volume-{meta.id}.info").write_text(json.dumps({"active": overlay,
+                                                              snapshot: overlay}))
     write_meta(mount / f"volume-{meta.id}.meta", meta.evolve(active=overlay), 0o660)
     host.stop()
     (host.state_dir / "index.sqlite").unlink()

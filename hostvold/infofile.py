@@ -1,0 +1,65 @@
+"""The info file: Cinder's JSON chain map, ``volume-<id>.info``.
+
+``{"active": <file the volume runs on>, <snapshot id>: <overlay made when it was taken>}``,
+bare file names, written pretty-printed (indent 1, keys sorted) as Cinder does, but
+atomically. A missing file means "no snapshots, the base file is active".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from hostvold.atomic import write_atomic
+from hostvold.errors import InfoFileDamaged
+from hostvold.ids import valid_id
+from hostvold.layout import VolumeFiles
+
+
+@dataclass(frozen=True)
+class SnapshotMap:
+    active: str
+    snapshots: dict[str, str] = field(default_factory=dict)
+
+    def without(self, snapshot_id: str, active: str | None = None) -> SnapshotMap:
+        rest = {k: v for k, v in self.snapshots.items() if k != snapshot_id}
+        return SnapshotMap(active or self.active, rest)
+
+    def with_snapshot(self, snapshot_id: str, overlay: str) -> SnapshotMap:
+        return SnapshotMap(overlay, {**self.snapshots, snapshot_id: overlay})
+
+
+def read_info(files: VolumeFiles) -> SnapshotMap:
+    """The chain map of a volume; InfoFileDamaged when it cannot be trusted."""
+    try:
+        data = files.info.read_bytes()
+    except FileNotFoundError:
+        return SnapshotMap(files.base_name)
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InfoFileDamaged(f"{files.info.name} is empty or truncated "
+                              f"({len(data)} bytes); run a repair") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("active"), str):
+        raise InfoFileDamaged(f"{files.info.name} has no \"active\" entry; run a repair")
+    snapshots = {}
+    for key, value in raw.items():
+        if key == "active":
+            continue
+        try:
+            snapshot_id = valid_id(key, "snapshot id")
+        except Exception:
+            raise InfoFileDamaged(f"{files.info.name}: {key!r} is not a snapshot id") from None
+        if not isinstance(value, str) or not files.is_image(value):
+            raise InfoFileDamaged(f"{files.info.name}: snapshot {key} names {value!r}, which is "
+                                  "not one of the volume's files")
+        snapshots[snapshot_id] = value
+    if not files.is_image(raw["active"]):
+        raise InfoFileDamaged(f"{files.info.name}: active file {raw['active']!r} is not one of "
+                              "the volume's files")
+    return SnapshotMap(raw["active"], snapshots)
+
+
+def write_info(files: VolumeFiles, chain_map: SnapshotMap, mode: int) -> None:
+    data = {"active": chain_map.active, **chain_map.snapshots}
+    write_atomic(files.info, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
