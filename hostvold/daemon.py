@@ -18,6 +18,7 @@ from hostvold.locks import LocalLocks
 from hostvold.mounts import Share, ensure_mounted
 from hostvold.permissions import file_mode, resolve_secure
 from hostvold.shares import ShareSpec, parse_options, parse_shares_file
+from hostvold.snapshots import SnapshotService
 from hostvold.volumes import VolumeService
 
 log = logging.getLogger("hostvold")
@@ -45,6 +46,7 @@ class Daemon:
         self.config = config
         self.stop_requested = asyncio.Event()
         self.service: VolumeService | None = None
+        self.snapshots: SnapshotService | None = None
         self.index: VolumeIndex | None = None
 
     async def start(self) -> VolumeService:
@@ -72,6 +74,7 @@ class Daemon:
         secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
                                 new_install=not service.list_volumes())
         service.file_mode = file_mode(secure)
+        self.snapshots = SnapshotService(service)  # registers its recovery steps
         notify.status("recovering interrupted operations")
         await service.recover()
         self.service = service

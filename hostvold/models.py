@@ -73,3 +73,14 @@ class ExportVolume(_Request):
 
 class ExtendVolume(_Request):
     size: int = Field(gt=0, le=MAX_SIZE, multiple_of=512)
+
+
+class CopyVolume(_Request):
+    """Options of clone and create-from-snapshot: the new volume's id, size, format, share."""
+
+    id: str | None = None
+    size: int | None = Field(default=None, gt=0, le=MAX_SIZE, multiple_of=512)
+    format: Literal["raw", "qcow2"] | None = None
+    share: str | None = None
+
+    _check_id = field_validator("id", mode="before")(_optional_id)

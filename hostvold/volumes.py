@@ -25,12 +25,13 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hostvold import crash, qemuimg
 from hostvold.atomic import fsync_dir, temp_name, unlink_durable
-from hostvold.chain import QCOW2_KNOWN_SAFE, Layer, read_qcow2_header, validate_chain
+from hostvold.chain import QCOW2_KNOWN_SAFE, Layer, read_qcow2_header, sniff_format, validate_chain
 from hostvold.config import Config
 from hostvold.errors import (
     AlreadyExists,
@@ -86,27 +87,78 @@ class VolumeService:
         self._volumes = {meta.id: meta for meta in self.index.load()}
 
     def rebuild_index(self) -> None:
-        """Read every metadata file on every mounted share into the index."""
+        """Read every volume on every mounted share into the index: hostvold's metadata
+        files, and volumes laid out by Cinder (no metadata file yet), which are adopted."""
         found: dict[str, VolumeMeta] = {}
         for share in self.mounted_shares():
-            for entry in os.scandir(share.mount_point):
-                volume_id = self.naming.volume_id_of_meta(entry.name)
-                if volume_id is None:
+            names = {entry.name for entry in os.scandir(share.mount_point)}
+            for name in sorted(names):
+                volume_id = self.naming.volume_id_of_meta(name)
+                if volume_id is not None:
+                    meta = self._read_meta(share, share.mount_point / name, volume_id)
+                elif (volume_id := self.naming.volume_id_of_base(name)) is not None and \
+                        f"{name}.meta" not in names:
+                    meta = self._adopt(VolumeFiles.of(share.mount_point, self.naming, volume_id),
+                                       share)
+                else:
                     continue
-                try:
-                    meta = read_meta(Path(entry.path))
-                except (Failed, OSError) as exc:
-                    log.error("skipping unreadable metadata %s: %s", entry.path, exc)
-                    continue
-                if meta.id != volume_id:
-                    log.error("skipping %s: it describes volume %s", entry.path, meta.id)
-                    continue
-                found[volume_id] = meta.evolve(share=share.spec.address) \
-                    if meta.share != share.spec.address else meta
+                if meta is not None:
+                    found[volume_id] = meta
         self.index.replace_all(found.values())
         self._volumes = found
         log.info("index rebuilt from %d shares: %d volumes",
                  len(self.mounted_shares()), len(found))
+
+    def _read_meta(self, share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
+        try:
+            meta = read_meta(path)
+        except (Failed, OSError) as exc:
+            log.error("skipping unreadable metadata %s: %s", path, exc)
+            return None
+        if meta.id != volume_id:
+            log.error("skipping %s: it describes volume %s", path, meta.id)
+            return None
+        return meta.evolve(share=share.spec.address) if meta.share != share.spec.address \
+            else meta
+
+    def _adopt(self, files: VolumeFiles, share: Share) -> VolumeMeta:
+        """Describe a volume made by Cinder from its files alone and write its metadata.
+
+        The base format comes from the overlay above it (qemu-img recorded it there) and
+        only for a volume without snapshots from the base file's magic. Problems found on
+        the way are recorded on the volume, not fixed.
+        """
+        present = {p.name for p in files.existing() if files.is_image(p.name)}
+        base_format = _recorded_base_format(files, present) or sniff_format(files.base)
+        problems: list[str] = []
+        chain_map = SnapshotMap(files.base_name)
+        try:
+            chain_map = read_info(files)
+            fmt = base_format if chain_map.active == files.base_name else "qcow2"
+            chain = validate_chain(files, chain_map.active, fmt)
+            problems = chain_problems(files, chain, chain_map, present)
+            active = files.directory / chain_map.active
+            size = read_qcow2_header(active).size if fmt == "qcow2" else active.stat().st_size
+        except (InfoFileDamaged, UnsafeImage) as exc:
+            problems.append(exc.message)
+            size = files.base.stat().st_size
+        except FileNotFoundError as exc:
+            problems.append(f"{Path(str(exc.filename)).name}, a file of the chain, is missing")
+            size = files.base.stat().st_size
+        st = files.base.stat()
+        meta = VolumeMeta(
+            id=self.naming.volume_id_of_base(files.base_name) or "", size=size,
+            format="qcow2" if base_format == "qcow2" else "raw",
+            provisioning="thick" if st.st_blocks * 512 >= st.st_size else "thin",
+            created=_mtime(files.base), state="available", share=share.spec.address,
+            active=chain_map.active, problems=problems,
+            snapshots={sid: {"created": _mtime(files.directory / name), "quiesced": False}
+                       for sid, name in chain_map.snapshots.items()
+                       if (files.directory / name).exists()})
+        log.warning("adopted volume %s from %s (%d snapshots%s)", meta.id, share.spec.address,
+                    len(meta.snapshots), f"; problems: {'; '.join(problems)}" if problems else "")
+        write_meta(files.meta, meta, self.file_mode)
+        return meta
 
     async def recover(self) -> None:
         """Finish or undo every operation a crash interrupted (see the module docstring)."""
@@ -451,6 +503,22 @@ class VolumeService:
                 unlink_durable(path)
 
 
+def _recorded_base_format(files: VolumeFiles, present: set[str]) -> str | None:
+    """The format an overlay recorded for the base file, if any overlay sits on it."""
+    for name in sorted(present - {files.base_name}):
+        try:
+            header = read_qcow2_header(files.directory / name)
+        except (UnsafeImage, OSError):
+            continue
+        if header.backing_file == files.base_name and header.backing_format in ("raw", "qcow2"):
+            return header.backing_format
+    return None
+
+
+def _mtime(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+
+
 def _fmt(layer: Layer) -> Format:
     return "raw" if layer.format == "raw" else "qcow2"
 
@@ -461,5 +529,4 @@ def _round_up(value: int, unit: int) -> int:
 
 def _sniff_format(path: Path) -> Format:
     """Decide between raw and qcow2 from the magic only: nothing else is trusted."""
-    with open(path, "rb") as image:
-        return "qcow2" if image.read(4) == b"QFI\xfb" else "raw"
+    return "qcow2" if sniff_format(path) == "qcow2" else "raw"

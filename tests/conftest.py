@@ -21,6 +21,7 @@ import pytest
 
 from hostvold.config import Config, parse_config
 from hostvold.daemon import Daemon
+from hostvold.snapshots import SnapshotService
 from hostvold.volumes import VolumeService
 
 REQUIRE_INTEGRATION = (os.environ.get("CI") == "true"
@@ -124,6 +125,17 @@ class Host:
     @property
     def config(self) -> Config:
         return parse_config(self.config_text, "test.conf")
+
+    @property
+    def config_file(self) -> Path:
+        path = self.root / "hostvold.conf"
+        path.write_text(self.config_text)
+        return path
+
+    @property
+    def snapshots(self) -> SnapshotService:
+        assert self.daemon is not None and self.daemon.snapshots is not None
+        return self.daemon.snapshots
 
     async def start(self) -> VolumeService:
         self.stop()
