@@ -53,7 +53,9 @@ class Layer:
 def read_qcow2_header(path: Path) -> Qcow2Header:
     """Parse the fixed header and extensions of a qcow2 file (UnsafeImage if malformed)."""
     with open(path, "rb") as image:
-        head = image.read(_MAX_HEADER)
+        head = image.read(4096)  # the header, its extensions and the backing name fit here
+        if len(head) == 4096 and not _complete(head):
+            head += image.read(_MAX_HEADER - 4096)
     if head[:4] != QCOW2_MAGIC or len(head) < 72:
         raise UnsafeImage(f"{path.name} is not a qcow2 image")
     version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
@@ -87,6 +89,23 @@ def read_qcow2_header(path: Path) -> Qcow2Header:
         offset += 8 + ((ext_len + 7) & ~7)
     return Qcow2Header(version, size, backing_file, backing_format, incompatible, data_file,
                        l1_size, l1_table_offset)
+
+
+def _complete(head: bytes) -> bool:
+    """Whether ``head`` holds the backing file name and the end of the extension list."""
+    if len(head) < 104:
+        return False
+    backing_offset, backing_size = struct.unpack_from(">QI", head, 8)
+    if backing_offset + backing_size > len(head):
+        return False
+    version = struct.unpack_from(">I", head, 4)[0]
+    offset = struct.unpack_from(">I", head, 100)[0] if version >= 3 else 72
+    while offset + 8 <= len(head):
+        ext_type, ext_len = struct.unpack_from(">II", head, offset)
+        if ext_type == _EXT_END:
+            return True
+        offset += 8 + ((ext_len + 7) & ~7)
+    return False
 
 
 def qcow2_is_empty(path: Path) -> bool:

@@ -1,0 +1,133 @@
+"""Snapshot cost against chain depth, hostvold vs the naive (Cinder) way, side by side.
+
+    python bench/snapshot_chain.py [--depths 8,64,256] [--dir /path]
+
+For each depth a volume gets that many snapshots, then:
+- create: one more snapshot through hostvold (``qemu-img create -u``: the chain below is
+  not opened) vs ``qemu-img create`` without ``-u`` (opens the whole chain);
+- delete: a middle snapshot through hostvold (one ``qemu-img info --backing-chain``, one
+  commit, one ``rebase -u``) vs Cinder's walk (one ``qemu-img info`` per layer from the
+  active file down to the snapshot, then the same commit and rebase), on identical chains.
+Prints seconds and the ratios depth N / smallest depth (targets P5 <= 1.5x, P8 <= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from hostvold.config import parse_config
+from hostvold.daemon import Daemon
+from hostvold.infofile import read_info
+from hostvold.snapshots import SnapshotService
+from hostvold.volumes import VolumeService
+
+MiB = 1 << 20
+
+
+async def build(volumes: VolumeService, snapshots: SnapshotService,
+                depth: int) -> tuple[str, list[str]]:
+    meta = await volumes.create_volume(size=64 * MiB)
+    ids = [(await snapshots.create_snapshot(meta.id)).id for _ in range(depth)]
+    return meta.id, ids
+
+
+def naive_delete(directory: Path, active: str, top: str) -> None:
+    """Cinder's offline delete of a non-newest snapshot: info on each layer to find the
+    layer above ``top``, then commit and rebase."""
+    layer, higher = active, None
+    while layer != top:
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "-f", "qcow2", "--output=json", str(directory / layer)],
+            capture_output=True, text=True, check=True).stdout)
+        higher, layer = layer, info["backing-filename"]
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-f", "qcow2", "--output=json", str(directory / top)],
+        capture_output=True, text=True, check=True).stdout)
+    base = info["backing-filename"]
+    subprocess.run(["qemu-img", "commit", "-q", "-d", "-f", "qcow2", str(directory / top)],
+                   check=True)
+    (directory / top).unlink()
+    assert higher is not None
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", base, "-F",
+                    info.get("backing-filename-format", "qcow2"), str(directory / higher)],
+                   check=True)
+
+
+async def measure(root: Path, depths: list[int]) -> dict[int, dict[str, float]]:
+    daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {root / 'state'}\n"))
+    volumes = await daemon.start()
+    assert daemon.snapshots is not None
+    snapshots = daemon.snapshots
+    results: dict[int, dict[str, float]] = {}
+    for depth in depths:
+        row: dict[str, float] = {}
+        volume_id, ids = await build(volumes, snapshots, depth)
+        files = volumes.files_of(volumes.get_volume(volume_id))
+
+        start = time.perf_counter()
+        await snapshots.create_snapshot(volume_id)
+        row["create hostvold"] = time.perf_counter() - start
+        active = read_info(files).active
+        start = time.perf_counter()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", active, "-F", "qcow2",
+                        str(files.directory / "naive-overlay"), str(64 * MiB)], check=True)
+        row["create naive"] = time.perf_counter() - start
+        (files.directory / "naive-overlay").unlink()
+
+        # an identical copy of the chain for the naive delete
+        copy = root / f"naive-{depth}"
+        shutil.copytree(files.directory, copy, ignore=lambda d, names: [
+            n for n in names if not n.startswith(files.base_name)])
+        middle = ids[depth // 2]
+        start = time.perf_counter()
+        await snapshots.delete_snapshot(volume_id, middle)
+        row["delete hostvold"] = time.perf_counter() - start
+        start = time.perf_counter()
+        naive_delete(copy, active_in(copy), files.overlay_name(middle))
+        row["delete naive"] = time.perf_counter() - start
+        shutil.rmtree(copy)
+        await volumes.delete_volume(volume_id)
+        results[depth] = row
+    assert daemon.index is not None
+    daemon.index.close()
+    return results
+
+
+def active_in(directory: Path) -> str:
+    info = json.loads(next(directory.glob("*.info")).read_text())
+    return str(info["active"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--depths", default="8,64,256")
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        results = asyncio.run(measure(Path(tmp), depths))
+    columns = ["create hostvold", "create naive", "delete hostvold", "delete naive"]
+    print(f"{'depth':>6} " + " ".join(f"{c:>16}" for c in columns) + "   (seconds)")
+    for depth, row in results.items():
+        print(f"{depth:>6} " + " ".join(f"{row[c]:>16.3f}" for c in columns))
+    low = min(results)
+    for depth in results:
+        if depth == low:
+            continue
+        r, b = results[depth], results[low]
+        print(f"depth {depth} / depth {low}: create hostvold "
+              f"{r['create hostvold'] / b['create hostvold']:.2f}x (P8 target <= 1.5x), "
+              f"delete hostvold {r['delete hostvold'] / b['delete hostvold']:.2f}x "
+              f"(P5 target <= 1.5x); naive delete "
+              f"{r['delete naive'] / b['delete naive']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
