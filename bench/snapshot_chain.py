@@ -83,8 +83,9 @@ async def measure(root: Path, depths: list[int]) -> dict[int, dict[str, float]]:
 
         # an identical copy of the chain for the naive delete
         copy = root / f"naive-{depth}"
-        shutil.copytree(files.directory, copy, ignore=lambda d, names: [
-            n for n in names if not n.startswith(files.base_name)])
+        prefix = files.base_name
+        shutil.copytree(files.directory, copy, ignore=lambda d, names, prefix=prefix: [
+            n for n in names if not n.startswith(prefix)])
         middle = ids[depth // 2]
         start = time.perf_counter()
         await snapshots.delete_snapshot(volume_id, middle)
