@@ -10,10 +10,15 @@ import signal
 import sys
 from pathlib import Path
 
+from dbus_fast.aio import MessageBus
+
 from hostvold import __version__, notify
+from hostvold.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.config import Config, load_config
-from hostvold.errors import ConfigError
+from hostvold.dbus_api import Api
+from hostvold.errors import ConfigError, HostvoldError
 from hostvold.index import VolumeIndex
+from hostvold.jobs import JobRunner
 from hostvold.locks import LocalLocks
 from hostvold.mounts import Share, ensure_mounted
 from hostvold.permissions import file_mode, resolve_secure
@@ -46,6 +51,8 @@ class Daemon:
         self.config = config
         self.stop_requested = asyncio.Event()
         self.service: VolumeService | None = None
+        self.jobs = JobRunner()
+        self.bus: MessageBus | None = None
         self.snapshots: SnapshotService | None = None
         self.index: VolumeIndex | None = None
 
@@ -80,20 +87,45 @@ class Daemon:
         self.service = service
         return service
 
+    async def serve(self) -> Api:
+        """Put the started services on the bus; the name is owned last, when all is there."""
+        assert self.service is not None and self.snapshots is not None
+        notify.status("connecting to the bus")
+        self.bus = await connect(self.config.daemon.bus)
+        authorizer = Authorizer(self.bus, self.config.daemon.admin_group)
+        api = Api(self.bus, self.service, self.snapshots, self.jobs, authorizer)
+        api.export_all()
+        await own_name(self.bus)
+        return api
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop_requested.set)
-        service = await self.start()
+        watchdog = notify.start_watchdog()
+        try:
+            service = await self.start()
+            api = await self.serve()
+        except HostvoldError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
         mounted = len(service.mounted_shares())
-        summary = f"{len(service.list_volumes())} volumes on {mounted}/{len(service.shares)} shares"
+        summary = (f"{len(service.list_volumes())} volumes on {mounted}/{len(service.shares)} "
+                   f"shares, serving {BUS_NAME}")
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)
         await self.stop_requested.wait()
-        log.info("stopping")
+        log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")
         notify.stopping()
+        assert self.bus is not None
+        await self.bus.release_name(BUS_NAME)
+        await self.jobs.cancel_all()
+        self.bus.disconnect()
+        if watchdog is not None:
+            watchdog.cancel()
         if self.index is not None:
             self.index.close()
+        del api
         return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from systemd import daemon as _sd  # type: ignore[attr-defined]
@@ -22,3 +23,26 @@ def status(text: str) -> None:
 
 def stopping() -> None:
     notify("STOPPING=1", "STATUS=stopping")
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog timeout systemd gave us, in seconds (None: no watchdog)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
+def start_watchdog() -> asyncio.Task[None] | None:
+    """Ping the watchdog from the event loop itself: a stuck loop stops the pings."""
+    interval = watchdog_interval()
+    if interval is None:
+        return None
+
+    async def ping() -> None:
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    return asyncio.get_running_loop().create_task(ping())

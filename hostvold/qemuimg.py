@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from hostvold import progress
 from hostvold.errors import Failed, QemuImgError
 
 Format = Literal["raw", "qcow2"]
@@ -178,6 +179,7 @@ async def convert(src: Path, src_fmt: Format, dst: Path, dst_fmt: Format, *,
                   sparse: bool = True, on_progress: ProgressCallback | None = None,
                   dst_options: str | None = None) -> None:
     """Copy ``src`` (and its chain) into a new standalone ``dst``."""
+    on_progress = on_progress or progress.current.get()
     argv = [QEMU_IMG, "convert", "-f", src_fmt, "-O", dst_fmt, "-t", "none", "-T", "none"]
     if on_progress is not None:
         argv.append("-p")
@@ -191,6 +193,7 @@ async def convert(src: Path, src_fmt: Format, dst: Path, dst_fmt: Format, *,
 async def commit(path: Path, fmt: Format, *, drop: bool = True,
                  on_progress: ProgressCallback | None = None) -> None:
     """Merge ``path`` into its backing file; with ``drop`` the top is left as it was."""
+    on_progress = on_progress or progress.current.get()
     argv = [QEMU_IMG, "commit", "-f", fmt, "-t", "none"]
     if drop:
         argv.append("-d")

@@ -1,0 +1,105 @@
+"""The D-Bus edge: connection, bus name, caller identity, error names, object paths.
+
+dbus-fast does not tell a method who called it. A message handler that runs before
+dispatch records the sender of each method call in a context variable; the task that runs
+the method inherits it, and :meth:`Authorizer.require_admin` asks the bus driver for that
+connection's uid and groups.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+from contextvars import ContextVar
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from hostvold.errors import Failed, HostvoldError, NotAuthorized
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.hostvold1"
+ROOT_PATH = "/org/hostvold1"
+ERROR_PREFIX = "org.hostvold1.Error."
+
+caller: ContextVar[str | None] = ContextVar("hostvold_caller", default=None)
+
+
+def object_path(kind: str, object_id: str) -> str:
+    """``/org/hostvold1/<kind>/<id>`` with the id made a valid path element ('-' -> '_')."""
+    return f"{ROOT_PATH}/{kind}/{object_id.replace('-', '_')}"
+
+
+def id_from_path(path: str, kind: str) -> str:
+    prefix = f"{ROOT_PATH}/{kind}/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not a {kind} object path")
+    return path[len(prefix):].replace("_", "-")
+
+
+def dbus_error(exc: HostvoldError) -> DBusError:
+    return DBusError(ERROR_PREFIX + exc.name, exc.message)
+
+
+async def connect(address: str) -> MessageBus:
+    """Connect to ``system``, ``session`` or an explicit address."""
+    if address == "system":
+        bus = MessageBus(bus_type=BusType.SYSTEM)
+    elif address == "session":
+        bus = MessageBus(bus_type=BusType.SESSION)
+    else:
+        bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+    connected: MessageBus = await bus.connect()
+    return connected
+
+
+async def own_name(bus: MessageBus) -> None:
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        raise Failed(f"{BUS_NAME} is already owned on this bus: is another hostvold running?")
+
+
+class Authorizer:
+    """Mutating calls need uid 0 or membership of ``admin_group``; reading is open."""
+
+    def __init__(self, bus: MessageBus, admin_group: str) -> None:
+        self.bus = bus
+        self.admin_group = admin_group
+        try:
+            self.admin_gid: int | None = grp.getgrnam(admin_group).gr_gid
+        except KeyError:
+            log.warning("admin_group %s does not exist: only root may change volumes",
+                        admin_group)
+            self.admin_gid = None
+        bus.add_message_handler(self._remember_sender)
+
+    @staticmethod
+    def _remember_sender(message: Message) -> bool | None:
+        if message.message_type == MessageType.METHOD_CALL:
+            caller.set(message.sender)
+        return None  # let dispatch go on
+
+    async def credentials(self, sender: str) -> dict[str, Any]:
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="GetConnectionCredentials",
+            signature="s", body=[sender]))
+        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+            raise NotAuthorized("the caller's credentials could not be read")
+        return {key: variant.value for key, variant in reply.body[0].items()}
+
+    async def require_admin(self, action: str) -> None:
+        sender = caller.get()
+        if sender is None:
+            raise NotAuthorized("the caller is unknown")
+        creds = await self.credentials(sender)
+        uid = creds.get("UnixUserID")
+        groups = creds.get("UnixGroupIDs", [])
+        if uid == 0 or (self.admin_gid is not None and self.admin_gid in groups):
+            return
+        log.warning("refused %s to uid %s (not root, not in group %s)", action, uid,
+                    self.admin_group)
+        raise NotAuthorized(f"{action} needs root or membership of the group "
+                            f"{self.admin_group!r}")

@@ -1,0 +1,624 @@
+"""The D-Bus API (SPEC section 9): Manager, Share, Volume, Snapshot and Job objects.
+
+Thin: every method validates nothing itself, calls the service, and maps errors to
+``org.hostvold1.Error.<Name>``. Long operations return a Job object at once. After every
+change the affected objects are exported, unexported or announce their changed
+properties, so clients never poll. Property getters read cached state only
+(``GetManagedObjects`` calls every getter of every object).
+"""
+
+# no "from __future__ import annotations": dbus-fast reads the Annotated signatures
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+from dbus_fast import DBusError, PropertyAccess, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusDict,
+    DBusDouble,
+    DBusObjectPath,
+    DBusSignature,
+    DBusStr,
+    DBusUInt64,
+)
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+from hostvold import __version__
+from hostvold.bus import ROOT_PATH, Authorizer, dbus_error, object_path
+from hostvold.errors import HostvoldError, InvalidArgument
+from hostvold.jobs import Job, JobRunner
+from hostvold.metadata import VolumeMeta
+from hostvold.mounts import Share
+from hostvold.snapshots import SnapshotService
+from hostvold.volumes import VolumeService
+
+log = logging.getLogger(__name__)
+
+ObjectPaths = Annotated[list[str], DBusSignature("ao")]
+Strings = Annotated[list[str], DBusSignature("as")]
+Pair = Annotated[tuple[str, str], DBusSignature("(ss)")]
+
+T = TypeVar("T")
+
+
+def _options(options: dict[str, Variant]) -> dict[str, Any]:
+    return {key: variant.value for key, variant in options.items()}
+
+
+def _errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map hostvold errors to named D-Bus errors."""
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except HostvoldError as exc:
+            raise dbus_error(exc) from None
+    return wrapper
+
+
+class Api:
+    """Owns the exported objects and keeps them in step with the services."""
+
+    def __init__(self, bus: MessageBus, volumes: VolumeService, snapshots: SnapshotService,
+                 jobs: JobRunner, authorizer: Authorizer) -> None:
+        self.bus = bus
+        self.volumes = volumes
+        self.snapshots = snapshots
+        self.jobs = jobs
+        self.authorizer = authorizer
+        self.started = time.monotonic()
+        self.manager = ManagerInterface(self)
+        self.share_objects: dict[str, ShareInterface] = {}
+        self.volume_objects: dict[str, VolumeInterface] = {}
+        self.snapshot_objects: dict[str, SnapshotInterface] = {}
+        self.job_objects: dict[str, JobInterface] = {}
+        jobs.on_added.append(self._job_added)
+        jobs.on_removed.append(self._job_removed)
+        jobs.listeners.append(self._job_changed)
+
+    def export_all(self) -> None:
+        self.bus.export(ROOT_PATH, self.manager)
+        for share in self.volumes.shares:
+            interface = ShareInterface(self, share)
+            self.share_objects[share.id] = interface
+            self.bus.export(object_path("shares", share.id), interface)
+        for meta in self.volumes.list_volumes():
+            self.sync_volume(meta.id)
+
+    # ---- keeping objects in step -------------------------------------------------------
+
+    def sync_volume(self, volume_id: str) -> None:
+        """Export, update or unexport one volume and its snapshots."""
+        meta = self.volumes._volumes.get(volume_id)
+        current = self.volume_objects.get(volume_id)
+        if meta is None:
+            if current is not None:
+                for sid in list(current.meta.snapshots):
+                    self._drop_snapshot(sid)
+                self.bus.unexport(object_path("volumes", volume_id))
+                del self.volume_objects[volume_id]
+            self._share_usage_changed()
+            return
+        if current is None:
+            current = VolumeInterface(self, meta)
+            self.volume_objects[volume_id] = current
+            self.bus.export(object_path("volumes", volume_id), current)
+        else:
+            current.update(meta)
+        for sid in set(self.snapshot_objects_of(volume_id)) - set(meta.snapshots):
+            self._drop_snapshot(sid)
+        for sid in meta.snapshots:
+            if sid not in self.snapshot_objects:
+                snap = SnapshotInterface(self, volume_id, sid)
+                self.snapshot_objects[sid] = snap
+                self.bus.export(object_path("snapshots", sid), snap)
+        self._share_usage_changed()
+
+    def snapshot_objects_of(self, volume_id: str) -> list[str]:
+        return [sid for sid, snap in self.snapshot_objects.items()
+                if snap.volume_id == volume_id]
+
+    def _drop_snapshot(self, sid: str) -> None:
+        if self.snapshot_objects.pop(sid, None) is not None:
+            self.bus.unexport(object_path("snapshots", sid))
+
+    def _share_usage_changed(self) -> None:
+        for share in self.share_objects.values():
+            share.refresh()
+
+    def _job_added(self, job: Job) -> None:
+        interface = JobInterface(self, job)
+        self.job_objects[job.id] = interface
+        self.bus.export(object_path("jobs", job.id), interface)
+
+    def _job_removed(self, job: Job) -> None:
+        if self.job_objects.pop(job.id, None) is not None:
+            self.bus.unexport(object_path("jobs", job.id))
+
+    def _job_changed(self, job: Job, names: set[str]) -> None:
+        interface = self.job_objects.get(job.id)
+        if interface is None:
+            return
+        if job.state != "running":
+            for path in job.objects:  # the objects the job touched are up to date first
+                if path.startswith(f"{ROOT_PATH}/volumes/"):
+                    self.sync_volume(path.rsplit("/", 1)[1].replace("_", "-"))
+        interface.announce(names)
+        if job.state != "running" and "State" in names:
+            interface.Completed(job.succeeded, job.error_name and
+                                f"org.hostvold1.Error.{job.error_name}", job.error_message)
+
+    def start_job(self, operation: str, objects: list[str], work: Callable[[], Awaitable[Any]],
+                  bytes_total: int = 0) -> str:
+        job = self.jobs.start(operation, objects, work, bytes_total)
+        return object_path("jobs", job.id)
+
+    def volume_path_result(self, job_objects: list[str]) -> Callable[[VolumeMeta], VolumeMeta]:
+        """Adds the new volume's path to the job's objects when the job ends."""
+        def record(meta: VolumeMeta) -> VolumeMeta:
+            self.sync_volume(meta.id)
+            job_objects.append(object_path("volumes", meta.id))
+            return meta
+        return record
+
+    def health(self) -> str:
+        down = [s.spec.address for s in self.volumes.shares if not s.mounted]
+        sick = [m.id for m in self.volumes.list_volumes() if m.problems]
+        if not down and not sick:
+            return "ok"
+        parts = []
+        if down:
+            parts.append(f"{len(down)} share(s) unavailable")
+        if sick:
+            parts.append(f"{len(sick)} volume(s) need a repair")
+        return "degraded: " + ", ".join(parts)
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, api: Api) -> None:
+        super().__init__("org.hostvold1.Manager")
+        self.api = api
+
+    @dbus_method()
+    @_errors
+    async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
+        await self.api.authorizer.require_admin("CreateVolume")
+        values = _options(options)
+        objects: list[str] = []
+        done = self.api.volume_path_result(objects)
+
+        async def work() -> VolumeMeta:
+            return done(await self.api.volumes.create_volume(**values))
+
+        return self.api.start_job("create-volume", objects, work, int(values.get("size", 0)))
+
+    @dbus_method()
+    @_errors
+    async def ImportVolume(self, options: DBusDict) -> DBusObjectPath:
+        await self.api.authorizer.require_admin("ImportVolume")
+        values = _options(options)
+        objects: list[str] = []
+        done = self.api.volume_path_result(objects)
+        source = str(values.get("source", ""))
+        size = os.stat(source).st_size if source.startswith("/") and os.path.isfile(source) \
+            else 0
+
+        async def work() -> VolumeMeta:
+            return done(await self.api.volumes.import_volume(**values))
+
+        return self.api.start_job("import-volume", objects, work, size)
+
+    @dbus_method()
+    def Status(self) -> DBusDict:
+        api = self.api
+        running = sum(1 for job in api.jobs.jobs.values() if job.state == "running")
+        return {
+            "version": Variant("s", __version__),
+            "host": Variant("s", socket.gethostname()),
+            "uptime": Variant("t", int(time.monotonic() - api.started)),
+            "volumes": Variant("u", len(api.volume_objects)),
+            "snapshots": Variant("u", len(api.snapshot_objects)),
+            "shares": Variant("u", len(api.share_objects)),
+            "jobs-running": Variant("u", running),
+            "health": Variant("s", api.health()),
+        }
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> DBusStr:
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Health(self) -> DBusStr:
+        return self.api.health()
+
+
+class ShareInterface(ServiceInterface):
+    def __init__(self, api: Api, share: Share) -> None:
+        super().__init__("org.hostvold1.Share")
+        self.api = api
+        self.share = share
+        self.usage = self._measure()
+
+    def _measure(self) -> dict[str, int]:
+        if not self.share.mounted:
+            return {"Total": 0, "Free": 0, "Allocated": 0, "Provisioned": 0}
+        st = os.statvfs(self.share.mount_point)
+        allocated, provisioned = self.api.volumes.usage(self.share)
+        return {"Total": st.f_frsize * st.f_blocks, "Free": st.f_frsize * st.f_bavail,
+                "Allocated": allocated, "Provisioned": provisioned}
+
+    def refresh(self) -> None:
+        usage = self._measure()
+        changed = {k: v for k, v in usage.items() if self.usage.get(k) != v}
+        self.usage = usage
+        if changed:
+            self.emit_properties_changed(changed)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return self.share.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Address(self) -> DBusStr:
+        return self.share.spec.address
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MountPoint(self) -> DBusStr:
+        return str(self.share.mount_point)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Mounted(self) -> DBusBool:
+        return self.share.mounted
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Error(self) -> DBusStr:
+        return self.share.error or ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Total(self) -> DBusUInt64:
+        return self.usage["Total"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Free(self) -> DBusUInt64:
+        return self.usage["Free"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Allocated(self) -> DBusUInt64:
+        return self.usage["Allocated"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Provisioned(self) -> DBusUInt64:
+        return self.usage["Provisioned"]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StoragePath(self) -> DBusStr:
+        """Reachability of the share's host; local shares have no path to watch."""
+        return "local" if self.share.spec.address.startswith("/") else "unknown"
+
+
+def _volume_properties(meta: VolumeMeta, api: Api) -> dict[str, Any]:
+    share = next((s for s in api.volumes.shares if s.spec.address == meta.share), None)
+    attachment = meta.attachment or {}
+    return {
+        "Id": meta.id, "Size": meta.size, "Format": meta.format,
+        "Provisioning": meta.provisioning, "Created": meta.created,
+        "Share": object_path("shares", share.id) if share else "/",
+        "ActiveFile": meta.active, "State": meta.state,
+        "Attachment": (attachment.get("domain", ""), attachment.get("target", "")),
+        "Snapshots": [object_path("snapshots", sid) for sid in sorted(
+            meta.snapshots, key=lambda sid: (meta.snapshots[sid].get("created", ""), sid))],
+        "Problems": list(meta.problems),
+    }
+
+
+class VolumeInterface(ServiceInterface):
+    def __init__(self, api: Api, meta: VolumeMeta) -> None:
+        super().__init__("org.hostvold1.Volume")
+        self.api = api
+        self.meta = meta
+        self.props = _volume_properties(meta, api)
+
+    @property
+    def path(self) -> str:
+        return object_path("volumes", self.meta.id)
+
+    def update(self, meta: VolumeMeta) -> None:
+        props = _volume_properties(meta, self.api)
+        changed = {k: v for k, v in props.items() if self.props.get(k) != v}
+        self.meta, self.props = meta, props
+        if changed:
+            self.emit_properties_changed(changed)
+
+    async def _admin(self, action: str) -> None:
+        await self.api.authorizer.require_admin(f"Volume.{action}")
+
+    @dbus_method()
+    @_errors
+    async def CreateSnapshot(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("CreateSnapshot")
+        values = _options(options)
+        unknown = set(values) - {"id"}
+        if unknown:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(unknown))}")
+        snap = await self.api.snapshots.create_snapshot(self.meta.id, values.get("id"))
+        self.api.sync_volume(self.meta.id)
+        return object_path("snapshots", snap.id)
+
+    @dbus_method()
+    @_errors
+    async def Extend(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Extend")
+        values = _options(options)
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            return await self.api.volumes.extend_volume(volume_id, **values)
+
+        return self.api.start_job("extend", [self.path], work)
+
+    @dbus_method()
+    @_errors
+    async def Clone(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Clone")
+        values = _options(options)
+        objects = [self.path]
+        done = self.api.volume_path_result(objects)
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            return done(await self.api.snapshots.clone(volume_id, **values))
+
+        return self.api.start_job("clone", objects, work, self.meta.size)
+
+    @dbus_method()
+    @_errors
+    async def Export(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Export")
+        values = _options(options)
+        volume_id = self.meta.id
+
+        async def work() -> str:
+            return str(await self.api.volumes.export_volume(volume_id, **values))
+
+        return self.api.start_job("export", [self.path], work, self.meta.size)
+
+    @dbus_method()
+    @_errors
+    async def Revert(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Revert")
+        values = _options(options)
+        snapshot = str(values.pop("snapshot", ""))
+        if values:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(values))}")
+        volume_id = self.meta.id
+        if snapshot.startswith("/"):
+            snapshot = snapshot.rsplit("/", 1)[1].replace("_", "-")
+
+        async def work() -> None:
+            await self.api.snapshots.revert(volume_id, snapshot)
+
+        return self.api.start_job("revert", [self.path], work)
+
+    @dbus_method()
+    @_errors
+    async def Repair(self, options: DBusDict) -> Strings:
+        await self._admin("Repair")
+        if options:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        done = await self.api.snapshots.repair(self.meta.id)
+        self.api.sync_volume(self.meta.id)
+        return done
+
+    @dbus_method()
+    @_errors
+    async def Delete(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Delete")
+        if options:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        volume_id = self.meta.id
+
+        async def work() -> None:
+            await self.api.volumes.delete_volume(volume_id)
+
+        return self.api.start_job("delete-volume", [self.path], work)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return str(self.props["Id"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Size(self) -> DBusUInt64:
+        return int(self.props["Size"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Format(self) -> DBusStr:
+        return str(self.props["Format"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Provisioning(self) -> DBusStr:
+        return str(self.props["Provisioning"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> DBusStr:
+        return str(self.props["Created"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Share(self) -> DBusObjectPath:
+        return str(self.props["Share"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActiveFile(self) -> DBusStr:
+        return str(self.props["ActiveFile"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> DBusStr:
+        return str(self.props["State"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Attachment(self) -> Pair:
+        domain, target = self.props["Attachment"]
+        return (str(domain), str(target))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Snapshots(self) -> ObjectPaths:
+        return list(self.props["Snapshots"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Problems(self) -> Strings:
+        return list(self.props["Problems"])
+
+
+class SnapshotInterface(ServiceInterface):
+    def __init__(self, api: Api, volume_id: str, snapshot_id: str) -> None:
+        super().__init__("org.hostvold1.Snapshot")
+        self.api = api
+        self.volume_id = volume_id
+        self.snapshot_id = snapshot_id
+
+    def _extra(self) -> dict[str, Any]:
+        meta = self.api.volumes._volumes.get(self.volume_id)
+        return meta.snapshots.get(self.snapshot_id, {}) if meta else {}
+
+    @dbus_method()
+    @_errors
+    async def Delete(self, options: DBusDict) -> DBusObjectPath:
+        await self.api.authorizer.require_admin("Snapshot.Delete")
+        if options:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        volume_id, sid = self.volume_id, self.snapshot_id
+
+        async def work() -> None:
+            await self.api.snapshots.delete_snapshot(volume_id, sid)
+
+        meta = self.api.volumes.get_volume(volume_id)
+        return self.api.start_job("delete-snapshot", [object_path("volumes", volume_id),
+                                                      object_path("snapshots", sid)],
+                                  work, meta.size)
+
+    @dbus_method()
+    @_errors
+    async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
+        await self.api.authorizer.require_admin("Snapshot.CreateVolume")
+        values = _options(options)
+        objects = [object_path("snapshots", self.snapshot_id)]
+        done = self.api.volume_path_result(objects)
+        volume_id, sid = self.volume_id, self.snapshot_id
+
+        async def work() -> VolumeMeta:
+            return done(await self.api.snapshots.create_from_snapshot(volume_id, sid,
+                                                                      **values))
+
+        meta = self.api.volumes.get_volume(volume_id)
+        return self.api.start_job("create-volume-from-snapshot", objects, work, meta.size)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return self.snapshot_id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Volume(self) -> DBusObjectPath:
+        return object_path("volumes", self.volume_id)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def File(self) -> DBusStr:
+        meta = self.api.volumes._volumes.get(self.volume_id)
+        if meta is None:
+            return ""
+        return f"{self.api.volumes.naming.base_name(meta.id)}.{self.snapshot_id}"
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> DBusStr:
+        return str(self._extra().get("created", ""))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Quiesced(self) -> DBusBool:
+        return bool(self._extra().get("quiesced", False))
+
+
+class JobInterface(ServiceInterface):
+    def __init__(self, api: Api, job: Job) -> None:
+        super().__init__("org.hostvold1.Job")
+        self.api = api
+        self.job = job
+
+    def announce(self, names: set[str]) -> None:
+        values = {
+            "State": self.job.state, "Progress": self.job.fraction,
+            "BytesDone": self.job.bytes_done, "Rate": self.job.rate,
+            "ExpectedEndTime": int(self.job.expected_end * 1_000_000),
+            "Error": self.Error,
+            "Objects": list(self.job.objects),
+            "CompletedTimestamp": int(self.job.completed * 1_000_000),
+            "CompletedTimestampMonotonic": int(self.job.completed_monotonic * 1_000_000),
+        }
+        self.emit_properties_changed({k: v for k, v in values.items() if k in names})
+
+    @dbus_method()
+    @_errors
+    async def Cancel(self) -> None:
+        await self.api.authorizer.require_admin("Job.Cancel")
+        self.api.jobs.cancel(self.job.id)
+
+    @dbus_signal()
+    def Completed(self, success: bool, error_name: str,
+                  message: str) -> Annotated[tuple[bool, str, str], DBusSignature("bss")]:
+        return (success, error_name, message)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return self.job.id
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Operation(self) -> DBusStr:
+        return self.job.operation
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Objects(self) -> ObjectPaths:
+        return list(self.job.objects)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> DBusStr:
+        return self.job.state
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Progress(self) -> DBusDouble:
+        return self.job.fraction
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BytesDone(self) -> DBusUInt64:
+        return self.job.bytes_done
+
+    @dbus_property(access=PropertyAccess.READ)
+    def BytesTotal(self) -> DBusUInt64:
+        return self.job.bytes_total
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Rate(self) -> DBusDouble:
+        return self.job.rate
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExpectedEndTime(self) -> DBusUInt64:
+        """Unix time in microseconds (0: unknown)."""
+        return int(self.job.expected_end * 1_000_000)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Error(self) -> Pair:
+        name = f"org.hostvold1.Error.{self.job.error_name}" if self.job.error_name else ""
+        return (name, self.job.error_message)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CompletedTimestamp(self) -> DBusUInt64:
+        return int(self.job.completed * 1_000_000)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CompletedTimestampMonotonic(self) -> DBusUInt64:
+        return int(self.job.completed_monotonic * 1_000_000)
+
+
+__all__ = ["Api", "DBusError"]
