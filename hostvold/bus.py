@@ -16,7 +16,7 @@ from typing import Any
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from hostvold.errors import Failed, HostvoldError, NotAuthorized
+from hostvold.errors import Failed, HostvoldError, NotAuthorized, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,11 @@ async def connect(address: str) -> MessageBus:
         bus = MessageBus(bus_type=BusType.SESSION)
     else:
         bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
-    connected: MessageBus = await bus.connect()
+    try:
+        connected: MessageBus = await bus.connect()
+    except (OSError, ValueError) as exc:
+        raise StorageUnavailable(f"cannot connect to the D-Bus bus {address!r}: {exc}") \
+            from None
     return connected
 
 

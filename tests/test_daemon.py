@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 
-def test_default_config_becomes_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
+def test_default_config_becomes_ready_and_stops_on_sigterm(tmp_path: Path,
+                                                           dbus_daemon: str) -> None:
     notify_path = tmp_path / "notify.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify_path))
     listener.settimeout(30)
     config = tmp_path / "hostvold.conf"
-    config.write_text(f"[daemon]\nstate_dir = {tmp_path / 'state'}\n")
+    config.write_text(f"[daemon]\nstate_dir = {tmp_path / 'state'}\nbus = {dbus_daemon}\n")
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
     env.pop("JOURNAL_STREAM", None)
     proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
