@@ -221,7 +221,8 @@ async def cmd_volumes(client: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_show(client: Client, args: argparse.Namespace) -> None:
-    props = await client.properties(resolve("volumes", args.volume), f"{PREFIX}Volume")
+    path = resolve("volumes", args.volume)
+    props = {"path": path, **await client.properties(path, f"{PREFIX}Volume")}
     emit(args, props, lambda: "\n".join(f"{k:<13} {v}" for k, v in sorted(props.items())))
 
 
@@ -247,7 +248,7 @@ async def cmd_job(client: Client, args: argparse.Namespace) -> None:
     path = resolve("jobs", args.job)
     if args.cancel:
         await client.call(path, f"{PREFIX}Job", "Cancel")
-    props = await client.properties(path, f"{PREFIX}Job")
+    props = {"path": path, **await client.properties(path, f"{PREFIX}Job")}
     emit(args, props, lambda: "\n".join(f"{k:<28} {v}" for k, v in sorted(props.items())))
 
 
@@ -265,7 +266,7 @@ async def job_command(client: Client, args: argparse.Namespace, path: str, inter
                                             "delete-snapshot")]
     if made:
         volume = await client.properties(made[-1], f"{PREFIX}Volume")
-        emit(args, {**volume, "job": result["job"]},
+        emit(args, {"path": made[-1], **volume, "job": result["job"]},
              lambda: f"{volume['Id']}  {format_size(volume['Size'])} {volume['Format']}")
     else:
         emit(args, result, lambda: f"{result['Operation']}: {result['State']}")

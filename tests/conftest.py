@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -234,6 +237,7 @@ def libvirtd() -> Iterator[str]:
 
 # ---- a private system-bus-style dbus-daemon --------------------------------------------
 
+REPO = Path(__file__).resolve().parent.parent
 DBUS_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
@@ -263,25 +267,113 @@ DBUS_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Confi
   {extra}
 </busconfig>
 """
+# every local user may call every method: only the daemon's own check stands in the way
+PERMISSIVE = """<policy context="default"><allow send_type="method_call"/></policy>"""
+
+
+class PrivateBus:
+    """A dbus-daemon of our own, with system-bus rules plus ``extra`` policy."""
+
+    def __init__(self, extra: str) -> None:
+        # outside pytest's 0700 temp tree, so unprivileged test users can reach the socket
+        self.root = Path(tempfile.mkdtemp(prefix="hostvold-dbus-"))
+        self.root.chmod(0o755)
+        config = self.root / "system.conf"
+        config.write_text(DBUS_POLICY.format(socket=self.root / "socket", extra=extra))
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", "--nofork", "--nopidfile", "--print-address=1",
+             f"--config-file={config}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True)
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def dbus_daemon() -> Iterator[str]:
-    """A private dbus-daemon with system-bus rules; yields its address."""
+def bus_factory() -> Iterator[Callable[[str], str]]:
+    """Factory of private buses: ``bus_factory("hostvold")`` includes hostvold's own policy
+    file (systemd/org.hostvold1.conf), ``"permissive"`` lets anyone call anything, ``""``
+    is a plain system bus."""
     need(shutil.which("dbus-daemon") is not None, "dbus-daemon (Debian package dbus)")
-    # outside pytest's 0700 temp tree, so unprivileged test users can reach the socket
-    root = Path(tempfile.mkdtemp(prefix="hostvold-dbus-"))
-    root.chmod(0o755)
-    socket = root / "system_bus_socket"
-    config = root / "system.conf"
-    config.write_text(DBUS_POLICY.format(socket=socket, extra=""))
-    proc = subprocess.Popen(["dbus-daemon", "--nofork", "--nopidfile", "--print-address=1",
-                             f"--config-file={config}"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    need(bool(address) and proc.poll() is None, "a private dbus-daemon")
-    yield address
-    proc.terminate()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
-    shutil.rmtree(root, ignore_errors=True)
+    buses: list[PrivateBus] = []
+
+    def factory(kind: str) -> str:
+        extra = {"": "", "permissive": PERMISSIVE,
+                 "hostvold": f"<include>{REPO / 'systemd' / 'org.hostvold1.conf'}</include>"}
+        bus = PrivateBus(extra[kind])
+        buses.append(bus)
+        need(bool(bus.address) and bus.proc.poll() is None, "a private dbus-daemon")
+        return bus.address
+
+    yield factory
+    for bus in buses:
+        bus.close()
+
+
+@pytest.fixture(scope="session")
+def dbus_daemon(bus_factory: Callable[[str], str]) -> str:
+    """A private dbus-daemon with system-bus rules; yields its address."""
+    return bus_factory("")
+
+
+# ---- the daemon as a process of its own ---------------------------------------------------
+
+class DaemonProcess:
+    """``python -m hostvold`` with a NOTIFY_SOCKET of ours: started() returns at READY=1."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.notify_path = config.parent / f"notify-{os.getpid()}-{id(self)}.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.listener.bind(str(self.notify_path))
+        self.messages: list[tuple[float, str]] = []
+        full_env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
+        full_env.pop("JOURNAL_STREAM", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
+                                     env=full_env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+    def receive(self, timeout: float = 30) -> str:
+        self.listener.settimeout(timeout)
+        data = self.listener.recv(4096).decode()
+        self.messages.append((time.monotonic(), data))
+        return data
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not any("READY=1" in m for _, m in self.messages):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hostvold exited {self.proc.returncode}: "
+                                     f"{self.proc.stderr.read() if self.proc.stderr else ''}")
+            self.receive(max(0.1, deadline - time.monotonic()))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.listener.close()
+        self.notify_path.unlink(missing_ok=True)
+        return self.proc.wait()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def factory(config: Path, env: dict[str, str] | None = None,
+                wait: bool = True) -> DaemonProcess:
+        process = DaemonProcess(config, env)
+        started.append(process)
+        if wait:
+            process.wait_ready()
+        return process
+
+    yield factory
+    for process in started:
+        process.stop()
