@@ -130,10 +130,13 @@ class Daemon:
 
 
 def setup_logging(level: str) -> None:
+    """stderr, or the journal when systemd runs us; there, ``extra={"VOLUME_ID": ...}``
+    on a log call becomes a structured journal field."""
     handler: logging.Handler
     if os.environ.get("JOURNAL_STREAM"):
         from systemd.journal import JournalHandler
         handler = JournalHandler(SYSLOG_IDENTIFIER="hostvold")
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the journal adds the rest
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -132,7 +132,8 @@ class SnapshotService:
             meta = volumes.record(files, meta.evolve(
                 active=overlay, operation=None,
                 snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": False}}))
-            log.info("created snapshot %s of volume %s", sid, volume_id)
+            log.info("created snapshot %s of volume %s", sid, volume_id,
+                     extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
             return self._snapshot(meta, chain_map.with_snapshot(sid, overlay), sid)
 
     async def _recover_create(self, files: VolumeFiles, meta: VolumeMeta) -> None:
@@ -174,7 +175,8 @@ class SnapshotService:
                 "higher": plan.higher.name if plan.higher else None}))
             crash.point("delete-snapshot:intent")
             await self._resume_delete(files, meta)
-            log.info("deleted snapshot %s of volume %s", sid, volume_id)
+            log.info("deleted snapshot %s of volume %s", sid, volume_id,
+                     extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
 
     async def _resume_delete(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         """Run the delete from its recorded step to the end (also the recovery)."""
@@ -239,7 +241,8 @@ class SnapshotService:
             finally:
                 tmp.unlink(missing_ok=True)
                 volumes.record(files, meta.evolve(operation=None))
-            log.info("reverted volume %s to snapshot %s", volume_id, sid)
+            log.info("reverted volume %s to snapshot %s", volume_id, sid,
+                     extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
 
     async def _recover_revert(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         # temp files are already gone; the overlay is either the old one or the new empty one

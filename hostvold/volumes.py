@@ -192,7 +192,8 @@ class VolumeService:
             return
         assert meta.operation is not None
         name = str(meta.operation.get("name"))
-        log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation)
+        log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
+                    extra={"VOLUME_ID": meta.id})
         recoverer = self.recoverers.get(name)
         if recoverer is None:
             raise Failed(f"unknown interrupted operation {name!r}")
@@ -297,7 +298,7 @@ class VolumeService:
             await asyncio.to_thread(self.remove_volume_files, files)
             crash.point("delete:files-removed")
             self._forget(volume_id)
-            log.info("deleted volume %s", volume_id)
+            log.info("deleted volume %s", volume_id, extra={"VOLUME_ID": volume_id})
 
     async def extend_volume(self, volume_id: str, **options: Any) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
@@ -351,7 +352,7 @@ class VolumeService:
                 if is_enospc(exc):
                     raise NoSpace(f"not enough space in {dest.parent} for the export") from None
                 raise
-        log.info("exported volume %s to %s", volume_id, dest)
+        log.info("exported volume %s to %s", volume_id, dest, extra={"VOLUME_ID": volume_id})
         return dest
 
     # ---- internals ----------------------------------------------------------------------
@@ -383,7 +384,7 @@ class VolumeService:
                                   f"creating volume {volume_id}") from None
                 raise
             log.info("created volume %s (%d bytes, %s, %s) on %s", volume_id, size, fmt,
-                     meta.provisioning, share.spec.address)
+                     meta.provisioning, share.spec.address, extra={"VOLUME_ID": volume_id})
             return meta
 
     def _pick_share(self, size: int, thin: bool, share_name: str | None,

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 def test_default_config_becomes_ready_and_stops_on_sigterm(tmp_path: Path,
                                                            dbus_daemon: str) -> None:
@@ -57,3 +59,28 @@ def test_cli_check_config(tmp_path: Path) -> None:
     failed = subprocess.run([*cli, "check-config", str(bad)], capture_output=True, text=True)
     assert failed.returncode == 78
     assert "[volumes] qcow2_volumes = 'sometimes'" in failed.stderr
+
+
+def test_journal_gets_structured_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run by systemd (JOURNAL_STREAM set), log records go to the journal with VOLUME_ID etc."""
+    import logging
+
+    from hostvold.daemon import setup_logging
+    from systemd import journal
+
+    sent: list[dict[str, object]] = []
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    monkeypatch.setattr(journal, "send", lambda MESSAGE, **fields: sent.append(
+        {"MESSAGE": MESSAGE, **fields}))
+    setup_logging("info")
+    try:
+        handler = logging.getLogger().handlers[0]
+        assert isinstance(handler, journal.JournalHandler)
+        handler.send = journal.send  # the handler bound send at creation
+        logging.getLogger("hostvold.test").info(
+            "deleted snapshot", extra={"VOLUME_ID": "v-1", "SNAPSHOT_ID": "s-1"})
+    finally:
+        logging.basicConfig(force=True, handlers=[logging.StreamHandler()])
+    assert sent and sent[-1]["MESSAGE"] == "deleted snapshot"
+    assert sent[-1]["VOLUME_ID"] == "v-1" and sent[-1]["SNAPSHOT_ID"] == "s-1"
+    assert sent[-1]["SYSLOG_IDENTIFIER"] == "hostvold"
