@@ -114,6 +114,7 @@ class Daemon:
                    f"shares, serving {BUS_NAME}")
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)
+        self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))
         await self.stop_requested.wait()
         log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")
         notify.stopping()
@@ -127,6 +128,13 @@ class Daemon:
             self.index.close()
         del api
         return 0
+
+
+    def _job_status(self, summary: str, names: set[str]) -> None:
+        """A STATUS= line for systemctl status whenever a job starts or ends."""
+        if "State" in names or not names:
+            running = sum(1 for job in self.jobs.jobs.values() if job.state == "running")
+            notify.status(f"{summary}; {running} job(s) running")
 
 
 def setup_logging(level: str) -> None:

@@ -81,6 +81,7 @@ class JobRunner:
         for added in self.on_added:
             added(job)
         job.task = asyncio.get_running_loop().create_task(self._run(job, work))
+        self._changed(job, {"State"})
         return job
 
     async def _run(self, job: Job, work: Callable[[], Awaitable[Any]]) -> None:
