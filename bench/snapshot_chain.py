@@ -61,7 +61,8 @@ def naive_delete(directory: Path, active: str, top: str) -> None:
 
 
 async def measure(root: Path, depths: list[int]) -> dict[int, dict[str, float]]:
-    daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {root / 'state'}\n"))
+    daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {root / 'state'}\n"),
+                    with_libvirt=False)
     volumes = await daemon.start()
     assert daemon.snapshots is not None
     snapshots = daemon.snapshots

@@ -262,8 +262,8 @@ async def job_command(client: Client, args: argparse.Namespace, path: str, inter
     show = sys.stderr.isatty() and not args.json
     result = await client.run_job(path, member, options, interface, show)
     made = [p for p in result["Objects"] if p.startswith(f"{ROOT_PATH}/volumes/")
-            and result["Operation"] not in ("delete-volume", "extend", "export", "revert",
-                                            "delete-snapshot")]
+            and result["Operation"] in ("create-volume", "import-volume", "clone",
+                                        "create-volume-from-snapshot", "attach", "detach")]
     if made:
         volume = await client.properties(made[-1], f"{PREFIX}Volume")
         emit(args, {"path": made[-1], **volume, "job": result["job"]},
@@ -309,6 +309,15 @@ async def cmd_clone(client: Client, args: argparse.Namespace) -> None:
 async def cmd_revert(client: Client, args: argparse.Namespace) -> None:
     await job_command(client, args, resolve("volumes", args.volume), "Volume", "Revert",
                       options_of(snapshot=args.snapshot))
+
+
+async def cmd_attach(client: Client, args: argparse.Namespace) -> None:
+    await job_command(client, args, resolve("volumes", args.volume), "Volume", "Attach",
+                      options_of(domain=args.domain, target=args.target))
+
+
+async def cmd_detach(client: Client, args: argparse.Namespace) -> None:
+    await job_command(client, args, resolve("volumes", args.volume), "Volume", "Detach", {})
 
 
 async def cmd_repair(client: Client, args: argparse.Namespace) -> None:
@@ -397,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     revert.add_argument("volume")
     revert.add_argument("snapshot")
     add("repair", cmd_repair, "rebuild a damaged chain map").add_argument("volume")
+    attach = add("attach", cmd_attach, "hot-plug a volume into a running domain")
+    attach.add_argument("volume")
+    attach.add_argument("domain")
+    attach.add_argument("--target", help="disk target, e.g. sdb (default: the next free)")
+    add("detach", cmd_detach, "unplug a volume from its domain").add_argument("volume")
     snapshot = add("snapshot", cmd_snapshot, "snapshot create|delete|create-volume")
     snapshot.add_argument("action", choices=["create", "delete", "create-volume"])
     snapshot.add_argument("target", help="the volume (create) or the snapshot")

@@ -16,14 +16,16 @@ from hostvold import __version__, notify
 from hostvold.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.config import Config, load_config
 from hostvold.dbus_api import Api
-from hostvold.errors import ConfigError, HostvoldError
+from hostvold.errors import ConfigError, HostvoldError, StorageUnavailable
 from hostvold.index import VolumeIndex
 from hostvold.jobs import JobRunner
+from hostvold.live import LiveVolumes
 from hostvold.locks import LocalLocks
 from hostvold.mounts import Share, ensure_mounted
 from hostvold.permissions import file_mode, resolve_secure
 from hostvold.shares import ShareSpec, parse_options, parse_shares_file
 from hostvold.snapshots import SnapshotService
+from hostvold.virt import Hypervisor
 from hostvold.volumes import VolumeService
 
 log = logging.getLogger("hostvold")
@@ -47,8 +49,10 @@ def share_specs(config: Config) -> list[ShareSpec]:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, with_libvirt: bool = True) -> None:
         self.config = config
+        self.with_libvirt = with_libvirt
+        self.hypervisor: Hypervisor | None = None
         self.stop_requested = asyncio.Event()
         self.service: VolumeService | None = None
         self.jobs = JobRunner()
@@ -82,10 +86,35 @@ class Daemon:
                                 new_install=not service.list_volumes())
         service.file_mode = file_mode(secure)
         self.snapshots = SnapshotService(service)  # registers its recovery steps
+        if self.with_libvirt:
+            await self._connect_libvirt(service)
         notify.status("recovering interrupted operations")
         await service.recover()
+        if service.live is not None:
+            await service.live.reconcile()
         self.service = service
         return service
+
+    async def _connect_libvirt(self, service: VolumeService) -> None:
+        config = self.config
+        self.hypervisor = Hypervisor(config.libvirt.uri, config.daemon.workers,
+                                     config.libvirt.keepalive)
+        notify.status("connecting to libvirt")
+        try:
+            await self.hypervisor.connect()
+        except StorageUnavailable as exc:
+            log.warning("%s: attached volumes cannot be changed until hostvold restarts with "
+                        "libvirt running", exc)
+            await self.hypervisor.close()
+            self.hypervisor = None
+            return
+        service.live = LiveVolumes(config, service, self.hypervisor)
+
+    async def stop(self) -> None:
+        if self.hypervisor is not None:
+            await self.hypervisor.close()
+        if self.index is not None:
+            self.index.close()
 
     async def serve(self) -> Api:
         """Put the started services on the bus; the name is owned last, when all is there."""
@@ -124,8 +153,7 @@ class Daemon:
         self.bus.disconnect()
         if watchdog is not None:
             watchdog.cancel()
-        if self.index is not None:
-            self.index.close()
+        await self.stop()
         del api
         return 0
 

@@ -78,6 +78,7 @@ class Api:
         self.volume_objects: dict[str, VolumeInterface] = {}
         self.snapshot_objects: dict[str, SnapshotInterface] = {}
         self.job_objects: dict[str, JobInterface] = {}
+        volumes.change_listeners.append(self.sync_volume)
         jobs.on_added.append(self._job_added)
         jobs.on_removed.append(self._job_removed)
         jobs.listeners.append(self._job_changed)
@@ -404,6 +405,36 @@ class VolumeInterface(ServiceInterface):
             await self.api.snapshots.revert(volume_id, snapshot)
 
         return self.api.start_job("revert", [self.path], work)
+
+    @dbus_method()
+    @_errors
+    async def Attach(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Attach")
+        values = _options(options)
+        domain = str(values.pop("domain", ""))
+        target = values.pop("target", None)
+        if not domain or values:
+            raise InvalidArgument("Attach takes options domain (required) and target")
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            live = self.api.volumes.require_live()
+            return await live.attach(volume_id, domain, str(target) if target else None)
+
+        return self.api.start_job("attach", [self.path], work)
+
+    @dbus_method()
+    @_errors
+    async def Detach(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Detach")
+        if options:
+            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            return await self.api.volumes.require_live().detach(volume_id)
+
+        return self.api.start_job("detach", [self.path], work)
 
     @dbus_method()
     @_errors

@@ -133,13 +133,16 @@ async def info(path: Path, fmt: Format, limits: Limits) -> ImageInfo:
     return result
 
 
-async def info_chain(path: Path, fmt: Format, limits: Limits) -> list[ImageInfo]:
+async def info_chain(path: Path, fmt: Format, limits: Limits,
+                     force_share: bool = False) -> list[ImageInfo]:
     """Info of every layer from ``path`` down, in one process (top first).
 
     Callers validate the chain's backing references before calling this (see
     :mod:`hostvold.chain`), so qemu-img only opens files that belong to the volume.
     """
     argv = [QEMU_IMG, "info", "-f", fmt, "--output=json", "--backing-chain", str(path)]
+    if force_share:  # read-only look at images a running QEMU holds open
+        argv.insert(2, "-U")
     out = await run(limits.prefix() + argv, timeout=limits.cpu_seconds * 2,
                     context=_limits_text(limits))
     try:

@@ -106,12 +106,18 @@ class SnapshotService:
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
         volumes = self.volumes
         async with volumes.locks.volume(volume_id):
-            meta = volumes.require_available(volume_id)
+            meta = volumes.require_idle(volume_id)
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)
             overlay = files.overlay_name(sid)
             if sid in chain_map.snapshots or (files.directory / overlay).exists():
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
+            if meta.state == "in-use":
+                meta = await volumes.require_live().create_snapshot(meta, files, chain_map,
+                                                                    chain, sid)
+                log.info("created snapshot %s of attached volume %s", sid, volume_id,
+                         extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
+                return self._snapshot(meta, read_info(files), sid)
             top = chain[0]
             meta = volumes.record(files, meta.evolve(operation={
                 "name": "create-snapshot", "snapshot": sid, "overlay": overlay,
@@ -159,9 +165,18 @@ class SnapshotService:
             op = meta.operation
             if op and op.get("name") == "delete-snapshot" and op.get("snapshot") == sid:
                 return await self._resume_delete(volumes.files_of(meta), meta)  # a retry
-            meta = volumes.require_available(volume_id)
+            if op and op.get("name") == "live-delete-snapshot" and op.get("snapshot") == sid:
+                return await volumes._recover_one(meta)  # a retry
+            meta = volumes.require_idle(volume_id)
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)
+            if meta.state == "in-use":
+                if sid not in chain_map.snapshots:
+                    raise NotFound(f"snapshot {sid} does not exist")
+                await volumes.require_live().delete_snapshot(meta, files, chain_map, chain, sid)
+                log.info("deleted snapshot %s of attached volume %s", sid, volume_id,
+                         extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
+                return None
             plan = plan_delete(chain, chain_map, sid)
             # one qemu-img process reads the whole chain: it must see what the headers say
             seen = await qemuimg.info_chain(files.directory / chain[0].name, _fmt(chain[0]),

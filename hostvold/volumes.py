@@ -27,7 +27,7 @@ import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostvold import crash, qemuimg
 from hostvold.atomic import fsync_dir, temp_name, unlink_durable
@@ -43,6 +43,7 @@ from hostvold.errors import (
     NeedsRepair,
     NoSpace,
     NotFound,
+    StorageUnavailable,
     UnsafeImage,
 )
 from hostvold.files import create_raw, fsync_file, grow_raw, is_enospc
@@ -57,6 +58,9 @@ from hostvold.mounts import Share, capacity
 from hostvold.planning import chain_problems
 from hostvold.qemuimg import Format, Limits
 from hostvold.shares import Candidate, Placement, choose_share
+
+if TYPE_CHECKING:
+    from hostvold.live import LiveVolumes
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,9 @@ class VolumeService:
                                    config.volumes.max_over_subscription_ratio)
         self._volumes: dict[str, VolumeMeta] = {}
         self.recoverers: dict[str, Recoverer] = {"extend": self._recover_extend}
+        # told the id of every volume whose record changed (the D-Bus objects follow)
+        self.change_listeners: list[Callable[[str], None]] = []
+        self.live: LiveVolumes | None = None  # set when libvirt is connected
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -304,7 +311,7 @@ class VolumeService:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
         async with self.locks.volume(volume_id):
-            meta = self.require_available(volume_id)
+            meta = self.require_idle(volume_id)
             if request.size <= meta.size:
                 raise InvalidArgument(f"new size {request.size} must be larger than the "
                                       f"current {meta.size} bytes")
@@ -318,6 +325,8 @@ class VolumeService:
                     meta.provisioning == "thick" and grow > cap.free):
                 raise NoSpace(f"share {share.spec.address} cannot grow volume {volume_id} by "
                               f"{grow} bytes")
+            if meta.state == "in-use":
+                return await self.require_live().extend(meta, files, request.size)
             self.record(files, meta.evolve(operation={"name": "extend", "size": request.size}))
             crash.point("extend:intent")
             try:
@@ -413,6 +422,25 @@ class VolumeService:
                 raise AlreadyExists(f"files of volume {volume_id} already exist on "
                                     f"{share.spec.address}")
 
+    def require_idle(self, volume_id: str) -> VolumeMeta:
+        """An available or attached volume with no operation under way and no problem."""
+        meta = self.get_volume(volume_id)
+        if meta.state == "in-use":
+            if meta.operation is not None:
+                raise InvalidState(f"volume {volume_id} has an interrupted "
+                                   f"{meta.operation['name']} that must finish first")
+            if meta.problems:
+                raise NeedsRepair(f"volume {volume_id} needs a repair: "
+                                  f"{'; '.join(meta.problems)}")
+            return meta
+        return self.require_available(volume_id)
+
+    def require_live(self) -> LiveVolumes:
+        if self.live is None:
+            raise StorageUnavailable("libvirt is not connected: attached volumes cannot be "
+                                     "changed now")
+        return self.live
+
     def require_available(self, volume_id: str) -> VolumeMeta:
         meta = self.get_volume(volume_id)
         if meta.state != "available":
@@ -482,11 +510,20 @@ class VolumeService:
         if not busy:
             self.index.clear_inflight(meta.id)
         self._volumes[meta.id] = meta
+        self._changed(meta.id)
         return meta
+
+    def _changed(self, volume_id: str) -> None:
+        for listener in self.change_listeners:
+            try:
+                listener(volume_id)
+            except Exception:
+                log.exception("change listener failed for volume %s", volume_id)
 
     def _forget(self, volume_id: str) -> None:
         self.index.remove(volume_id)
         self._volumes.pop(volume_id, None)
+        self._changed(volume_id)
 
     @staticmethod
     def remove_volume_files(files: VolumeFiles) -> None:

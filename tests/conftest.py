@@ -115,14 +115,17 @@ def mounted_ext4(tmp_path: Path, loop_supported: bool) -> Iterator[Callable[...,
 class Host:
     """A hostvold set-up on a temporary state directory, restartable in-process."""
 
-    def __init__(self, root: Path, images: list[Path], extra: str = "") -> None:
+    def __init__(self, root: Path, images: list[Path], extra: str = "",
+                 mount_point_base: Path | None = None) -> None:
         self.root = root
         root.mkdir()
         self.state_dir = root / "state"
         self.shares_file = root / "shares"
         self.shares_file.write_text("".join(f"{img} -t ext4 -o loop\n" for img in images))
+        base = f"mount_point_base = {mount_point_base}\n" if mount_point_base else ""
+        self.mount_point_base = mount_point_base or self.state_dir / "mnt"
         self.config_text = (f"[daemon]\nstate_dir = {self.state_dir}\n"
-                            f"[shares]\nshares_config = {self.shares_file}\n" + extra)
+                            f"[shares]\nshares_config = {self.shares_file}\n{base}" + extra)
         self.daemon: Daemon | None = None
 
     @property
@@ -142,7 +145,7 @@ class Host:
 
     async def start(self) -> VolumeService:
         self.stop()
-        self.daemon = Daemon(self.config)
+        self.daemon = Daemon(self.config, with_libvirt=False)
         return await self.daemon.start()
 
     def stop(self) -> None:
@@ -153,16 +156,17 @@ class Host:
     def cleanup(self) -> None:
         self.stop()
         umount_all(self.state_dir)
+        umount_all(self.mount_point_base)
 
 
 @pytest.fixture
 def host_factory(tmp_path: Path, ext4_image: Callable[..., Path]) -> Iterator[Callable[..., Host]]:
     hosts: list[Host] = []
 
-    def factory(*sizes_mib: int, extra: str = "") -> Host:
+    def factory(*sizes_mib: int, extra: str = "", mount_point_base: Path | None = None) -> Host:
         images = [ext4_image(f"host{len(hosts)}-share{i}", size)
                   for i, size in enumerate(sizes_mib or (256,))]
-        host = Host(tmp_path / f"host{len(hosts)}", images, extra)
+        host = Host(tmp_path / f"host{len(hosts)}", images, extra, mount_point_base)
         hosts.append(host)
         return host
 
@@ -333,8 +337,14 @@ class DaemonProcess:
         self.messages: list[tuple[float, str]] = []
         full_env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
         full_env.pop("JOURNAL_STREAM", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
-                                     env=full_env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        self.log_path = config.parent / f"hostvold-{id(self)}.log"
+        with open(self.log_path, "w") as log:  # a file, never a pipe that could fill up
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hostvold", "--config", str(config)],
+                env=full_env, cwd=REPO, stderr=log, text=True)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
 
     def receive(self, timeout: float = 30) -> str:
         self.listener.settimeout(timeout)
@@ -347,7 +357,7 @@ class DaemonProcess:
         while not any("READY=1" in m for _, m in self.messages):
             if self.proc.poll() is not None:
                 raise AssertionError(f"hostvold exited {self.proc.returncode}: "
-                                     f"{self.proc.stderr.read() if self.proc.stderr else ''}")
+                                     f"{self.log_text()[-3000:]}")
             self.receive(max(0.1, deadline - time.monotonic()))
 
     def stop(self) -> int:

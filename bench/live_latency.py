@@ -1,0 +1,128 @@
+"""Live snapshot latency: hostvold over D-Bus vs the bare libvirt floor, side by side.
+
+    python -m bench.live_latency --bus ADDRESS --volume ID --domain NAME --scratch DIR
+
+P1: an online snapshot create, D-Bus call to done, against ``qemu-img create -u`` plus
+``snapshotCreateXML`` made bare on a scratch disk of the same domain (target <= 1.25x).
+P2: for a snapshot delete (active commit + pivot), the time from libvirt's COMPLETED
+event, seen by this process's own libvirt connection, to the Job's Completed signal
+(target <= 20 ms; Nova polls every 500 ms).
+The last line is JSON with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirtaio
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from hostvold.bus import object_path
+from hostvold.guest import Guest, disk_xml, parse_disks
+from hostvold.virt import Hypervisor
+
+
+async def dbus_call(bus: MessageBus, path: str, interface: str, member: str,
+                    signature: str = "", body: list[Any] | None = None) -> list[Any]:
+    reply = await bus.call(Message(destination="org.hostvold1", path=path,
+                                   interface=interface, member=member, signature=signature,
+                                   body=body or []))
+    assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, reply.body
+    return list(reply.body)
+
+
+async def main(args: argparse.Namespace) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+    conn = libvirt.open("qemu:///system")
+    domain = conn.lookupByName(args.domain)
+    hypervisor = Hypervisor("qemu:///system")
+    hypervisor.conn = conn
+    guest = Guest(hypervisor, domain)
+    events: list[tuple[float, int]] = []
+
+    def on_block_job(c: Any, dom: Any, disk: str, job_type: int, status: int, o: Any) -> None:
+        events.append((time.monotonic(), status))
+
+    conn.domainEventRegisterAny(domain, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+                                on_block_job, None)
+    bus = await MessageBus(bus_address=args.bus, bus_type=BusType.SYSTEM).connect()
+    completed: dict[str, float] = {}
+
+    def on_signal(message: Message) -> None:
+        if message.member == "Completed":
+            completed[str(message.path)] = time.monotonic()
+
+    bus.add_message_handler(on_signal)
+    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                           body=["type='signal',member='Completed'"]))
+
+    # a scratch disk hostvold does not manage, for the bare calls
+    scratch = Path(args.scratch) / f"scratch-{time.monotonic_ns()}"
+    scratch.mkdir(mode=0o755)
+    base = scratch / "base.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "8M"], check=True)
+    used = {d.target for d in parse_disks(domain.XMLDesc(0))}
+    target = next(f"sd{c}" for c in "zyxwvu" if f"sd{c}" not in used)
+    await guest.attach_disk(disk_xml(str(base), "raw", target, "scratch"))
+    volume_path = object_path("volumes", args.volume)
+
+    hostvold_times, bare_times, latencies = [], [], []
+    top = base.name
+    for round_number in range(args.rounds):
+        start = time.perf_counter()
+        (snapshot,) = await dbus_call(bus, volume_path, "org.hostvold1.Volume",
+                                      "CreateSnapshot", "a{sv}", [{}])
+        hostvold_times.append(time.perf_counter() - start)
+
+        overlay = scratch / f"overlay-{round_number}.qcow2"
+        start = time.perf_counter()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", top, "-F",
+                        "raw" if top == base.name else "qcow2", str(overlay), "8M"],
+                       check=True)
+        others = [d.target for d in parse_disks(domain.XMLDesc(0)) if d.target != target]
+        await guest.snapshot_disk(target, str(overlay), others)
+        bare_times.append(time.perf_counter() - start)
+        top = overlay.name
+
+        events.clear()
+        (job,) = await dbus_call(bus, str(snapshot), "org.hostvold1.Snapshot", "Delete",
+                                 "a{sv}", [{}])
+        while str(job) not in completed:
+            await asyncio.sleep(0.005)  # the benchmark's own wait; not hostvold's
+        done_events = [t for t, status in events if status == 0]
+        if done_events:
+            latencies.append((completed[str(job)] - done_events[-1]) * 1000)
+
+    await guest.detach_disk(disk_xml(str(scratch / top), "qcow2", target, "scratch"))
+    bus.disconnect()
+    hv, bare = statistics.median(hostvold_times), statistics.median(bare_times)
+    figures = {"hostvold_create_ms": hv * 1000, "bare_create_ms": bare * 1000,
+               "ratio": hv / bare,
+               "event_to_completed_ms": statistics.median(latencies) if latencies else -1.0}
+    print(f"online snapshot create, median of {args.rounds}: hostvold over D-Bus "
+          f"{hv * 1000:.1f} ms, bare qemu-img create -u + snapshotCreateXML "
+          f"{bare * 1000:.1f} ms: {hv / bare:.2f}x (P1 target <= 1.25x)")
+    print(f"libvirt COMPLETED event to Job Completed signal: "
+          f"{figures['event_to_completed_ms']:.2f} ms (P2 target <= 20 ms)")
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bus", required=True)
+    parser.add_argument("--volume", required=True)
+    parser.add_argument("--domain", required=True)
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    print(json.dumps(asyncio.run(main(parser.parse_args()))))

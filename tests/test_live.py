@@ -1,0 +1,264 @@
+"""Volumes attached to a real TCG domain on a real libvirtd, driven through D-Bus and
+hostvolctl; guest writes go through the running QEMU's own block layer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from hostvold.config import parse_config
+from hostvold.errors import Failed
+from hostvold.guest import parse_disks
+from tests.conftest import DaemonProcess, Host
+from tests.test_dbus import Cli, with_bus
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+  <controller type='scsi' index='0' model='virtio-scsi'/></devices>
+</domain>"""
+
+
+@pytest.fixture
+def shared_base() -> Iterator[Path]:
+    """Mount points QEMU's user can reach (pytest's temp tree is 0700), on a shared mount:
+    libvirt starts each QEMU in a mount namespace of its own, and only mounts under a
+    shared mount reach it (on a systemd host "/" itself is shared)."""
+    base = Path(tempfile.mkdtemp(prefix="hostvold-mnt-"))
+    base.chmod(0o755)
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
+    yield base
+    subprocess.run(["umount", "-R", "-l", str(base)], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
+    """A running diskless TCG domain with a virtio-scsi controller (hot-plug needs no
+    guest cooperation on SCSI), started after the mount base became shared."""
+    conn = libvirt.open(libvirtd)
+    name = f"hostvold-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
+    yield name
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.destroy()
+    conn.close()
+
+
+@pytest.fixture
+def live(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+         daemon_factory: Callable[..., DaemonProcess], shared_base: Path,
+         libvirtd: str) -> Callable[..., tuple[Cli, DaemonProcess, Host]]:
+    def start(extra: str = "") -> tuple[Cli, DaemonProcess, Host]:
+        address = bus_factory("hostvold")
+        host = host_factory(512, extra=extra, mount_point_base=shared_base / str(
+            time.monotonic_ns()))
+        process = daemon_factory(with_bus(host, address))
+        return Cli(address), process, host
+    return start
+
+
+def monitor_write(domain: str, alias: str, pattern: int, offset_mib: int,
+                  length_mib: int = 1) -> None:
+    """A write by the running QEMU itself into the disk's active layer."""
+    command = f'qemu-io -d {alias} "write -P {pattern} {offset_mib}M {length_mib}M"'
+    result = subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain,
+                             "--hmp", command], capture_output=True, text=True, check=True)
+    assert "error" not in result.stdout.lower(), result.stdout
+
+
+def live_disk(domain: str, serial: str) -> Any:
+    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", domain],
+                         capture_output=True, text=True, check=True).stdout
+    return next(d for d in parse_disks(xml) if d.serial == serial)
+
+
+def reads(path: str, fmt: str, checks: list[tuple[int, int]]) -> bool:
+    """(pattern, offset MiB) pairs read back from outside, sharing QEMU's images (-U)."""
+    argv = ["qemu-io", "-U", "-r", "-f", fmt]
+    for pattern, offset in checks:
+        argv += ["-c", f"read -P {pattern} {offset}M 1M"]
+    result = subprocess.run([*argv, path], capture_output=True, text=True)
+    return result.returncode == 0 and "fail" not in result.stdout.lower()
+
+
+def expected(generation: int) -> list[tuple[int, int]]:
+    """After generation g: region 0 holds g's pattern, region k holds k's for k <= g."""
+    checks = [(0x40 + generation, 0)]
+    checks += [(0x40 + k if k <= generation else 0, 2 * k) for k in range(1, 9)]
+    return checks
+
+
+def test_attach_detach_and_domain_destroy(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+                                          domain: str) -> None:
+    cli, _, _ = live()
+    volume = cli.json("create", "32M")
+    attached = cli.json("attach", volume["Id"], domain)
+    assert attached["State"] == "in-use"
+    assert attached["Attachment"][0] == domain and attached["Attachment"][1].startswith("sd")
+    assert live_disk(domain, volume["Id"]).serial == volume["Id"]
+    denied = cli.run("delete", volume["Id"])
+    assert denied.returncode == 1 and "InvalidState" in denied.stderr
+    detached = cli.json("detach", volume["Id"])
+    assert detached["State"] == "available" and detached["Attachment"] == ["", ""]
+    cli.json("attach", volume["Id"], domain, "--target", "sdc")
+    assert cli.json("show", volume["Id"])["Attachment"] == [domain, "sdc"]
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", domain], check=True,
+                   capture_output=True)
+    deadline = time.monotonic() + 10  # the lifecycle event frees the volume
+    while cli.json("show", volume["Id"])["State"] != "available":
+        assert time.monotonic() < deadline, "the volume stayed in-use after the domain died"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("order", ["newest-first", "oldest-first", "middle-out"])
+def test_live_snapshots_keep_every_write(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+                                        domain: str, order: str) -> None:
+    cli, process, _ = live()
+    volume = cli.json("create", "32M")
+    vid = volume["Id"]
+    cli.json("attach", vid, domain)
+    alias = live_disk(domain, vid).alias
+    snapshots: dict[str, int] = {}  # snapshot id -> generation
+    for generation in range(1, 7):
+        monitor_write(domain, alias, 0x40 + generation, 0)
+        monitor_write(domain, alias, 0x40 + generation, 2 * generation)
+        snapshots[cli.json("snapshot", "create", vid)["Id"]] = generation
+        assert live_disk(domain, vid).source.endswith(list(snapshots)[-1])
+    monitor_write(domain, alias, 0x47, 0)
+    monitor_write(domain, alias, 0x47, 14)
+    monitor_write(domain, alias, 0x47, 20, 8)  # a big last write: pulling beats committing
+    final = expected(7)
+
+    def verify() -> None:
+        disk = live_disk(domain, vid)
+        share = Path(disk.source).parent
+        info = json.loads((share / f"volume-{vid}.info").read_text())
+        assert info["active"] == Path(disk.source).name
+        assert sorted(info) == sorted(["active", *snapshots])
+        chain = [Path(p).name for p in disk.chain]
+        assert sorted(chain[:-1]) == sorted(info[s] for s in snapshots)
+        on_disk = sorted(p.name for p in share.iterdir() if p.name.startswith(f"volume-{vid}")
+                         and not p.name.endswith((".info", ".meta")))
+        assert on_disk == sorted(chain)  # no orphan file
+        assert reads(disk.source, "qcow2" if len(chain) > 1 else "raw", final)
+        for sid, generation in snapshots.items():
+            data = chain[chain.index(info[sid]) + 1]
+            fmt = "raw" if data == chain[-1] else "qcow2"
+            assert reads(str(share / data), fmt, expected(generation)), (sid, generation)
+
+    verify()
+    ids = list(snapshots)
+    sequence = {"newest-first": ids[::-1], "oldest-first": ids,
+                "middle-out": [ids[2], ids[3], ids[1], ids[4], ids[0], ids[5]]}[order]
+    for sid in sequence:
+        done = cli.json("snapshot", "delete", sid)
+        assert done["State"] == "completed"
+        del snapshots[sid]
+        verify()
+    assert cli.json("show", vid)["State"] == "in-use"
+    strategies = {s for s in ("by commit", "by active-commit", "by pull")
+                  if s in process.log_text()}
+    print(f"\n{order}: strategies used {sorted(strategies)}")
+    if order == "newest-first":
+        assert {"by pull", "by active-commit"} <= strategies
+    if order == "oldest-first":
+        assert "by commit" in strategies
+
+
+def test_quiesce_policies(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+                          domain: str) -> None:
+    cli, _, _ = live("[libvirt]\nquiesce = require\n")
+    volume = cli.json("create", "8M")
+    cli.json("attach", volume["Id"], domain)
+    before = live_disk(domain, volume["Id"]).source
+    refused = cli.run("snapshot", "create", volume["Id"])
+    assert refused.returncode == 1 and "QuiesceFailed" in refused.stderr
+    assert live_disk(domain, volume["Id"]).source == before
+    assert cli.json("snapshots", volume["Id"]) == []
+    assert sorted(p.name for p in Path(before).parent.iterdir()
+                  if p.name.startswith(f"volume-{volume['Id']}")) == [
+        f"volume-{volume['Id']}", f"volume-{volume['Id']}.meta"]
+    cli.json("detach", volume["Id"])
+
+    cli2, _, _ = live("[libvirt]\nquiesce = try\n")
+    other = cli2.json("create", "8M")
+    cli2.json("attach", other["Id"], domain)
+    snap = cli2.json("snapshot", "create", other["Id"])
+    assert snap["Quiesced"] is False
+
+
+class _CopyActive(libvirt.libvirtError):
+    def __init__(self) -> None:
+        Exception.__init__(self, "block copy still active")
+
+    def get_error_code(self) -> int:
+        return int(libvirt.VIR_ERR_BLOCK_COPY_ACTIVE)
+
+    def get_error_message(self) -> str:
+        return "block copy still active: disk not ready for pivot yet"
+
+
+class _FakeGuest:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.pivots = 0
+        self.aborted = False
+
+    async def pivot(self, target: str) -> None:
+        self.pivots += 1
+        raise _CopyActive()
+
+    async def abort_job(self, target: str) -> None:
+        self.aborted = True
+
+
+async def test_pivot_refused_is_retried_then_aborted() -> None:
+    """A unit test with a fake domain: VIR_ERR_BLOCK_COPY_ACTIVE on every pivot."""
+    from hostvold.live import LiveVolumes
+
+    config = parse_config("[libvirt]\npivot_retries = 3\n")
+    live_ops = LiveVolumes.__new__(LiveVolumes)
+    live_ops.pivot_retries = config.libvirt.pivot_retries
+    guest = _FakeGuest()
+    with pytest.raises(Failed, match="refused 4 times"):
+        await live_ops._pivot(guest, "sda", asyncio.Queue())  # type: ignore[arg-type]
+    assert guest.pivots == 4 and guest.aborted
+
+
+def test_live_snapshot_latency(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+                               domain: str, shared_base: Path) -> None:
+    """One online snapshot create through D-Bus against the same libvirt call made bare."""
+    cli, _, _ = live("[libvirt]\nquiesce = never\n")
+    volume = cli.json("create", "8M")
+    cli.json("attach", volume["Id"], domain)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.live_latency", "--bus", cli.address, "--volume",
+         volume["Id"], "--domain", domain, "--scratch", str(shared_base), "--rounds", "3"],
+        capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent),
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    print("\n" + result.stdout)
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["ratio"] > 0 and figures["event_to_completed_ms"] >= 0
