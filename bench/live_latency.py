@@ -73,7 +73,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     base = scratch / "base.raw"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "8M"], check=True)
     used = {d.target for d in parse_disks(domain.XMLDesc(0))}
-    target = next(f"sd{c}" for c in "zyxwvu" if f"sd{c}" not in used)
+    target = next(f"sd{c}" for c in "bcdefgh" if f"sd{c}" not in used)
     await guest.attach_disk(disk_xml(str(base), "raw", target, "scratch"))
     volume_path = object_path("volumes", args.volume)
 

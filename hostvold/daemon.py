@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostvold: {exc}", file=sys.stderr)
         return EX_CONFIG
     setup_logging(config.daemon.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: dump stacks
     return asyncio.run(Daemon(config).run())
 
 

@@ -117,7 +117,10 @@ class JobRunner:
 
     def _changed(self, job: Job, names: set[str]) -> None:
         for listener in self.listeners:
-            listener(job, names)
+            try:
+                listener(job, names)
+            except Exception:  # one broken listener must not silence the others
+                log.exception("job listener failed for job %s", job.id)
 
     def _forget(self, job_id: str) -> None:
         job = self.jobs.pop(job_id, None)

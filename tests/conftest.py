@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -335,6 +337,9 @@ class DaemonProcess:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.listener.bind(str(self.notify_path))
         self.messages: list[tuple[float, str]] = []
+        # drained all the time, as systemd does: a full socket would block sd_notify
+        self.inbox: queue.Queue[tuple[float, str]] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
         full_env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
         full_env.pop("JOURNAL_STREAM", None)
         self.log_path = config.parent / f"hostvold-{id(self)}.log"
@@ -346,10 +351,21 @@ class DaemonProcess:
     def log_text(self) -> str:
         return self.log_path.read_text()
 
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = self.listener.recv(4096).decode()
+            except OSError:
+                return
+            self.inbox.put((time.monotonic(), data))
+
     def receive(self, timeout: float = 30) -> str:
-        self.listener.settimeout(timeout)
-        data = self.listener.recv(4096).decode()
-        self.messages.append((time.monotonic(), data))
+        """The next notification (raises TimeoutError when none comes in time)."""
+        try:
+            when, data = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("no notification from hostvold") from None
+        self.messages.append((when, data))
         return data
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -358,7 +374,11 @@ class DaemonProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"hostvold exited {self.proc.returncode}: "
                                      f"{self.log_text()[-3000:]}")
-            self.receive(max(0.1, deadline - time.monotonic()))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hostvold not ready in {timeout} s: "
+                                     f"{self.log_text()[-3000:]}")
+            with contextlib.suppress(TimeoutError):
+                self.receive(0.2)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -80,11 +80,18 @@ def live(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
 
 def monitor_write(domain: str, alias: str, pattern: int, offset_mib: int,
                   length_mib: int = 1) -> None:
-    """A write by the running QEMU itself into the disk's active layer."""
-    command = f'qemu-io -d {alias} "write -P {pattern} {offset_mib}M {length_mib}M"'
-    result = subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain,
-                             "--hmp", command], capture_output=True, text=True, check=True)
-    assert "error" not in result.stdout.lower(), result.stdout
+    """A write by the running QEMU itself into the disk's active layer, then a flush (as a
+    guest's fsync would), so readers outside QEMU see the qcow2 metadata too."""
+    for command in (f"write -P {pattern} {offset_mib}M {length_mib}M", "flush"):
+        result = subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command",
+                                 domain, "--hmp", f'qemu-io -d {alias} "{command}"'],
+                                capture_output=True, text=True, check=True)
+        assert "error" not in result.stdout.lower(), result.stdout
+
+
+def guest_flush(domain: str, alias: str) -> None:
+    subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain, "--hmp",
+                    f'qemu-io -d {alias} "flush"'], capture_output=True, text=True, check=True)
 
 
 def live_disk(domain: str, serial: str) -> Any:
@@ -99,7 +106,10 @@ def reads(path: str, fmt: str, checks: list[tuple[int, int]]) -> bool:
     for pattern, offset in checks:
         argv += ["-c", f"read -P {pattern} {offset}M 1M"]
     result = subprocess.run([*argv, path], capture_output=True, text=True)
-    return result.returncode == 0 and "fail" not in result.stdout.lower()
+    ok = result.returncode == 0 and "fail" not in result.stdout.lower()
+    if not ok:
+        print(f"qemu-io on {path}: {result.stdout} {result.stderr}")
+    return ok
 
 
 def expected(generation: int) -> list[tuple[int, int]]:
@@ -151,6 +161,9 @@ def test_live_snapshots_keep_every_write(live: Callable[..., tuple[Cli, DaemonPr
     final = expected(7)
 
     def verify() -> None:
+        # as a guest's next fsync would: QEMU writes its cached qcow2 metadata, so readers
+        # outside it see what a block job copied
+        guest_flush(domain, alias)
         disk = live_disk(domain, vid)
         share = Path(disk.source).parent
         info = json.loads((share / f"volume-{vid}.info").read_text())
