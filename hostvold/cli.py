@@ -108,11 +108,13 @@ class Client:
         return dict(plain(props))
 
     async def watch_jobs(self) -> None:
-        """Subscribe to job signals before any call, so none can be missed."""
-        rule = (f"type='signal',sender='{BUS_NAME}',"
-                f"path_namespace='{ROOT_PATH}/jobs'")
-        await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
-                        [rule], destination="org.freedesktop.DBus")
+        """Subscribe to job signals, and to the daemon leaving the bus, before any call,
+        so none can be missed."""
+        for rule in (f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT_PATH}/jobs'",
+                     "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                     f"arg0='{BUS_NAME}'"):
+            await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                            [rule], destination="org.freedesktop.DBus")
 
     async def run_job(self, path: str, member: str, options: dict[str, Variant],
                       interface: str, show_progress: bool) -> dict[str, Any]:
@@ -124,7 +126,12 @@ class Client:
         early: dict[str, tuple[bool, str, str]] = {}
 
         def on_signal(message: Message) -> None:
-            if message.member == "Completed":
+            if (message.member == "NameOwnerChanged" and message.body[0] == BUS_NAME
+                    and not message.body[2] and not done.done()):
+                done.set_exception(CliError(
+                    "hostvold stopped while the job ran; it finishes or undoes the operation "
+                    "when it starts again", EXIT_NOT_RUNNING))
+            elif message.member == "Completed":
                 result = (bool(message.body[0]), str(message.body[1]), str(message.body[2]))
                 if job_path and message.path == job_path[0]:
                     if not done.done():

@@ -119,6 +119,30 @@ def expected(generation: int) -> list[tuple[int, int]]:
     return checks
 
 
+def verify_volume(domain: str, alias: str, vid: str, snapshots: dict[str, int],
+                  final: list[tuple[int, int]]) -> None:
+    """The info file equals the live chain, no orphan file, every snapshot reads its own
+    point in time and the disk the newest data."""
+    # as a guest's next fsync would: QEMU writes its cached qcow2 metadata, so readers
+    # outside it see what a block job copied
+    guest_flush(domain, alias)
+    disk = live_disk(domain, vid)
+    share = Path(disk.source).parent
+    info = json.loads((share / f"volume-{vid}.info").read_text())
+    assert info["active"] == Path(disk.source).name
+    assert sorted(info) == sorted(["active", *snapshots])
+    chain = [Path(p).name for p in disk.chain]
+    assert sorted(chain[:-1]) == sorted(info[s] for s in snapshots)
+    on_disk = sorted(p.name for p in share.iterdir() if p.name.startswith(f"volume-{vid}")
+                     and not p.name.endswith((".info", ".meta")))
+    assert on_disk == sorted(chain)  # no orphan file
+    assert reads(disk.source, "qcow2" if len(chain) > 1 else "raw", final)
+    for sid, generation in snapshots.items():
+        data = chain[chain.index(info[sid]) + 1]
+        fmt = "raw" if data == chain[-1] else "qcow2"
+        assert reads(str(share / data), fmt, expected(generation)), (sid, generation)
+
+
 def test_attach_detach_and_domain_destroy(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
                                           domain: str) -> None:
     cli, _, _ = live()
@@ -161,24 +185,7 @@ def test_live_snapshots_keep_every_write(live: Callable[..., tuple[Cli, DaemonPr
     final = expected(7)
 
     def verify() -> None:
-        # as a guest's next fsync would: QEMU writes its cached qcow2 metadata, so readers
-        # outside it see what a block job copied
-        guest_flush(domain, alias)
-        disk = live_disk(domain, vid)
-        share = Path(disk.source).parent
-        info = json.loads((share / f"volume-{vid}.info").read_text())
-        assert info["active"] == Path(disk.source).name
-        assert sorted(info) == sorted(["active", *snapshots])
-        chain = [Path(p).name for p in disk.chain]
-        assert sorted(chain[:-1]) == sorted(info[s] for s in snapshots)
-        on_disk = sorted(p.name for p in share.iterdir() if p.name.startswith(f"volume-{vid}")
-                         and not p.name.endswith((".info", ".meta")))
-        assert on_disk == sorted(chain)  # no orphan file
-        assert reads(disk.source, "qcow2" if len(chain) > 1 else "raw", final)
-        for sid, generation in snapshots.items():
-            data = chain[chain.index(info[sid]) + 1]
-            fmt = "raw" if data == chain[-1] else "qcow2"
-            assert reads(str(share / data), fmt, expected(generation)), (sid, generation)
+        verify_volume(domain, alias, vid, snapshots, final)
 
     verify()
     ids = list(snapshots)
@@ -275,3 +282,66 @@ def test_live_snapshot_latency(live: Callable[..., tuple[Cli, DaemonProcess, Hos
     print("\n" + result.stdout)
     figures = json.loads(result.stdout.splitlines()[-1])
     assert figures["ratio"] > 0 and figures["event_to_completed_ms"] >= 0
+
+
+LIVE_CRASHES = [
+    *[("create", "-", f"live-create-snapshot:{step}")
+      for step in ("intent", "overlay", "switch-recorded", "switched", "info")],
+    *[("delete", strategy, f"live-delete-snapshot:{step}")
+      for strategy in ("commit", "active-commit", "pull")
+      for step in ("intent", "job-started", "job-done", "finish-recorded", "info")],
+]
+
+
+@pytest.mark.parametrize(("operation", "strategy", "point"), LIVE_CRASHES,
+                         ids=[f"{p}[{s}]" for _, s, p in LIVE_CRASHES])
+def test_live_crash_then_restart(host_factory: Callable[..., Host],
+                                 bus_factory: Callable[[str], str],
+                                 daemon_factory: Callable[..., DaemonProcess],
+                                 shared_base: Path, domain: str, operation: str, strategy: str,
+                                 point: str) -> None:
+    """The daemon dies at a persisted step of a live operation; the next start must leave
+    the chain consistent, every write intact and no block job behind."""
+    address = bus_factory("hostvold")
+    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
+                        mount_point_base=shared_base / str(time.monotonic_ns()))
+    config = with_bus(host, address)
+    setup = daemon_factory(config)
+    cli = Cli(address)
+    vid = cli.json("create", "32M")["Id"]
+    cli.json("attach", vid, domain)
+    alias = live_disk(domain, vid).alias
+    snapshots: dict[str, int] = {}
+    for generation in (1, 2, 3):
+        monitor_write(domain, alias, 0x40 + generation, 0)
+        monitor_write(domain, alias, 0x40 + generation, 2 * generation)
+        snapshots[cli.json("snapshot", "create", vid)["Id"]] = generation
+    monitor_write(domain, alias, 0x44, 0)
+    monitor_write(domain, alias, 0x44, 8)
+    if strategy == "pull":
+        monitor_write(domain, alias, 0x44, 20, 8)
+    ids = list(snapshots)
+    assert setup.stop() == 0
+    first = daemon_factory(config, env={"HOSTVOLD_CRASH_AT": point})
+    assert cli.json("show", vid)["State"] == "in-use"  # found attached again at start
+    if operation == "create":
+        cli.run("snapshot", "create", vid, "--id", "5a5a5a5a-0000-4000-8000-0000000000c1")
+    else:
+        cli.run("snapshot", "delete", ids[0] if strategy == "commit" else ids[-1])
+    assert first.proc.wait(30) == 86, f"{point} not reached: {first.log_text()[-2000:]}"
+    daemon_factory(config)  # recovery runs before READY
+    if operation == "create":
+        listed = {s["Id"] for s in cli.json("snapshots", vid)}
+        if "5a5a5a5a-0000-4000-8000-0000000000c1" in listed:
+            snapshots["5a5a5a5a-0000-4000-8000-0000000000c1"] = 4
+    else:
+        del snapshots[ids[0] if strategy == "commit" else ids[-1]]  # rolled forward
+    conn = libvirt.open("qemu:///system")
+    target = live_disk(domain, vid).target
+    assert conn.lookupByName(domain).blockJobInfo(target, 0) == {}  # no job left behind
+    conn.close()
+    verify_volume(domain, alias, vid, snapshots, expected(4))
+    assert cli.json("show", vid)["State"] == "in-use"
+    extra = cli.json("snapshot", "create", vid)["Id"]  # usable for the next operation
+    snapshots[extra] = 4
+    verify_volume(domain, alias, vid, snapshots, expected(4))
