@@ -52,7 +52,7 @@ from hostvold.infofile import SnapshotMap, read_info, write_info
 from hostvold.layout import VolumeFiles
 from hostvold.metadata import VolumeMeta, utc_now
 from hostvold.planning import plan_delete
-from hostvold.virt import JOB_COMPLETED, JOB_READY, BlockJobEvent, Hypervisor
+from hostvold.virt import JOB_COMPLETED, JOB_READY, RECONNECTED, BlockJobEvent, Hypervisor
 from hostvold.volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class LiveVolumes:
             elif meta.state == "in-use" and meta.operation is None:
                 self.volumes.record(files, meta.evolve(state="available", attachment=None))
         for meta in self.volumes.list_volumes():
-            if meta.operation and str(meta.operation.get("name", "")).startswith("live-"):
+            if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
+                    and not self.volumes.locks.busy(meta.id):  # a running task follows it
                 async with self.volumes.locks.volume(meta.id):
                     await self.volumes._recover_one(meta)
 
@@ -336,6 +337,7 @@ class LiveVolumes:
             if gone in chain_names:
                 await self._run_job(guest, op, directory)
             crash.point("live-delete-snapshot:job-done")
+            guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
             disk = await guest.disk(op["target"])
             if disk is None or gone in [Path(p).name for p in disk.chain]:
                 raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
@@ -367,7 +369,14 @@ class LiveVolumes:
                     await self._pivot(guest, target, events)  # it was ready already
                 while True:
                     event = await events.get()
-                    if event.status == JOB_READY and strategy == "active-commit":
+                    if event.status == RECONNECTED:  # libvirtd restarted: look again
+                        guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
+                        info = await guest.job_info(target)
+                        if info is None:
+                            return  # ended while we were away; the caller checks the chain
+                        if strategy == "active-commit" and info.end and info.cur == info.end:
+                            await self._pivot(guest, target, events)
+                    elif event.status == JOB_READY and strategy == "active-commit":
                         await self._pivot(guest, target, events)
                     elif event.status == JOB_COMPLETED:
                         return
@@ -399,9 +408,10 @@ class LiveVolumes:
     async def _progress(self, guest: Guest, target: str) -> None:
         """Progress for the Job object between events; it decides nothing."""
         while True:
-            info = await guest.job_info(target)
-            if info is not None and info.end:
-                progress.report(info.cur / info.end)
+            with contextlib.suppress(libvirt.libvirtError, StorageUnavailable):
+                info = await guest.job_info(target)
+                if info is not None and info.end:
+                    progress.report(info.cur / info.end)
             await asyncio.sleep(0.5)
 
     def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta, op: dict[str, Any]) -> None:

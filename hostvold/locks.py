@@ -36,6 +36,10 @@ class LocalLocks:
             if not self._users[volume_id]:  # forget idle locks: memory stays O(busy volumes)
                 del self._users[volume_id], self._locks[volume_id]
 
+    def busy(self, volume_id: str) -> bool:
+        """Whether an operation of this daemon holds or waits for the volume's lock."""
+        return volume_id in self._users
+
     @asynccontextmanager
     async def _file_lock(self, volume_id: str) -> AsyncIterator[None]:
         fd = os.open(self.directory / f"{volume_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)

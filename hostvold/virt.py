@@ -30,8 +30,10 @@ T = TypeVar("T")
 
 # virConnectDomainEventBlockJobStatus
 JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_READY = 0, 1, 2, 3
+# not a libvirt status: the connection came back, events may have been missed, look again
+RECONNECTED = -1
 STATUS_NAMES = {JOB_COMPLETED: "completed", JOB_FAILED: "failed", JOB_CANCELED: "canceled",
-                JOB_READY: "ready"}
+                JOB_READY: "ready", RECONNECTED: "reconnected"}
 
 _registered_loops: set[int] = set()
 
@@ -163,6 +165,10 @@ class Hypervisor:
                     log.warning("%s; retrying in %.1f s", exc, delay)
                     await asyncio.sleep(delay)  # back-off between attempts
                     delay = min(delay * 2, 10.0)
+            for (domain_uuid, disk), queues in self._queues.items():
+                for queue in queues:  # whoever waits for a job looks at it again
+                    queue.put_nowait(BlockJobEvent(domain_uuid, disk, 0, RECONNECTED,
+                                                   time.monotonic()))
             for listener in self.on_reconnect:
                 try:
                     await listener()

@@ -345,3 +345,45 @@ def test_live_crash_then_restart(host_factory: Callable[..., Host],
     extra = cli.json("snapshot", "create", vid)["Id"]  # usable for the next operation
     snapshots[extra] = 4
     verify_volume(domain, alias, vid, snapshots, expected(4))
+
+
+def test_libvirtd_restart_during_active_commit(
+        host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess], shared_base: Path,
+        domain: str) -> None:
+    """libvirtd is killed and started again while an active commit runs: hostvold
+    reconnects, looks at the job again, pivots, and the Job reports success."""
+    address = bus_factory("hostvold")
+    host = host_factory(1024, extra="[libvirt]\nquiesce = never\n",
+                        mount_point_base=shared_base / str(time.monotonic_ns()))
+    process = daemon_factory(with_bus(host, address))
+    cli = Cli(address)
+    vid = cli.json("create", "512M")["Id"]
+    cli.json("attach", vid, domain)
+    alias = live_disk(domain, vid).alias
+    monitor_write(domain, alias, 0x41, 0)
+    monitor_write(domain, alias, 0x41, 2)
+    snap = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x42, 0)
+    monitor_write(domain, alias, 0x42, 4)
+    monitor_write(domain, alias, 0x5e, 64, 384)  # enough for the commit to take a while
+    job = cli.json("--no-wait", "snapshot", "delete", snap)["job"]
+    subprocess.run(["pkill", "-9", "-x", "libvirtd"], check=True)
+    time.sleep(0.5)  # the test's own pause before bringing libvirtd back
+    subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 60
+    while (state := cli.json("job", job)["State"]) == "running":
+        assert time.monotonic() < deadline, process.log_text()[-3000:]
+        time.sleep(0.2)
+    assert state == "completed", cli.json("job", job)
+    assert "reconnect" in process.log_text().lower() or "connection closed" in \
+        process.log_text().lower()
+    conn = libvirt.open("qemu:///system")
+    assert conn.lookupByName(domain).blockJobInfo(live_disk(domain, vid).target, 0) == {}
+    conn.close()
+    checks = [(0x42, 0), (0x41, 2), (0x42, 4)]
+    guest_flush(domain, alias)
+    disk = live_disk(domain, vid)
+    assert len(disk.chain) == 1 and reads(disk.source, "raw", checks)
+    assert reads(disk.source, "raw", [(0x5e, 64 + 100)])
+    assert cli.json("snapshots", vid) == []
