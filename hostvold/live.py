@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import libvirt
 
 from hostvold import crash, progress, qemuimg
 from hostvold.atomic import unlink_durable
-from hostvold.chain import Layer, qcow2_is_empty
+from hostvold.chain import Layer, qcow2_is_empty, validate_chain
 from hostvold.config import Config
 from hostvold.errors import (
     Failed,
@@ -47,7 +48,7 @@ from hostvold.errors import (
 )
 from hostvold.files import fsync_file
 from hostvold.guest import DiskInfo, Guest, disk_xml
-from hostvold.ids import valid_id
+from hostvold.ids import new_id, valid_id
 from hostvold.infofile import SnapshotMap, read_info, write_info
 from hostvold.layout import VolumeFiles
 from hostvold.metadata import VolumeMeta, utc_now
@@ -146,6 +147,18 @@ class LiveVolumes:
                     and not self.volumes.locks.busy(meta.id):  # a running task follows it
                 async with self.volumes.locks.volume(meta.id):
                     await self.volumes._recover_one(meta)
+        for meta in self.volumes.list_volumes():
+            leftovers = [sid for sid, extra in meta.snapshots.items() if extra.get("temporary")]
+            if leftovers and meta.state == "in-use" and not self.volumes.locks.busy(meta.id):
+                async with self.volumes.locks.volume(meta.id):
+                    for sid in leftovers:
+                        log.warning("merging temporary snapshot %s of volume %s left by an "
+                                    "interrupted copy", sid, meta.id,
+                                    extra={"VOLUME_ID": meta.id, "SNAPSHOT_ID": sid})
+                        current = self.volumes.get_volume(meta.id)
+                        files = self.volumes.files_of(current)
+                        chain_map, chain = self.volumes.validated_chain(files, current)
+                        await self.delete_snapshot(current, files, chain_map, chain, sid)
 
     def _domain_stopped(self, domain: str) -> None:
         for meta in self.volumes.list_volumes():
@@ -201,8 +214,27 @@ class LiveVolumes:
 
     # ---- live snapshot create ---------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def point_in_time(self, meta: VolumeMeta, files: VolumeFiles,
+                            chain_map: SnapshotMap, chain: list[Layer]) -> AsyncIterator[Layer]:
+        """A frozen view of an attached volume for copying out (clone, export): a
+        temporary live snapshot whose data is read while the guest goes on writing, then
+        merged away. Called under the volume's lock; a temporary snapshot left by a crash
+        is merged at the next start."""
+        sid = new_id()
+        meta = await self.create_snapshot(meta, files, chain_map, chain, sid, temporary=True)
+        try:
+            yield chain[0]  # the former active file: read-only in QEMU from now on
+        finally:
+            new_map = read_info(files)
+            fmt = meta.format if new_map.active == files.base_name else "qcow2"
+            new_chain = validate_chain(files, new_map.active, fmt)
+            await self.delete_snapshot(self.volumes.get_volume(meta.id), files, new_map,
+                                       new_chain, sid)
+
     async def create_snapshot(self, meta: VolumeMeta, files: VolumeFiles, chain_map: SnapshotMap,
-                              chain: list[Layer], sid: str) -> VolumeMeta:
+                              chain: list[Layer], sid: str,
+                              temporary: bool = False) -> VolumeMeta:
         """Called under the volume's lock with a validated chain."""
         guest, disk = await self.locate(meta)
         top = chain[0]
@@ -214,7 +246,8 @@ class LiveVolumes:
         others = [d.target for d in await guest.disks() if d.target != disk.target]
         meta = self.volumes.record(files, meta.evolve(operation={
             "name": "live-create-snapshot", "snapshot": sid, "overlay": overlay,
-            "domain": guest.name, "target": disk.target, "step": "overlay"}))
+            "domain": guest.name, "target": disk.target, "step": "overlay",
+            "temporary": temporary}))
         crash.point("live-create-snapshot:intent")
         try:
             await qemuimg.create(path, "qcow2", meta.size, backing=top.name,
@@ -233,7 +266,7 @@ class LiveVolumes:
         live = await guest.disk(disk.target)
         if live is None or live.source != str(path):
             raise Failed(f"domain {guest.name} did not switch to {overlay}")
-        return self._finish_create(files, meta, sid, overlay, quiesced)
+        return self._finish_create(files, meta, sid, overlay, quiesced, temporary)
 
     async def _switch(self, guest: Guest, target: str, overlay: str, others: list[str]) -> bool:
         """snapshotCreateXML with the quiesce policy; returns whether the guest was frozen."""
@@ -257,14 +290,15 @@ class LiveVolumes:
         return frozen
 
     def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,
-                       quiesced: bool) -> VolumeMeta:
+                       quiesced: bool, temporary: bool = False) -> VolumeMeta:
         chain_map = read_info(files)
         if chain_map.snapshots.get(sid) != overlay:
             write_info(files, chain_map.with_snapshot(sid, overlay), self.volumes.file_mode)
         crash.point("live-create-snapshot:info")
         return self.volumes.record(files, meta.evolve(
             active=overlay, operation=None,
-            snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": quiesced}}))
+            snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": quiesced,
+                                               **({"temporary": True} if temporary else {})}}))
 
     async def _recover_create(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         op = meta.operation or {}
@@ -282,7 +316,7 @@ class LiveVolumes:
             # the domain is gone: the overlay counts as taken if the guest wrote into it
             switched = path.exists() and not qcow2_is_empty(path)
         if switched:
-            self._finish_create(files, meta, sid, overlay, False)
+            self._finish_create(files, meta, sid, overlay, False, bool(op.get("temporary")))
         else:
             unlink_durable(path)
             self.volumes.record(files, meta.evolve(operation=None))
@@ -443,7 +477,6 @@ class LiveVolumes:
         if op["snapshot"] not in chain_map.snapshots:
             return self._finish_delete(files, meta, op)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
-        from hostvold.chain import validate_chain
         chain = validate_chain(files, chain_map.active, fmt)
         plan = plan_delete(chain, chain_map, op["snapshot"])
         offline = {"name": "delete-snapshot", "snapshot": op["snapshot"], "step": "commit",

@@ -269,9 +269,13 @@ class SnapshotService:
         """A new standalone volume with the current content; leaves no snapshot behind."""
         volume_id = valid_id(volume_id, "volume id")
         async with self.volumes.locks.volume(volume_id):
-            meta = self.volumes.require_available(volume_id)
+            meta = self.volumes.require_idle(volume_id)
             files = self.volumes.files_of(meta)
-            _, chain = self.volumes.validated_chain(files, meta)
+            chain_map, chain = self.volumes.validated_chain(files, meta)
+            if meta.state == "in-use":  # from a temporary point in time, guest running
+                live = self.volumes.require_live()
+                async with live.point_in_time(meta, files, chain_map, chain) as frozen:
+                    return await self._copy_out(files, frozen, meta.size, "clone", options)
             return await self._copy_out(files, chain[0], meta.size, "clone", options)
 
     async def create_from_snapshot(self, volume_id: str, snapshot_id: str,

@@ -347,22 +347,32 @@ class VolumeService:
         if dest.exists() or dest.is_symlink():
             raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
         async with self.locks.volume(volume_id):
-            meta = self.require_available(volume_id)
+            meta = self.require_idle(volume_id)
             files = self.files_of(meta)
-            top = self.validated_chain(files, meta)[1][0]
-            tmp = temp_name(dest)
-            try:
-                await qemuimg.convert(files.directory / top.name, _fmt(top), tmp, request.format)
-                await asyncio.to_thread(fsync_file, tmp)
-                os.rename(tmp, dest)
-                await asyncio.to_thread(fsync_dir, dest.parent)
-            except BaseException as exc:
-                tmp.unlink(missing_ok=True)
-                if is_enospc(exc):
-                    raise NoSpace(f"not enough space in {dest.parent} for the export") from None
-                raise
+            chain_map, chain = self.validated_chain(files, meta)
+            if meta.state == "in-use":  # from a temporary point in time, guest running
+                async with self.require_live().point_in_time(meta, files, chain_map,
+                                                             chain) as frozen:
+                    await self._export(files, frozen, dest, request.format)
+            else:
+                await self._export(files, chain[0], dest, request.format)
         log.info("exported volume %s to %s", volume_id, dest, extra={"VOLUME_ID": volume_id})
         return dest
+
+    async def _export(self, files: VolumeFiles, top: Layer, dest: Path,
+                      fmt: Format) -> None:
+        """Flatten ``top`` and what lies below it into ``dest``, atomically."""
+        tmp = temp_name(dest)
+        try:
+            await qemuimg.convert(files.directory / top.name, _fmt(top), tmp, fmt)
+            await asyncio.to_thread(fsync_file, tmp)
+            os.rename(tmp, dest)
+            await asyncio.to_thread(fsync_dir, dest.parent)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if is_enospc(exc):
+                raise NoSpace(f"not enough space in {dest.parent} for the export") from None
+            raise
 
     # ---- internals ----------------------------------------------------------------------
 

@@ -387,3 +387,26 @@ def test_libvirtd_restart_during_active_commit(
     assert len(disk.chain) == 1 and reads(disk.source, "raw", checks)
     assert reads(disk.source, "raw", [(0x5e, 64 + 100)])
     assert cli.json("snapshots", vid) == []
+
+
+def test_clone_and_export_of_an_attached_volume(
+        live: Callable[..., tuple[Cli, DaemonProcess, Host]], domain: str,
+        tmp_path: Path) -> None:
+    """Copied out from a temporary point in time while the guest runs; nothing is left."""
+    cli, _, _ = live("[libvirt]\nquiesce = never\n")
+    vid = cli.json("create", "16M")["Id"]
+    cli.json("attach", vid, domain)
+    alias = live_disk(domain, vid).alias
+    monitor_write(domain, alias, 0x61, 0)
+    kept = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x62, 2)
+    chain_before = live_disk(domain, vid).chain
+    clone = cli.json("clone", vid)
+    dest = tmp_path / "attached.qcow2"
+    assert cli.json("export", vid, str(dest), "--format", "qcow2")["State"] == "completed"
+    for path, fmt in ((str(Path(live_disk(domain, vid).source).parent /
+                           f"volume-{clone['Id']}"), "raw"), (str(dest), "qcow2")):
+        assert reads(path, fmt, [(0x61, 0), (0x62, 2)]), path
+    assert [s["Id"] for s in cli.json("snapshots", vid)] == [kept]
+    assert live_disk(domain, vid).chain == chain_before  # the temporary snapshot is gone
+    assert cli.json("show", vid)["State"] == "in-use"
