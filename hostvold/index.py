@@ -40,9 +40,18 @@ class VolumeIndex:
         rows = self._db.execute("SELECT meta FROM volumes").fetchall()
         return [VolumeMeta.model_validate_json(meta) for (meta,) in rows]
 
-    def put(self, meta: VolumeMeta) -> None:
-        self._db.execute("INSERT OR REPLACE INTO volumes (id, share, meta) VALUES (?, ?, ?)",
-                         (meta.id, meta.share, meta.model_dump_json()))
+    def put(self, meta: VolumeMeta, inflight: bool = False) -> None:
+        """Store ``meta`` and, in the same transaction (one sync), whether an operation on
+        the volume is under way."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO volumes (id, share, meta) VALUES (?, ?, ?)",
+                             (meta.id, meta.share, meta.model_dump_json()))
+            if inflight:
+                self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
+                                 (meta.id, meta.share))
+            else:
+                self._db.execute("DELETE FROM inflight WHERE id = ?", (meta.id,))
 
     def remove(self, volume_id: str) -> None:
         with self._db:
@@ -56,6 +65,10 @@ class VolumeIndex:
         crash came before this index heard the rest."""
         self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
                          (volume_id, share))
+
+    def is_inflight(self, volume_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM inflight WHERE id = ?",
+                                (volume_id,)).fetchone() is not None
 
     def clear_inflight(self, volume_id: str) -> None:
         self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))

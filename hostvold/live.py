@@ -115,11 +115,10 @@ class LiveVolumes:
             try:
                 guest = Guest(self.hypervisor, await self.hypervisor.lookup(
                     attachment["domain"]))
-                if await guest.is_running():
-                    for disk in await guest.disks():
-                        if self._volume_of(disk) == meta.id:
-                            return guest, disk
-            except NotFound:
+                for disk in await guest.disks():  # a stopped domain's XML fails or differs
+                    if self._volume_of(disk) == meta.id and await guest.is_running():
+                        return guest, disk
+            except (NotFound, libvirt.libvirtError):
                 pass
         found = (await self.attachments()).get(meta.id)
         if found is None:
@@ -270,23 +269,27 @@ class LiveVolumes:
 
     async def _switch(self, guest: Guest, target: str, overlay: str, others: list[str]) -> bool:
         """snapshotCreateXML with the quiesce policy; returns whether the guest was frozen."""
+        if self.quiesce == "never":
+            await guest.snapshot_disk(target, overlay, others)
+            return False
         frozen = False
-        if self.quiesce != "never":
-            try:
-                await guest.freeze()
-                frozen = True
-            except libvirt.libvirtError as exc:
-                if self.quiesce == "require":
-                    raise QuiesceFailed(
-                        f"quiesce=require but the guest agent of {guest.name} did not freeze "
-                        f"the filesystems: {exc.get_error_message()}") from None
-                log.warning("no freeze for %s (%s): crash-consistent snapshot", guest.name,
-                            exc.get_error_message(), extra={"DOMAIN": guest.name})
+        try:
+            await guest.freeze()
+            frozen = True
+        except libvirt.libvirtError as exc:
+            if self.quiesce == "require":
+                with contextlib.suppress(libvirt.libvirtError):
+                    await guest.thaw()  # a freeze may have half happened
+                raise QuiesceFailed(
+                    f"quiesce=require but the guest agent of {guest.name} did not freeze "
+                    f"the filesystems: {exc.get_error_message()}") from None
+            log.warning("no freeze for %s (%s): crash-consistent snapshot", guest.name,
+                        exc.get_error_message(), extra={"DOMAIN": guest.name})
         try:
             await guest.snapshot_disk(target, overlay, others)
         finally:
             with contextlib.suppress(libvirt.libvirtError):
-                await guest.thaw()  # always attempted, even when the freeze failed
+                await guest.thaw()  # always attempted after a freeze attempt
         return frozen
 
     def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,

@@ -513,12 +513,10 @@ class VolumeService:
         """Persist ``meta``: an in-flight note in the index first when an operation is under
         way, then the metadata file on the share (atomically), then the index and memory."""
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
-        if busy:
+        if busy and not self.index.is_inflight(meta.id):
             self.index.mark_inflight(meta.id, meta.share)
         write_meta(files.meta, meta, self.file_mode)
-        self.index.put(meta)
-        if not busy:
-            self.index.clear_inflight(meta.id)
+        self.index.put(meta, inflight=busy)
         self._volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
