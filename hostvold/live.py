@@ -144,20 +144,30 @@ class LiveVolumes:
         for meta in self.volumes.list_volumes():
             if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
                     and not self.volumes.locks.busy(meta.id):  # a running task follows it
-                async with self.volumes.locks.volume(meta.id):
-                    await self.volumes._recover_one(meta)
+                try:
+                    async with self.volumes.locks.volume(meta.id):
+                        await self.volumes._recover_one(meta)
+                except Exception:
+                    log.exception("resuming the live operation of volume %s failed", meta.id)
         for meta in self.volumes.list_volumes():
             leftovers = [sid for sid, extra in meta.snapshots.items() if extra.get("temporary")]
             if leftovers and meta.state == "in-use" and not self.volumes.locks.busy(meta.id):
-                async with self.volumes.locks.volume(meta.id):
-                    for sid in leftovers:
-                        log.warning("merging temporary snapshot %s of volume %s left by an "
-                                    "interrupted copy", sid, meta.id,
-                                    extra={"VOLUME_ID": meta.id, "SNAPSHOT_ID": sid})
-                        current = self.volumes.get_volume(meta.id)
-                        files = self.volumes.files_of(current)
-                        chain_map, chain = self.volumes.validated_chain(files, current)
-                        await self.delete_snapshot(current, files, chain_map, chain, sid)
+                try:
+                    await self._merge_temporary(meta.id, leftovers)
+                except Exception:
+                    log.exception("merging temporary snapshots of volume %s failed", meta.id)
+
+    async def _merge_temporary(self, volume_id: str, leftovers: list[str]) -> None:
+        """Merge the temporary snapshots an interrupted clone or export left behind."""
+        async with self.volumes.locks.volume(volume_id):
+            for sid in leftovers:
+                log.warning("merging temporary snapshot %s of volume %s left by an "
+                            "interrupted copy", sid, volume_id,
+                            extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
+                current = self.volumes.get_volume(volume_id)
+                files = self.volumes.files_of(current)
+                chain_map, chain = self.volumes.validated_chain(files, current)
+                await self.delete_snapshot(current, files, chain_map, chain, sid)
 
     def _domain_stopped(self, domain: str) -> None:
         for meta in self.volumes.list_volumes():
@@ -481,6 +491,9 @@ class LiveVolumes:
             return self._finish_delete(files, meta, op)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
         chain = validate_chain(files, chain_map.active, fmt)
+        gone = op["base"] if op["strategy"] == "pull" else op["top"]
+        if gone not in [layer.name for layer in chain]:
+            return self._finish_delete(files, meta, op)  # QEMU finished the job before
         plan = plan_delete(chain, chain_map, op["snapshot"])
         offline = {"name": "delete-snapshot", "snapshot": op["snapshot"], "step": "commit",
                    "top": plan.top.name, "base": plan.base.name,

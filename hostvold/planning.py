@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hostvold.chain import Layer
-from hostvold.errors import NotFound
+from hostvold.errors import NeedsRepair, NotFound
 from hostvold.infofile import SnapshotMap
 from hostvold.layout import VolumeFiles
 
@@ -35,13 +35,16 @@ def snapshot_data(chain: list[Layer], chain_map: SnapshotMap, snapshot_id: str) 
     """The layer holding the snapshot's point-in-time data (its overlay's backing file)."""
     overlay = _overlay_of(chain_map, snapshot_id)
     names = [layer.name for layer in chain]
-    position = names.index(overlay)
-    return chain[position + 1]
+    if overlay not in names[:-1]:
+        raise NeedsRepair(f"snapshot {snapshot_id}: {overlay} is not in the volume's chain")
+    return chain[names.index(overlay) + 1]
 
 
 def plan_delete(chain: list[Layer], chain_map: SnapshotMap, snapshot_id: str) -> DeletePlan:
     overlay = _overlay_of(chain_map, snapshot_id)
     names = [layer.name for layer in chain]
+    if overlay not in names[:-1]:
+        raise NeedsRepair(f"snapshot {snapshot_id}: {overlay} is not in the volume's chain")
     position = names.index(overlay)
     return DeletePlan(snapshot_id=snapshot_id, top=chain[position], base=chain[position + 1],
                       higher=chain[position - 1] if position > 0 else None)

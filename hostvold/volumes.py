@@ -183,8 +183,10 @@ class VolumeService:
             if meta.state in ("creating", "deleting") or meta.operation:
                 try:
                     await self._recover_one(meta)
-                except HostvoldError as exc:
-                    log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc)
+                except Exception as exc:  # one volume's trouble must not stop the others
+                    log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
+                              exc_info=not isinstance(exc, HostvoldError),
+                              extra={"VOLUME_ID": meta.id})
 
     async def _recover_one(self, meta: VolumeMeta) -> None:
         try:

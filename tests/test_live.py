@@ -410,3 +410,104 @@ def test_clone_and_export_of_an_attached_volume(
     assert [s["Id"] for s in cli.json("snapshots", vid)] == [kept]
     assert live_disk(domain, vid).chain == chain_before  # the temporary snapshot is gone
     assert cli.json("show", vid)["State"] == "in-use"
+
+
+@pytest.fixture
+def persistent_domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
+    conn = libvirt.open(libvirtd)
+    name = f"hostvold-persistent-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    dom = conn.defineXML(DOMAIN_XML.format(name=name))
+    dom.create()
+    yield name
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefine()
+    conn.close()
+
+
+def test_persistent_domain_definition_follows_the_chain(
+        live: Callable[..., tuple[Cli, DaemonProcess, Host]], persistent_domain: str) -> None:
+    """The inactive definition names the same files as the live one after every change,
+    so the next boot uses the file hostvold knows."""
+    cli, _, _ = live("[libvirt]\nquiesce = never\n")
+    vid = cli.json("create", "16M")["Id"]
+    cli.json("attach", vid, persistent_domain)
+    alias = live_disk(persistent_domain, vid).alias
+    conn = libvirt.open("qemu:///system")
+    dom = conn.lookupByName(persistent_domain)
+
+    def sources(flags: int) -> list[str]:
+        return next(d.chain for d in parse_disks(dom.XMLDesc(flags)) if d.serial == vid)
+
+    def same() -> None:
+        live_chain = sources(0)
+        inactive = sources(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        assert inactive[0] == live_chain[0], (inactive, live_chain)
+        assert set(inactive) <= set(live_chain), (inactive, live_chain)
+
+    same()
+    ids = []
+    for generation in (1, 2, 3):
+        monitor_write(persistent_domain, alias, 0x70 + generation, 0)
+        ids.append(cli.json("snapshot", "create", vid)["Id"])
+        same()
+    monitor_write(persistent_domain, alias, 0x7a, 6, 8)  # makes the newest delete a pull
+    for sid in (ids[2], ids[0], ids[1]):
+        cli.json("snapshot", "delete", sid)
+        same()
+    conn.close()
+
+
+@pytest.mark.parametrize("point", ["live-delete-snapshot:job-started",
+                                   "live-create-snapshot:switched"])
+def test_domain_gone_mid_operation_is_finished_offline(
+        host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess], shared_base: Path, domain: str,
+        point: str) -> None:
+    """hostvold dies mid-operation and the domain is destroyed before it comes back: the
+    next start finishes the operation with qemu-img, and the volume is available."""
+    address = bus_factory("hostvold")
+    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
+                        mount_point_base=shared_base / str(time.monotonic_ns()))
+    config = with_bus(host, address)
+    setup = daemon_factory(config)
+    cli = Cli(address)
+    vid = cli.json("create", "16M")["Id"]
+    cli.json("attach", vid, domain)
+    alias = live_disk(domain, vid).alias
+    snapshots = {}
+    for generation in (1, 2):
+        monitor_write(domain, alias, 0x40 + generation, 0)
+        monitor_write(domain, alias, 0x40 + generation, 2 * generation)
+        snapshots[cli.json("snapshot", "create", vid)["Id"]] = generation
+    monitor_write(domain, alias, 0x43, 0)
+    monitor_write(domain, alias, 0x43, 6)
+    share = Path(live_disk(domain, vid).source).parent
+    assert setup.stop() == 0
+    crashing = daemon_factory(config, env={"HOSTVOLD_CRASH_AT": point})
+    ids = list(snapshots)
+    if "delete" in point:
+        cli.run("snapshot", "delete", ids[0])  # below the active file: a commit
+    else:
+        cli.run("snapshot", "create", vid)
+    assert crashing.proc.wait(30) == 86
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", domain], check=True,
+                   capture_output=True)
+    daemon_factory(config)
+    shown = cli.json("show", vid)
+    assert shown["State"] == "available" and shown["Attachment"] == ["", ""]
+    info = json.loads((share / f"volume-{vid}.info").read_text())
+    if "delete" in point:
+        del snapshots[ids[0]]
+    assert set(info) - {"active"} >= set(snapshots)
+    active = share / info["active"]
+    fmt = "raw" if info["active"] == f"volume-{vid}" else "qcow2"
+    assert reads(str(active), fmt, [(0x43, 0), (0x41, 2), (0x42, 4), (0x43, 6)])
+    files = sorted(p.name for p in share.iterdir() if p.name.startswith(f"volume-{vid}")
+                   and not p.name.endswith((".info", ".meta")))
+    chain = json.loads(subprocess.run(
+        ["qemu-img", "info", "-f", fmt, "--output=json", "--backing-chain", str(active)],
+        capture_output=True, text=True, check=True).stdout)
+    assert files == sorted(Path(layer["filename"]).name for layer in chain)  # no orphan
+    cli.json("snapshot", "create", vid)  # usable offline now
