@@ -511,3 +511,23 @@ def test_domain_gone_mid_operation_is_finished_offline(
         capture_output=True, text=True, check=True).stdout)
     assert files == sorted(Path(layer["filename"]).name for layer in chain)  # no orphan
     cli.json("snapshot", "create", vid)  # usable offline now
+
+
+def test_online_extend(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+                       domain: str) -> None:
+    """An attached volume grows through blockResize; the guest sees the new size."""
+    cli, _, _ = live("[libvirt]\nquiesce = never\n")
+    vid = cli.json("create", "16M")["Id"]
+    cli.json("attach", vid, domain)
+    alias = live_disk(domain, vid).alias
+    monitor_write(domain, alias, 0x33, 0)
+    cli.json("snapshot", "create", vid)
+    assert cli.json("extend", vid, "48M")["State"] == "completed"
+    assert cli.json("show", vid)["Size"] == 48 * MiB
+    blk = subprocess.run(["virsh", "-c", "qemu:///system", "domblkinfo", domain,
+                          live_disk(domain, vid).target, "--human"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "48.000 MiB" in blk, blk
+    monitor_write(domain, alias, 0x34, 40)  # beyond the old end
+    guest_flush(domain, alias)
+    assert reads(live_disk(domain, vid).source, "qcow2", [(0x33, 0), (0x34, 40)])
