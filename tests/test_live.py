@@ -284,6 +284,22 @@ def test_live_snapshot_latency(live: Callable[..., tuple[Cli, DaemonProcess, Hos
     assert figures["ratio"] > 0 and figures["event_to_completed_ms"] >= 0
 
 
+def attached_volume(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+                    daemon_factory: Callable[..., DaemonProcess], shared_base: Path,
+                    domain: str, size: str) -> tuple[Path, Cli, DaemonProcess, str, str]:
+    """A daemon (quiesce=never) with one volume attached to ``domain``: (config, client,
+    daemon, volume id, disk alias)."""
+    address = bus_factory("hostvold")
+    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
+                        mount_point_base=shared_base / str(time.monotonic_ns()))
+    config = with_bus(host, address)
+    setup = daemon_factory(config)
+    cli = Cli(address)
+    vid = cli.json("create", size)["Id"]
+    cli.json("attach", vid, domain)
+    return config, cli, setup, vid, str(live_disk(domain, vid).alias)
+
+
 LIVE_CRASHES = [
     *[("create", "-", f"live-create-snapshot:{step}")
       for step in ("intent", "overlay", "switch-recorded", "switched", "info")],
@@ -302,15 +318,8 @@ def test_live_crash_then_restart(host_factory: Callable[..., Host],
                                  point: str) -> None:
     """The daemon dies at a persisted step of a live operation; the next start must leave
     the chain consistent, every write intact and no block job behind."""
-    address = bus_factory("hostvold")
-    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
-                        mount_point_base=shared_base / str(time.monotonic_ns()))
-    config = with_bus(host, address)
-    setup = daemon_factory(config)
-    cli = Cli(address)
-    vid = cli.json("create", "32M")["Id"]
-    cli.json("attach", vid, domain)
-    alias = live_disk(domain, vid).alias
+    config, cli, setup, vid, alias = attached_volume(host_factory, bus_factory, daemon_factory,
+                                                     shared_base, domain, "32M")
     snapshots: dict[str, int] = {}
     for generation in (1, 2, 3):
         monitor_write(domain, alias, 0x40 + generation, 0)
@@ -467,15 +476,8 @@ def test_domain_gone_mid_operation_is_finished_offline(
         point: str) -> None:
     """hostvold dies mid-operation and the domain is destroyed before it comes back: the
     next start finishes the operation with qemu-img, and the volume is available."""
-    address = bus_factory("hostvold")
-    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
-                        mount_point_base=shared_base / str(time.monotonic_ns()))
-    config = with_bus(host, address)
-    setup = daemon_factory(config)
-    cli = Cli(address)
-    vid = cli.json("create", "16M")["Id"]
-    cli.json("attach", vid, domain)
-    alias = live_disk(domain, vid).alias
+    config, cli, setup, vid, alias = attached_volume(host_factory, bus_factory, daemon_factory,
+                                                     shared_base, domain, "16M")
     snapshots = {}
     for generation in (1, 2):
         monitor_write(domain, alias, 0x40 + generation, 0)
