@@ -8,6 +8,7 @@ properties, so clients never poll. Property getters read cached state only
 """
 
 # no "from __future__ import annotations": dbus-fast reads the Annotated signatures
+import asyncio
 import functools
 import logging
 import os
@@ -78,6 +79,7 @@ class Api:
         self.volume_objects: dict[str, VolumeInterface] = {}
         self.snapshot_objects: dict[str, SnapshotInterface] = {}
         self.job_objects: dict[str, JobInterface] = {}
+        self._usage_pending = False
         volumes.change_listeners.append(self.sync_volume)
         jobs.on_added.append(self._job_added)
         jobs.on_removed.append(self._job_removed)
@@ -106,13 +108,14 @@ class Api:
                 del self.volume_objects[volume_id]
             self._share_usage_changed()
             return
+        exported = set(current.meta.snapshots) if current is not None else set()
         if current is None:
             current = VolumeInterface(self, meta)
             self.volume_objects[volume_id] = current
             self.bus.export(object_path("volumes", volume_id), current)
         else:
             current.update(meta)
-        for sid in set(self.snapshot_objects_of(volume_id)) - set(meta.snapshots):
+        for sid in exported - set(meta.snapshots):
             self._drop_snapshot(sid)
         for sid in meta.snapshots:
             if sid not in self.snapshot_objects:
@@ -121,17 +124,23 @@ class Api:
                 self.bus.export(object_path("snapshots", sid), snap)
         self._share_usage_changed()
 
-    def snapshot_objects_of(self, volume_id: str) -> list[str]:
-        return [sid for sid, snap in self.snapshot_objects.items()
-                if snap.volume_id == volume_id]
-
     def _drop_snapshot(self, sid: str) -> None:
         if self.snapshot_objects.pop(sid, None) is not None:
             self.bus.unexport(object_path("snapshots", sid))
 
     def _share_usage_changed(self) -> None:
-        for share in self.share_objects.values():
-            share.refresh()
+        """Re-measure the shares once, soon: one scan of each share for a burst of
+        changes, not one per change (a share may hold thousands of volumes)."""
+        if self._usage_pending:
+            return
+        self._usage_pending = True
+
+        def refresh() -> None:
+            self._usage_pending = False
+            for share in self.share_objects.values():
+                share.refresh()
+
+        asyncio.get_running_loop().call_later(0.2, refresh)
 
     def _job_added(self, job: Job) -> None:
         interface = JobInterface(self, job)
