@@ -429,8 +429,9 @@ class VolumeService:
     def _require_new(self, volume_id: str) -> None:
         if volume_id in self._volumes:
             raise AlreadyExists(f"volume {volume_id} already exists")
-        for share in self.mounted_shares():
-            if VolumeFiles.of(share.mount_point, self.naming, volume_id).existing():
+        for share in self.mounted_shares():  # three lookups, not a scan of the share
+            files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
+            if any(path.exists() for path in (files.base, files.info, files.meta)):
                 raise AlreadyExists(f"files of volume {volume_id} already exist on "
                                     f"{share.spec.address}")
 

@@ -1,0 +1,134 @@
+"""Scale (P6): daemon start and GetManagedObjects at N volumes against at 100, and the memory
+each volume adds, side by side in one run.
+
+    python bench/scale.py [--volumes 10000] [--dir /path]
+
+Volumes are created through the service (sparse raw, one snapshot each on every tenth),
+then the daemon is started in a process of its own on a private dbus-daemon for each size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dbus_fast import BusType, Message
+from dbus_fast.aio import MessageBus
+
+from hostvold.config import parse_config
+from hostvold.daemon import Daemon
+
+POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={socket}</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_type="method_call"/>
+<allow send_destination="*"/><allow receive_type="method_call"/>
+<allow receive_type="method_return"/><allow receive_type="error"/>
+<allow receive_type="signal"/><allow send_type="signal"/>
+<allow send_requested_reply="true" send_type="method_return"/>
+<allow send_requested_reply="true" send_type="error"/></policy></busconfig>"""
+
+
+async def populate(state_dir: Path, count: int) -> None:
+    daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {state_dir}\n"), with_libvirt=False)
+    volumes = await daemon.start()
+    assert daemon.snapshots is not None
+    for start in range(0, count, 64):
+        made = await asyncio.gather(*(volumes.create_volume(size=1 << 30)
+                                      for _ in range(min(64, count - start))))
+        for meta in made[::10]:
+            await daemon.snapshots.create_snapshot(meta.id)
+    await daemon.stop()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def managed_objects(address: str) -> tuple[float, int]:
+    bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+    start = time.perf_counter()
+    reply = await bus.call(Message(destination="org.hostvold1", path="/org/hostvold1",
+                                   interface="org.freedesktop.DBus.ObjectManager",
+                                   member="GetManagedObjects"))
+    elapsed = time.perf_counter() - start
+    bus.disconnect()
+    assert reply is not None
+    return elapsed, len(reply.body[0])
+
+
+def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
+    notify = root / f"notify-{time.monotonic_ns()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    config = root / f"conf-{time.monotonic_ns()}"
+    config.write_text(f"[daemon]\nstate_dir = {state_dir}\nbus = {address}\n"
+                      "[libvirt]\nuri = test:///default\n")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
+                            env=dict(os.environ, NOTIFY_SOCKET=str(notify)),
+                            stderr=subprocess.DEVNULL)
+    while b"READY=1" not in listener.recv(4096):
+        pass
+    started = time.perf_counter() - start
+    rss = rss_kib(proc.pid)
+    query, objects = asyncio.run(managed_objects(address))
+    proc.terminate()
+    proc.wait()
+    listener.close()
+    return {"start": started, "query": query, "objects": objects, "rss_kib": rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--volumes", type=int, default=10000)
+    parser.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        (root / "bus.conf").write_text(POLICY.format(socket=root / "bus"))
+        bus = subprocess.Popen(["dbus-daemon", "--nofork", "--print-address=1",
+                                f"--config-file={root / 'bus.conf'}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert bus.stdout is not None
+        address = bus.stdout.readline().strip()
+        results = {}
+        for count in (100, args.volumes):
+            state_dir = root / f"state-{count}"
+            t0 = time.perf_counter()
+            asyncio.run(populate(state_dir, count))
+            print(f"populated {count} volumes in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr)
+            (state_dir / "index.sqlite").unlink()  # the start rebuilds from the share
+            results[count] = {"rebuild": measure(root, state_dir, address),
+                              "load": measure(root, state_dir, address)}
+            shutil.rmtree(state_dir, ignore_errors=True)
+        bus.terminate()
+    small, big = results[100], results[args.volumes]
+    factor = args.volumes / 100
+    print(f"{'':24}{'100 volumes':>14}{f'{args.volumes} volumes':>18}{'ratio':>9}  "
+          f"(volumes x{factor:.0f}; P6 target <= 100x)")
+    for label, key, field in (("start, index rebuilt", "rebuild", "start"),
+                              ("start, index loaded", "load", "start"),
+                              ("GetManagedObjects", "load", "query")):
+        a, b = small[key][field], big[key][field]
+        print(f"{label:<24}{a * 1000:>11.0f} ms{b * 1000:>15.0f} ms{b / a:>8.1f}x")
+    per_volume = (big["load"]["rss_kib"] - small["load"]["rss_kib"]) / (args.volumes - 100)
+    print(f"RSS {small['load']['rss_kib']} KiB -> {big['load']['rss_kib']} KiB: "
+          f"{per_volume:.1f} KiB per volume (P6 target <= 10 KiB); objects exported "
+          f"{big['load']['objects']}")
+
+
+if __name__ == "__main__":
+    main()
