@@ -78,9 +78,11 @@ def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
                             env=dict(os.environ, NOTIFY_SOCKET=str(notify)),
-                            stderr=subprocess.DEVNULL)
+                            stderr=open(root / "hostvold.log", "a"))  # noqa: SIM115
+    listener.settimeout(120)
     while b"READY=1" not in listener.recv(4096):
-        pass
+        if proc.poll() is not None:
+            raise SystemExit(f"hostvold exited {proc.returncode}")
     started = time.perf_counter() - start
     rss = rss_kib(proc.pid)
     query, objects = asyncio.run(managed_objects(address))

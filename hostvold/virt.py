@@ -78,7 +78,10 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise StorageUnavailable(f"cannot connect to libvirt at {self.uri}: {exc}") from None
         if self.keepalive:
-            conn.setKeepAlive(self.keepalive, 3)
+            try:
+                conn.setKeepAlive(self.keepalive, 3)
+            except libvirt.libvirtError as exc:  # local drivers have no keepalive
+                log.info("no libvirt keepalive on %s: %s", self.uri, exc.get_error_message())
         conn.registerCloseCallback(self._closed, None)
         self._callbacks = [
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
