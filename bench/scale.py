@@ -3,7 +3,7 @@ each volume adds, side by side in one run.
 
     python bench/scale.py [--volumes 10000] [--dir /path]
 
-Volumes are created through the service (sparse raw, one snapshot each on every tenth),
+Volumes are created through the service (sparse raw 64 MiB, a snapshot on every tenth),
 then the daemon is started in a process of its own on a private dbus-daemon for each size.
 """
 
@@ -42,7 +42,7 @@ async def populate(state_dir: Path, count: int) -> None:
     volumes = await daemon.start()
     assert daemon.snapshots is not None
     for start in range(0, count, 64):
-        made = await asyncio.gather(*(volumes.create_volume(size=1 << 30)
+        made = await asyncio.gather(*(volumes.create_volume(size=64 << 20)
                                       for _ in range(min(64, count - start))))
         for meta in made[::10]:
             await daemon.snapshots.create_snapshot(meta.id)
