@@ -98,7 +98,7 @@ class Api:
 
     def sync_volume(self, volume_id: str) -> None:
         """Export, update or unexport one volume and its snapshots."""
-        meta = self.volumes._volumes.get(volume_id)
+        meta = self.volumes.find(volume_id)
         current = self.volume_objects.get(volume_id)
         if meta is None:
             if current is not None:
@@ -522,7 +522,7 @@ class SnapshotInterface(ServiceInterface):
         self.snapshot_id = snapshot_id
 
     def _extra(self) -> dict[str, Any]:
-        meta = self.api.volumes._volumes.get(self.volume_id)
+        meta = self.api.volumes.find(self.volume_id)
         return meta.snapshots.get(self.snapshot_id, {}) if meta else {}
 
     @dbus_method()
@@ -567,7 +567,7 @@ class SnapshotInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def File(self) -> DBusStr:
-        meta = self.api.volumes._volumes.get(self.volume_id)
+        meta = self.api.volumes.find(self.volume_id)
         if meta is None:
             return ""
         return f"{self.api.volumes.naming.base_name(meta.id)}.{self.snapshot_id}"

@@ -94,13 +94,13 @@ class LiveVolumes:
                 serial = valid_id(disk.serial)
             except InvalidArgument:
                 serial = None
-            if serial in self.volumes._volumes:
+            if self.volumes.find(serial) is not None:
                 return serial
         for path in disk.chain:
             name = Path(path).name
             volume_id = self.volumes.naming.volume_id_of_image(name)
-            if volume_id in self.volumes._volumes:
-                meta = self.volumes._volumes[volume_id]
+            meta = self.volumes.find(volume_id)
+            if meta is not None:
                 try:
                     if self.volumes.files_of(meta).directory == Path(path).parent:
                         return volume_id
@@ -146,7 +146,7 @@ class LiveVolumes:
                     and not self.volumes.locks.busy(meta.id):  # a running task follows it
                 try:
                     async with self.volumes.locks.volume(meta.id):
-                        await self.volumes._recover_one(meta)
+                        await self.volumes.recover_volume(meta)
                 except Exception:
                     log.exception("resuming the live operation of volume %s failed", meta.id)
         for meta in self.volumes.list_volumes():

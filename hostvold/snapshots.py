@@ -166,7 +166,7 @@ class SnapshotService:
             if op and op.get("name") == "delete-snapshot" and op.get("snapshot") == sid:
                 return await self._resume_delete(volumes.files_of(meta), meta)  # a retry
             if op and op.get("name") == "live-delete-snapshot" and op.get("snapshot") == sid:
-                return await volumes._recover_one(meta)  # a retry
+                return await volumes.recover_volume(meta)  # a retry
             meta = volumes.require_idle(volume_id)
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)

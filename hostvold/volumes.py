@@ -182,13 +182,13 @@ class VolumeService:
         for meta in list(self._volumes.values()):
             if meta.state in ("creating", "deleting") or meta.operation:
                 try:
-                    await self._recover_one(meta)
+                    await self.recover_volume(meta)
                 except Exception as exc:  # one volume's trouble must not stop the others
                     log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
                               exc_info=not isinstance(exc, HostvoldError),
                               extra={"VOLUME_ID": meta.id})
 
-    async def _recover_one(self, meta: VolumeMeta) -> None:
+    async def recover_volume(self, meta: VolumeMeta) -> None:
         try:
             files = self.files_of(meta)
         except HostvoldError:
@@ -218,6 +218,10 @@ class VolumeService:
 
     def list_volumes(self) -> list[VolumeMeta]:
         return sorted(self._volumes.values(), key=lambda meta: meta.id)
+
+    def find(self, volume_id: str | None) -> VolumeMeta | None:
+        """The volume with this (already valid) id, or None: for lookups that may miss."""
+        return self._volumes.get(volume_id) if volume_id else None
 
     def get_volume(self, volume_id: str) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
