@@ -329,7 +329,7 @@ async def cmd_detach(client: Client, args: argparse.Namespace) -> None:
 
 async def cmd_repair(client: Client, args: argparse.Namespace) -> None:
     (done,) = await client.call(resolve("volumes", args.volume), f"{PREFIX}Volume", "Repair",
-                                "a{sv}", [{}])
+                                "a{sv}", [options_of(choice=args.choose)])
     emit(args, list(done), lambda: "\n".join(done) or "nothing to repair")
 
 
@@ -412,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     revert = add("revert", cmd_revert, "go back to the newest snapshot")
     revert.add_argument("volume")
     revert.add_argument("snapshot")
-    add("repair", cmd_repair, "rebuild a damaged chain map").add_argument("volume")
+    repair = add("repair", cmd_repair, "rebuild a damaged chain map, or settle an undecided "
+                 "pivot")
+    repair.add_argument("volume")
+    repair.add_argument("--choose", choices=("base", "overlay"),
+                        help="which file holds the newest data after an undecided pivot "
+                             "(repair without it shows where they differ)")
     attach = add("attach", cmd_attach, "hot-plug a volume into a running domain")
     attach.add_argument("volume")
     attach.add_argument("domain")

@@ -17,7 +17,7 @@ from hostvold import __version__, notify
 from hostvold.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.config import Config, load_config
 from hostvold.dbus_api import Api
-from hostvold.errors import ConfigError, HostvoldError, StorageUnavailable
+from hostvold.errors import ConfigError, HostvoldError, HypervisorUnavailable
 from hostvold.index import VolumeIndex
 from hostvold.jobs import JobRunner
 from hostvold.live import LiveVolumes
@@ -91,7 +91,8 @@ class Daemon:
             await self._connect_libvirt(service)
         notify.status("recovering interrupted operations")
         await service.recover()
-        if service.live is not None:
+        if service.live is not None and self.hypervisor is not None \
+                and self.hypervisor.conn is not None:
             await service.live.reconcile()
         self.service = service
         return service
@@ -101,15 +102,14 @@ class Daemon:
         self.hypervisor = Hypervisor(config.libvirt.uri, config.daemon.workers,
                                      config.libvirt.keepalive)
         notify.status("connecting to libvirt")
+        service.live = LiveVolumes(config, service, self.hypervisor)
         try:
             await self.hypervisor.connect()
-        except StorageUnavailable as exc:
-            log.warning("%s: attached volumes cannot be changed until hostvold restarts with "
-                        "libvirt running", exc)
-            await self.hypervisor.close()
-            self.hypervisor = None
-            return
-        service.live = LiveVolumes(config, service, self.hypervisor)
+        except HypervisorUnavailable as exc:
+            # without libvirt's word no step may change a volume a domain could use: those
+            # calls are refused until the connection is back, retried in the background
+            log.error("%s: changes to volumes are refused until libvirt answers", exc)
+            self.hypervisor.reconnect()
 
     async def stop(self) -> None:
         if self.hypervisor is not None:

@@ -449,9 +449,14 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Repair(self, options: DBusDict) -> Strings:
         await self._admin("Repair")
+        choice = options.pop("choice", None)
         if options:
             raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
-        done = await self.api.snapshots.repair(self.meta.id)
+        if choice is not None and (choice.signature != "s"
+                                   or choice.value not in ("base", "overlay")):
+            raise InvalidArgument("option choice must be the string 'base' or 'overlay'")
+        done = await self.api.snapshots.repair(self.meta.id,
+                                               choice.value if choice is not None else None)
         self.api.sync_volume(self.meta.id)
         return done
 

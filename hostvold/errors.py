@@ -41,6 +41,13 @@ class InvalidState(HostvoldError):
     name = "InvalidState"
 
 
+class InUse(HostvoldError):
+    """A domain (running, defined or saved) uses the volume's files: the change asked for
+    would act under it. The message names the domain."""
+
+    name = "InUse"
+
+
 class NoSpace(HostvoldError):
     name = "NoSpace"
 
@@ -55,6 +62,31 @@ class NotAuthorized(HostvoldError):
 
 class Failed(HostvoldError):
     name = "Failed"
+
+
+class HypervisorError(Failed):
+    """libvirt refused or failed a call. ``code`` is libvirt's error code; the subclasses
+    say what the caller may conclude from it."""
+
+    name = "HypervisorFailed"
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DomainGone(HypervisorError):
+    """libvirt says the domain does not exist (VIR_ERR_NO_DOMAIN): the only error that
+    means it is gone."""
+
+    name = "NotFound"
+
+
+class HypervisorUnavailable(HypervisorError):
+    """libvirt cannot be reached or did not answer: nothing can be concluded about the
+    domain; whatever was under way stays recorded and is resumed later."""
+
+    name = "HypervisorUnavailable"
 
 
 class UnsafeImage(HostvoldError):

@@ -12,6 +12,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
+from hostvold.errors import DomainGone
 from hostvold.virt import Hypervisor
 
 
@@ -62,6 +63,27 @@ def parse_disks(domain_xml: str) -> list[DiskInfo]:
     return disks
 
 
+def with_disk_source(domain_xml: str, target: str, path: str, fmt: str) -> str:
+    """``domain_xml`` with disk ``target`` switched to ``path`` (a chain read from the file's
+    own headers when the domain starts: any recorded backing store is dropped)."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.iterfind("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") != target:
+            continue
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", path)
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", fmt)
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+    return ET.tostring(root, encoding="unicode")
+
+
 def disk_xml(path: str, fmt: str, target: str, serial: str, bus: str = "scsi") -> str:
     return (f"<disk type='file' device='disk'>"
             f"<driver name='qemu' type={quoteattr(fmt)} cache='none'/>"
@@ -90,15 +112,33 @@ class Guest:
         return await self.hypervisor.call(method, *args)
 
     async def disks(self) -> list[DiskInfo]:
+        """The disks QEMU has open now (live XML, with the live backing chains)."""
         return parse_disks(await self._call(self.domain.XMLDesc, 0))
+
+    async def defined_disks(self) -> list[DiskInfo]:
+        """The disks the next start will open (the inactive definition)."""
+        return parse_disks(await self._call(self.domain.XMLDesc,
+                                            libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    async def has_managed_save(self) -> bool:
+        """A saved state that a start resumes, with the files it had open."""
+        return bool(await self._call(self.domain.hasManagedSaveImage, 0))
+
+    async def redefine_disk(self, target: str, path: str, fmt: str) -> None:
+        """Point the inactive definition's disk ``target`` at ``path``."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        xml = await self._call(self.domain.XMLDesc, flags)
+        await self.hypervisor.define(with_disk_source(xml, target, path, fmt))
 
     async def disk(self, target: str) -> DiskInfo | None:
         return next((d for d in await self.disks() if d.target == target), None)
 
     async def is_running(self) -> bool:
+        """False when libvirt says the domain is off or gone; any other error is raised:
+        an unanswered question is not a "no"."""
         try:
             return bool(await self._call(self.domain.isActive))
-        except libvirt.libvirtError:
+        except DomainGone:
             return False
 
     async def is_persistent(self) -> bool:
@@ -117,7 +157,7 @@ class Guest:
         await self._call(self.domain.detachDeviceFlags, xml, await self._affect())
 
     async def freeze(self) -> None:
-        """Freeze guest filesystems through the guest agent (libvirtError without one)."""
+        """Freeze guest filesystems through the guest agent (HypervisorError without one)."""
         await self._call(self.domain.fsFreeze)
 
     async def thaw(self) -> None:

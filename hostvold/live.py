@@ -1,25 +1,20 @@
-"""Volumes attached to running domains: attach, detach, and live snapshot create and delete
-through libvirt, event-driven and recorded like the offline operations.
+"""Volumes used by libvirt domains: who uses them (libvirt's word, never our record),
+attach and detach, live snapshot create and online extend. Live snapshot delete is in
+:mod:`hostvold.live_delete`.
 
 live-create-snapshot (S, overlay O)
     ``overlay``: intent recorded; O is made by hostvold (relative backing, format given).
-    ``switch``: recorded before ``snapshotCreateXML`` (disk-only, reuse-ext, no-metadata,
-    atomic), with freeze/thaw around it per the quiesce policy; then the live chain must
-    show O on top; then the info file, then the metadata.
-    Recovery: the live chain decides. O on top (or, with the domain gone, O holding data):
-    finish. Otherwise: remove O.
+    ``switch``: recorded before the freeze and ``snapshotCreateXML`` (disk-only, reuse-ext,
+    no-metadata, atomic); the thaw is always attempted after a freeze attempt; then the
+    live chain must show O on top; then the info file, then the metadata.
+    Recovery: the guest is thawed first (the daemon may have died between freeze and
+    thaw). Domain running: the live chain decides (O on top: finish; else remove O). Domain
+    gone (libvirt says so): O counts as taken if the guest wrote into it. libvirt not
+    answering: nothing is decided, the operation stays recorded.
 
-live-delete-snapshot (S; top = info[S], base = its backing)
-    strategy ``commit`` (top below the active file): ``blockCommit(top -> base)``;
-    ``active-commit`` (top is active): ``blockCommit(ACTIVE)``, READY event, pivot;
-    ``pull`` (top is active and base holds more data than top): ``blockRebase`` pulls base
-    into top. The cheaper of the last two is chosen from the allocated sizes.
-    ``job``: recorded before the libvirt call; completion comes from the BLOCK_JOB_2 event
-    and is checked against the live chain. ``finish``: the info file, then the file that
-    left the chain is removed.
-    Recovery: a block job still running is followed to its end; no job and the file gone
-    from the live chain: finish; no job and the file still there: start the job again; the
-    domain gone: finish offline with qemu-img.
+live-extend (size N)
+    ``resize``: recorded before ``blockResize``. Recovery: domain running: resize to N
+    again (idempotent); domain gone: grow the active file offline; then the size is recorded.
 """
 
 from __future__ import annotations
@@ -30,33 +25,41 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
-from hostvold import crash, progress, qemuimg
+from hostvold import crash, qemuimg
+from hostvold.aio import uninterrupted
 from hostvold.atomic import unlink_durable
 from hostvold.chain import Layer, qcow2_is_empty, validate_chain
 from hostvold.config import Config
 from hostvold.errors import (
+    DomainGone,
     Failed,
+    HostvoldError,
+    HypervisorError,
+    InUse,
     InvalidArgument,
     InvalidState,
     NeedsRepair,
-    NotFound,
-    StorageUnavailable,
 )
 from hostvold.files import fsync_file
 from hostvold.guest import DiskInfo, Guest, disk_xml
 from hostvold.ids import new_id, valid_id
 from hostvold.infofile import SnapshotMap, read_info, write_info
 from hostvold.layout import VolumeFiles
+from hostvold.live_delete import LiveDelete
 from hostvold.metadata import VolumeMeta, utc_now
-from hostvold.planning import plan_delete
-from hostvold.virt import JOB_COMPLETED, JOB_READY, RECONNECTED, BlockJobEvent, Hypervisor
-from hostvold.volumes import VolumeService
+from hostvold.users import Use, Users
+from hostvold.virt import DEVICE_REMOVED, Hypervisor
+from hostvold.volumes import VolumeService, layer_format
 
 log = logging.getLogger(__name__)
+
+# lifecycle events after which the volumes of that domain are looked at again
+_WATCHED = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED,
+            libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_RESUMED,
+            DEVICE_REMOVED}
 
 
 class QuiesceFailed(Failed):
@@ -68,13 +71,68 @@ class LiveVolumes:
         self.volumes = volumes
         self.hypervisor = hypervisor
         self.quiesce = config.libvirt.quiesce
-        self.pivot_retries = config.libvirt.pivot_retries
+        self.deleter = LiveDelete(volumes, hypervisor, self, config.libvirt.pivot_retries)
         volumes.recoverers.update({"live-create-snapshot": self._recover_create,
-                                   "live-delete-snapshot": self._resume_delete})
-        hypervisor.on_domain_stopped.append(self._domain_stopped)
+                                   "live-extend": self._recover_extend})
+        hypervisor.on_lifecycle.append(self._lifecycle)
         hypervisor.on_reconnect.append(self.reconcile)
+        self._refreshing: set[asyncio.Task[None]] = set()
 
-    # ---- where volumes are attached --------------------------------------------------------
+    # ---- who uses a volume: libvirt's answer --------------------------------------------
+
+    async def users(self, files: VolumeFiles, volume_id: str) -> Users:
+        """Every domain whose live XML (running) or definition (shut off) names a file of
+        the volume, by serial or by path."""
+        uses: list[Use] = []
+        for domain in await self.hypervisor.all_domains():
+            try:
+                guest = Guest(self.hypervisor, domain)
+                running = await guest.is_running()
+                disks = await (guest.disks() if running else guest.defined_disks())
+                named = [d for d in disks if _names_volume(d, files, volume_id)]
+                saved = bool(named) and not running and await guest.has_managed_save()
+            except (DomainGone, libvirt.libvirtError):
+                continue  # undefined while we looked
+            uses += [Use(guest.name, d.target, d.source, running, saved) for d in named]
+        return Users(tuple(uses))
+
+    async def observe(self, meta: VolumeMeta) -> tuple[VolumeMeta, Users]:
+        """Under the volume's lock: ask libvirt who uses the volume and make the record
+        say the same (state and attachment), unless an operation of ours is under way."""
+        files = self.volumes.files_of(meta)
+        users = await self.users(files, meta.id)
+        running = users.running
+        if meta.operation is None and meta.state in ("available", "in-use"):
+            if running is not None:
+                attachment = {"domain": running.domain, "target": running.target}
+                if meta.state != "in-use" or meta.attachment != attachment:
+                    log.warning("volume %s is in use by domain %s (%s), as libvirt says",
+                                meta.id, running.domain, running.target,
+                                extra={"VOLUME_ID": meta.id, "DOMAIN": running.domain})
+                    meta = self.volumes.record(files, meta.evolve(state="in-use",
+                                                                  attachment=attachment))
+            elif meta.state == "in-use":
+                log.info("volume %s is no longer used by a running domain", meta.id,
+                         extra={"VOLUME_ID": meta.id})
+                meta = self.volumes.record(files, meta.evolve(state="available",
+                                                              attachment=None))
+        return meta, users
+
+    async def keep_definitions_in_step(self, files: VolumeFiles, volume_id: str) -> None:
+        """Point every shut-off domain's definition that names a file of the volume at the
+        active file, so its next start runs on the newest data."""
+        chain_map = read_info(files)
+        meta = self.volumes.get_volume(volume_id)
+        active = str(files.directory / chain_map.active)
+        fmt = meta.format if chain_map.active == files.base_name else "qcow2"
+        for use in (await self.users(files, volume_id)).stopped:
+            if use.source == active:
+                continue
+            guest = Guest(self.hypervisor, await self.hypervisor.lookup(use.domain))
+            await guest.redefine_disk(use.target, active, fmt)
+            log.info("definition of domain %s now names %s (was %s)", use.domain,
+                     chain_map.active, use.source,
+                     extra={"VOLUME_ID": volume_id, "DOMAIN": use.domain})
 
     async def attachments(self) -> dict[str, tuple[Guest, DiskInfo]]:
         """volume id -> (domain, disk) for every volume a running domain uses, found by
@@ -82,55 +140,80 @@ class LiveVolumes:
         found: dict[str, tuple[Guest, DiskInfo]] = {}
         for domain in await self.hypervisor.running_domains():
             guest = Guest(self.hypervisor, domain)
-            for disk in await guest.disks():
+            try:
+                disks = await guest.disks()
+            except DomainGone:
+                continue
+            for disk in disks:
                 volume_id = self._volume_of(disk)
                 if volume_id is not None:
                     found[volume_id] = (guest, disk)
         return found
 
     def _volume_of(self, disk: DiskInfo) -> str | None:
-        if disk.serial:
+        candidates: list[str | None] = [disk.serial] if disk.serial else []
+        candidates += [self.volumes.naming.volume_id_of_image(Path(p).name) for p in disk.chain]
+        for volume_id in candidates:
             try:
-                serial = valid_id(disk.serial)
+                meta = self.volumes.find(valid_id(volume_id) if volume_id else None)
             except InvalidArgument:
-                serial = None
-            if self.volumes.find(serial) is not None:
-                return serial
-        for path in disk.chain:
-            name = Path(path).name
-            volume_id = self.volumes.naming.volume_id_of_image(name)
-            meta = self.volumes.find(volume_id)
+                continue
             if meta is not None:
-                try:
-                    if self.volumes.files_of(meta).directory == Path(path).parent:
-                        return volume_id
-                except (NotFound, StorageUnavailable):
-                    continue
+                with contextlib.suppress(HostvoldError):
+                    if _names_volume(disk, self.volumes.files_of(meta), meta.id):
+                        return meta.id
         return None
 
     async def locate(self, meta: VolumeMeta) -> tuple[Guest, DiskInfo]:
         """The running domain and disk of an attached volume."""
-        attachment = meta.attachment or {}
-        if attachment.get("domain"):
+        domain = (meta.attachment or {}).get("domain")
+        if domain:
             try:
-                guest = Guest(self.hypervisor, await self.hypervisor.lookup(
-                    attachment["domain"]))
-                for disk in await guest.disks():  # a stopped domain's XML fails or differs
-                    if self._volume_of(disk) == meta.id and await guest.is_running():
-                        return guest, disk
-            except (NotFound, libvirt.libvirtError):
+                guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+                if await guest.is_running():
+                    for disk in await guest.disks():
+                        if self._volume_of(disk) == meta.id:
+                            return guest, disk
+            except DomainGone:
                 pass
         found = (await self.attachments()).get(meta.id)
         if found is None:
             raise InvalidState(f"volume {meta.id} is not attached to a running domain")
         return found
 
+    # ---- events and reconciliation ---------------------------------------------------------
+
+    def _lifecycle(self, domain: str, event: int, detail: int) -> None:
+        if event in _WATCHED:
+            task = asyncio.get_running_loop().create_task(self._refresh_domain(domain, event))
+            self._refreshing.add(task)
+            task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh_domain(self, domain: str, event: int) -> None:
+        """Look again at the volumes a domain used or uses, each under its lock (so a
+        volume whose domain vanished mid-operation is freed when that operation ends)."""
+        ids = {m.id for m in self.volumes.list_volumes()
+               if (m.attachment or {}).get("domain") == domain}
+        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
+            with contextlib.suppress(HypervisorError):
+                guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+                ids |= {vid for d in await guest.disks() if (vid := self._volume_of(d))}
+        for volume_id in sorted(ids):
+            try:
+                async with self.volumes.locks.volume(volume_id):
+                    meta = self.volumes.find(volume_id)
+                    if meta is not None:
+                        await self.observe(meta)
+            except Exception:
+                log.exception("looking again at volume %s after an event of domain %s failed",
+                              volume_id, domain)
+
     async def reconcile(self) -> None:
         """Make every volume's state and attachment match the running domains, then resume
         live operations (after start and after libvirt reconnects)."""
         live = await self.attachments()
         for meta in self.volumes.list_volumes():
-            if meta.state not in ("available", "in-use"):
+            if meta.state not in ("available", "in-use") or meta.operation is not None:
                 continue
             files = self.volumes.files_of(meta)
             if meta.id in live:
@@ -139,7 +222,7 @@ class LiveVolumes:
                 if meta.state != "in-use" or meta.attachment != attachment:
                     self.volumes.record(files, meta.evolve(state="in-use",
                                                            attachment=attachment))
-            elif meta.state == "in-use" and meta.operation is None:
+            elif meta.state == "in-use":
                 self.volumes.record(files, meta.evolve(state="available", attachment=None))
         for meta in self.volumes.list_volumes():
             if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
@@ -147,8 +230,10 @@ class LiveVolumes:
                 try:
                     async with self.volumes.locks.volume(meta.id):
                         await self.volumes.recover_volume(meta)
-                except Exception:
-                    log.exception("resuming the live operation of volume %s failed", meta.id)
+                        await self.observe(self.volumes.get_volume(meta.id))
+                except Exception as exc:
+                    log.error("resuming the live operation of volume %s failed: %s", meta.id,
+                              exc, exc_info=not isinstance(exc, HostvoldError))
         for meta in self.volumes.list_volumes():
             leftovers = [sid for sid, extra in meta.snapshots.items() if extra.get("temporary")]
             if leftovers and meta.state == "in-use" and not self.volumes.locks.busy(meta.id):
@@ -167,33 +252,32 @@ class LiveVolumes:
                 current = self.volumes.get_volume(volume_id)
                 files = self.volumes.files_of(current)
                 chain_map, chain = self.volumes.validated_chain(files, current)
-                await self.delete_snapshot(current, files, chain_map, chain, sid)
-
-    def _domain_stopped(self, domain: str) -> None:
-        for meta in self.volumes.list_volumes():
-            if (meta.attachment or {}).get("domain") == domain and meta.operation is None:
-                log.info("domain %s stopped: volume %s is available", domain, meta.id,
-                         extra={"VOLUME_ID": meta.id, "DOMAIN": domain})
-                self.volumes.record(self.volumes.files_of(meta),
-                                    meta.evolve(state="available", attachment=None))
+                await self.deleter.delete_snapshot(current, files, chain_map, chain, sid)
 
     # ---- attach and detach ------------------------------------------------------------------
 
     async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
         async with self.volumes.locks.volume(volume_id):
+            meta, users = await self.observe(self.volumes.get_volume(volume_id))
+            if users.running is not None:
+                raise InUse(f"volume {volume_id} is already attached to "
+                            f"{users.running.describe()}")
+            Users(tuple(u for u in users.uses if u.domain != domain)).refuse_any(
+                f"attach to {domain}", volume_id)
             meta = self.volumes.require_available(volume_id)
             files = self.volumes.files_of(meta)
             _chain_map, chain = self.volumes.validated_chain(files, meta)
             top = chain[0]
-            virtual = (await qemuimg.info(files.directory / top.name, _fmt(top),
+            virtual = (await qemuimg.info(files.directory / top.name, layer_format(top),
                                           self.volumes.limits)).virtual_size
             if virtual > meta.size:
                 raise InvalidState(f"{top.name} claims {virtual} bytes, more than the "
                                    f"volume's {meta.size}; refused")
             guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
             if not await guest.is_running():
-                raise InvalidState(f"domain {domain} is not running")
+                raise InvalidState(f"domain {domain} is not running; hostvold plugs volumes "
+                                   "into running domains (start it, then attach)")
             used = {d.target for d in await guest.disks()}
             if target is None:
                 target = next(f"sd{c}" for c in "bcdefghijklmnopqrstuvwxyz"
@@ -210,9 +294,16 @@ class LiveVolumes:
     async def detach(self, volume_id: str) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
         async with self.volumes.locks.volume(volume_id):
-            meta = self.volumes.get_volume(volume_id)
-            if meta.state != "in-use" or meta.operation is not None:
-                raise InvalidState(f"volume {volume_id} is {meta.state}, not attached and idle")
+            meta, users = await self.observe(self.volumes.get_volume(volume_id))
+            if users.running is None:
+                named = "; ".join(f"the definition of {u.describe()} still names it (remove "
+                                  "it with virsh detach-disk --config)" for u in users.uses)
+                raise InvalidState(f"volume {volume_id} is not attached to a running domain"
+                                   + (f"; {named}" if named else ""))
+            if meta.operation is not None:
+                raise InvalidState(f"volume {volume_id} has an interrupted "
+                                   f"{meta.operation['name']}; retry it or restart hostvold "
+                                   "to finish it, then detach")
             files = self.volumes.files_of(meta)
             guest, disk = await self.locate(meta)
             await guest.detach_disk(disk_xml(disk.source or "", disk.format or "raw",
@@ -238,8 +329,8 @@ class LiveVolumes:
             new_map = read_info(files)
             fmt = meta.format if new_map.active == files.base_name else "qcow2"
             new_chain = validate_chain(files, new_map.active, fmt)
-            await self.delete_snapshot(self.volumes.get_volume(meta.id), files, new_map,
-                                       new_chain, sid)
+            await uninterrupted(self.deleter.delete_snapshot(
+                self.volumes.get_volume(meta.id), files, new_map, new_chain, sid))
 
     async def create_snapshot(self, meta: VolumeMeta, files: VolumeFiles, chain_map: SnapshotMap,
                               chain: list[Layer], sid: str,
@@ -260,7 +351,7 @@ class LiveVolumes:
         crash.point("live-create-snapshot:intent")
         try:
             await qemuimg.create(path, "qcow2", meta.size, backing=top.name,
-                                 backing_fmt=_fmt(top))
+                                 backing_fmt=layer_format(top))
             os.chmod(path, self.volumes.file_mode)
             await asyncio.to_thread(fsync_file, path)
             crash.point("live-create-snapshot:overlay")
@@ -269,11 +360,12 @@ class LiveVolumes:
             crash.point("live-create-snapshot:switch-recorded")
             quiesced = await self._switch(guest, disk.target, str(path), others)
             crash.point("live-create-snapshot:switched")
+            live = await guest.disk(disk.target)
         except BaseException:
-            await self._recover_create(files, meta)
+            await uninterrupted(self._recover_create(files, meta))
             raise
-        live = await guest.disk(disk.target)
         if live is None or live.source != str(path):
+            await uninterrupted(self._recover_create(files, meta))
             raise Failed(f"domain {guest.name} did not switch to {overlay}")
         return self._finish_create(files, meta, sid, overlay, quiesced, temporary)
 
@@ -286,19 +378,20 @@ class LiveVolumes:
         try:
             await guest.freeze()
             frozen = True
-        except libvirt.libvirtError as exc:
+            crash.point("live-create-snapshot:frozen")
+        except HypervisorError as exc:
             if self.quiesce == "require":
-                with contextlib.suppress(libvirt.libvirtError):
+                with contextlib.suppress(HypervisorError):
                     await guest.thaw()  # a freeze may have half happened
                 raise QuiesceFailed(
                     f"quiesce=require but the guest agent of {guest.name} did not freeze "
-                    f"the filesystems: {exc.get_error_message()}") from None
+                    f"the filesystems: {exc.message}") from None
             log.warning("no freeze for %s (%s): crash-consistent snapshot", guest.name,
-                        exc.get_error_message(), extra={"DOMAIN": guest.name})
+                        exc.message, extra={"DOMAIN": guest.name})
         try:
             await guest.snapshot_disk(target, overlay, others)
         finally:
-            with contextlib.suppress(libvirt.libvirtError):
+            with contextlib.suppress(HypervisorError):
                 await guest.thaw()  # always attempted after a freeze attempt
         return frozen
 
@@ -317,199 +410,59 @@ class LiveVolumes:
         op = meta.operation or {}
         sid, overlay = op["snapshot"], op["overlay"]
         path = files.directory / overlay
-        switched = False
-        try:
-            guest = Guest(self.hypervisor, await self.hypervisor.lookup(op["domain"]))
-            if await guest.is_running():
-                live = await guest.disk(op["target"])
-                switched = live is not None and live.source == str(path)
-            else:
-                raise NotFound("not running")
-        except (NotFound, StorageUnavailable):
-            # the domain is gone: the overlay counts as taken if the guest wrote into it
+        guest = await self._running_guest(op["domain"])  # HypervisorUnavailable: kept
+        if guest is not None:
+            if op.get("step") == "switch":  # we may have died between freeze and thaw
+                try:
+                    await guest.thaw()
+                    log.warning("thawed domain %s after an interrupted quiesced snapshot",
+                                guest.name, extra={"DOMAIN": guest.name})
+                except HypervisorError:
+                    pass  # not frozen, or no agent: nothing to undo
+            live = await guest.disk(op["target"])
+            switched = live is not None and live.source == str(path)
+        else:  # libvirt says the domain is gone: taken if the guest wrote into it
             switched = path.exists() and not qcow2_is_empty(path)
         if switched:
             self._finish_create(files, meta, sid, overlay, False, bool(op.get("temporary")))
         else:
             unlink_durable(path)
             self.volumes.record(files, meta.evolve(operation=None))
-
-    # ---- live snapshot delete ---------------------------------------------------------------
-
-    async def delete_snapshot(self, meta: VolumeMeta, files: VolumeFiles,
-                              chain_map: SnapshotMap, chain: list[Layer], sid: str) -> None:
-        guest, disk = await self.locate(meta)
-        plan = plan_delete(chain, chain_map, sid)
-        # one qemu-img for the whole chain; -U: the running QEMU holds the images' locks
-        seen = await qemuimg.info_chain(files.directory / chain[0].name, _fmt(chain[0]),
-                                        self.volumes.limits, force_share=True)
-        allocated = {Path(layer.filename).name: layer.actual_size for layer in seen}
-        if not plan.top_is_active:
-            strategy = "commit"
-        elif plan.base.name == files.base_name or \
-                allocated.get(plan.top.name, 0) <= allocated.get(plan.base.name, 0):
-            strategy = "active-commit"
-        else:
-            strategy = "pull"
-        below = None
-        if strategy == "pull":
-            position = [layer.name for layer in chain].index(plan.base.name)
-            below = chain[position + 1].name
-        meta = self.volumes.record(files, meta.evolve(operation={
-            "name": "live-delete-snapshot", "snapshot": sid, "strategy": strategy,
-            "top": plan.top.name, "base": plan.base.name, "below": below,
-            "domain": guest.name, "target": disk.target, "step": "job"}))
-        crash.point("live-delete-snapshot:intent")
-        log.info("deleting snapshot %s of volume %s live by %s", sid, meta.id, strategy,
-                 extra={"VOLUME_ID": meta.id, "SNAPSHOT_ID": sid, "DOMAIN": guest.name})
-        await self._resume_delete(files, meta, guest)
-
-    async def _resume_delete(self, files: VolumeFiles, meta: VolumeMeta,
-                             guest: Guest | None = None) -> None:
-        op: dict[str, Any] = dict(meta.operation or {})
-        directory = files.directory
-        gone = op["base"] if op["strategy"] == "pull" else op["top"]
         if guest is None:
-            try:
-                guest = Guest(self.hypervisor, await self.hypervisor.lookup(op["domain"]))
-                if not await guest.is_running():
-                    guest = None
-            except (NotFound, StorageUnavailable):
-                guest = None
-        if guest is None:
-            return await self._finish_offline(files, meta, op)
-        if op["step"] == "job":
-            disk = await guest.disk(op["target"])
-            chain_names = [Path(p).name for p in (disk.chain if disk else [])]
-            if gone in chain_names:
-                await self._run_job(guest, op, directory)
-            crash.point("live-delete-snapshot:job-done")
-            guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
-            disk = await guest.disk(op["target"])
-            if disk is None or gone in [Path(p).name for p in disk.chain]:
-                raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
-                             "operation is kept and resumed at the next start")
-            op["step"] = "finish"
-            meta = self.volumes.record(files, meta.evolve(operation=op))
-            crash.point("live-delete-snapshot:finish-recorded")
-        self._finish_delete(files, meta, op)
+            await self.keep_definitions_in_step(files, meta.id)
 
-    async def _run_job(self, guest: Guest, op: dict[str, Any], directory: Path) -> None:
-        """Start (or follow) the block job and wait for libvirt's events; no polling."""
-        target, strategy = op["target"], op["strategy"]
-        with self.hypervisor.block_job_events(guest.uuid, target) as events:
-            running = await guest.job_info(target)
-            if running is None:
-                if strategy == "commit":
-                    await guest.commit(target, str(directory / op["base"]),
-                                       str(directory / op["top"]), active=False)
-                elif strategy == "active-commit":
-                    await guest.commit(target, str(directory / op["base"]), None, active=True)
-                else:
-                    await guest.pull(target, str(directory / op["below"]) if op["below"]
-                                     else None)
-                crash.point("live-delete-snapshot:job-started")
-            ticker = asyncio.get_running_loop().create_task(self._progress(guest, target))
-            try:
-                if strategy == "active-commit" and running is not None and \
-                        running.end and running.cur == running.end:
-                    await self._pivot(guest, target, events)  # it was ready already
-                while True:
-                    event = await events.get()
-                    if event.status == RECONNECTED:  # libvirtd restarted: look again
-                        guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
-                        info = await guest.job_info(target)
-                        if info is None:
-                            return  # ended while we were away; the caller checks the chain
-                        if strategy == "active-commit" and info.end and info.cur == info.end:
-                            await self._pivot(guest, target, events)
-                    elif event.status == JOB_READY and strategy == "active-commit":
-                        await self._pivot(guest, target, events)
-                    elif event.status == JOB_COMPLETED:
-                        return
-                    elif event.status != JOB_READY:
-                        raise Failed(f"block job on {guest.name} {target} "
-                                     f"{event.status_name}; the chain is unchanged")
-            finally:
-                ticker.cancel()
-
-    async def _pivot(self, guest: Guest, target: str,
-                     events: asyncio.Queue[BlockJobEvent]) -> None:
-        """Pivot to the commit's base; retried while QEMU says the copy is still active,
-        up to ``pivot_retries`` times, then the job is aborted with the chain intact."""
-        for attempt in range(self.pivot_retries + 1):
-            try:
-                await guest.pivot(target)
-                return
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
-                    raise
-                log.warning("pivot of %s %s refused (attempt %d): %s", guest.name, target,
-                            attempt + 1, exc.get_error_message())
-                if attempt < self.pivot_retries:
-                    await asyncio.sleep(0.1 * (attempt + 1))  # back-off before a retry
-        await guest.abort_job(target)
-        raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
-                     "the block job was aborted and the chain is unchanged")
-
-    async def _progress(self, guest: Guest, target: str) -> None:
-        """Progress for the Job object between events; it decides nothing."""
-        while True:
-            with contextlib.suppress(libvirt.libvirtError, StorageUnavailable):
-                info = await guest.job_info(target)
-                if info is not None and info.end:
-                    progress.report(info.cur / info.end)
-            await asyncio.sleep(0.5)
-
-    def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta, op: dict[str, Any]) -> None:
-        sid, top, base = op["snapshot"], op["top"], op["base"]
-        chain_map = read_info(files)
-        if op["strategy"] == "pull":
-            # base's data now lives in top: a snapshot whose overlay was base now has top
-            snapshots = {k: (top if v == base else v) for k, v in chain_map.snapshots.items()
-                         if k != sid}
-            new_map, gone = SnapshotMap(chain_map.active, snapshots), base
-        else:
-            new_map = chain_map.without(sid, active=base if op["strategy"] == "active-commit"
-                                        else None)
-            gone = top
-        write_info(files, new_map, self.volumes.file_mode)
-        crash.point("live-delete-snapshot:info")
-        unlink_durable(files.directory / gone)
-        snapshots = {k: v for k, v in meta.snapshots.items() if k != sid}
-        self.volumes.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
-                                               operation=None))
-
-    async def _finish_offline(self, files: VolumeFiles, meta: VolumeMeta,
-                              op: dict[str, Any]) -> None:
-        """The domain went away mid-delete: finish with qemu-img (a commit of top into
-        base whatever the live strategy was; the result is the same snapshot removed)."""
-        log.warning("domain %s is gone: finishing the delete of snapshot %s offline",
-                    op["domain"], op["snapshot"], extra={"VOLUME_ID": meta.id})
-        chain_map = read_info(files)
-        if op["snapshot"] not in chain_map.snapshots:
-            return self._finish_delete(files, meta, op)
-        fmt = meta.format if chain_map.active == files.base_name else "qcow2"
-        chain = validate_chain(files, chain_map.active, fmt)
-        gone = op["base"] if op["strategy"] == "pull" else op["top"]
-        if gone not in [layer.name for layer in chain]:
-            return self._finish_delete(files, meta, op)  # QEMU finished the job before
-        plan = plan_delete(chain, chain_map, op["snapshot"])
-        offline = {"name": "delete-snapshot", "snapshot": op["snapshot"], "step": "commit",
-                   "top": plan.top.name, "base": plan.base.name,
-                   "base_format": plan.base.format,
-                   "higher": plan.higher.name if plan.higher else None}
-        meta = self.volumes.record(files, meta.evolve(operation=offline, state="available",
-                                                      attachment=None))
-        await self.volumes.recoverers["delete-snapshot"](files, meta)
+    async def _running_guest(self, domain: str) -> Guest | None:
+        """The domain if it runs; None only when libvirt says it is gone or off."""
+        try:
+            guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+        except DomainGone:
+            return None
+        return guest if await guest.is_running() else None
 
     # ---- extend -----------------------------------------------------------------------------
 
     async def extend(self, meta: VolumeMeta, files: VolumeFiles, size: int) -> VolumeMeta:
         guest, disk = await self.locate(meta)
-        await guest.resize(disk.target, size)
-        return self.volumes.record(files, meta.evolve(size=size))
+        meta = self.volumes.record(files, meta.evolve(operation={
+            "name": "live-extend", "size": size, "domain": guest.name, "target": disk.target}))
+        crash.point("live-extend:intent")
+        await uninterrupted(guest.resize(disk.target, size))
+        return self.volumes.record(files, meta.evolve(size=size, operation=None))
+
+    async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
+        op = meta.operation or {}
+        size = int(op["size"])
+        guest = await self._running_guest(op["domain"])
+        if guest is not None:
+            await guest.resize(op["target"], size)
+        else:
+            await self.volumes.grow(files, meta, size)
+        self.volumes.record(files, meta.evolve(size=size, operation=None))
 
 
-def _fmt(layer: Layer) -> qemuimg.Format:
-    return "raw" if layer.format == "raw" else "qcow2"
+def _names_volume(disk: DiskInfo, files: VolumeFiles, volume_id: str) -> bool:
+    """Whether a domain's disk is this volume: its serial, or a file of its chain."""
+    if disk.serial == volume_id:
+        return True
+    return any(Path(p).parent == files.directory and files.is_image(Path(p).name)
+               for p in disk.chain)

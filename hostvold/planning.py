@@ -14,6 +14,10 @@ from hostvold.errors import NeedsRepair, NotFound
 from hostvold.infofile import SnapshotMap
 from hostvold.layout import VolumeFiles
 
+# the step of a live delete whose pivot may or may not have happened (its domain is gone):
+# only an operator's choice ends it
+AMBIGUOUS_PIVOT = "ambiguous-pivot"
+
 
 @dataclass(frozen=True)
 class DeletePlan:

@@ -227,3 +227,25 @@ async def check(path: Path, fmt: Format, limits: Limits) -> CheckResult:
     result = _parse(CheckResult, out, argv)
     assert isinstance(result, CheckResult)
     return result
+
+
+async def compare(first: Path, first_fmt: Format, second: Path, second_fmt: Format,
+                  limits: Limits) -> str | None:
+    """None when the two images (each with its chain) read the same, else qemu-img's
+    description of the first difference. Read-only and shared with a running QEMU."""
+    argv = [QEMU_IMG, "compare", "-U", "-f", first_fmt, "-F", second_fmt, str(first),
+            str(second)]
+    out = await run(limits.prefix() + argv, ok_codes=(0, 1), context=_limits_text(limits))
+    text = out.decode(errors="replace").strip()
+    return None if text.startswith("Images are identical") else text
+
+
+async def own_extents(path: Path, fmt: Format, limits: Limits) -> list[tuple[int, int]]:
+    """(offset, length) of the data ``path`` itself holds, not its backing files."""
+    argv = [QEMU_IMG, "map", "-U", "-f", fmt, "--output=json", str(path)]
+    out = await run(limits.prefix() + argv, context=_limits_text(limits))
+    try:
+        return [(int(e["start"]), int(e["length"])) for e in json.loads(out)
+                if e.get("depth") == 0 and e.get("data")]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Failed(f"unexpected output from qemu-img map: {exc}") from None

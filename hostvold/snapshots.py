@@ -45,7 +45,6 @@ from hostvold.atomic import fsync_dir, temp_name, unlink_durable
 from hostvold.chain import Layer, qcow2_is_empty, validate_chain
 from hostvold.errors import (
     AlreadyExists,
-    Failed,
     HostvoldError,
     InfoFileDamaged,
     InvalidArgument,
@@ -60,9 +59,15 @@ from hostvold.infofile import SnapshotMap, read_info, write_info
 from hostvold.layout import VolumeFiles
 from hostvold.metadata import VolumeMeta, utc_now
 from hostvold.models import CopyVolume
-from hostvold.planning import chain_problems, map_from_chain, plan_delete, snapshot_data
+from hostvold.planning import (
+    AMBIGUOUS_PIVOT,
+    chain_problems,
+    map_from_chain,
+    plan_delete,
+    snapshot_data,
+)
 from hostvold.qemuimg import Format
-from hostvold.volumes import VolumeService, _mtime
+from hostvold.volumes import VolumeService, file_mtime, layer_format
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,7 @@ class SnapshotService:
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
         volumes = self.volumes
         async with volumes.locks.volume(volume_id):
+            _meta, users = await volumes.observe(volume_id)
             meta = volumes.require_idle(volume_id)
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)
@@ -118,6 +124,7 @@ class SnapshotService:
                 log.info("created snapshot %s of attached volume %s", sid, volume_id,
                          extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
                 return self._snapshot(meta, read_info(files), sid)
+            users.refuse_live("take an offline snapshot of", volume_id)
             top = chain[0]
             meta = volumes.record(files, meta.evolve(operation={
                 "name": "create-snapshot", "snapshot": sid, "overlay": overlay,
@@ -126,7 +133,7 @@ class SnapshotService:
             try:
                 path = files.directory / overlay
                 await qemuimg.create(path, "qcow2", meta.size, backing=top.name,
-                                     backing_fmt=_fmt(top))
+                                     backing_fmt=layer_format(top))
                 os.chmod(path, volumes.file_mode)
                 await asyncio.to_thread(fsync_file, path)
                 crash.point("create-snapshot:overlay")
@@ -138,6 +145,7 @@ class SnapshotService:
             meta = volumes.record(files, meta.evolve(
                 active=overlay, operation=None,
                 snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": False}}))
+            await volumes.follow_definitions(files, volume_id)
             log.info("created snapshot %s of volume %s", sid, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
             return self._snapshot(meta, chain_map.with_snapshot(sid, overlay), sid)
@@ -167,19 +175,22 @@ class SnapshotService:
                 return await self._resume_delete(volumes.files_of(meta), meta)  # a retry
             if op and op.get("name") == "live-delete-snapshot" and op.get("snapshot") == sid:
                 return await volumes.recover_volume(meta)  # a retry
+            _meta, users = await volumes.observe(volume_id)
             meta = volumes.require_idle(volume_id)
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)
             if meta.state == "in-use":
                 if sid not in chain_map.snapshots:
                     raise NotFound(f"snapshot {sid} does not exist")
-                await volumes.require_live().delete_snapshot(meta, files, chain_map, chain, sid)
+                await volumes.require_live().deleter.delete_snapshot(meta, files, chain_map,
+                                                                     chain, sid)
                 log.info("deleted snapshot %s of attached volume %s", sid, volume_id,
                          extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
                 return None
+            users.refuse_live("delete a snapshot of", volume_id)
             plan = plan_delete(chain, chain_map, sid)
             # one qemu-img process reads the whole chain: it must see what the headers say
-            seen = await qemuimg.info_chain(files.directory / chain[0].name, _fmt(chain[0]),
+            seen = await qemuimg.info_chain(files.directory / chain[0].name, layer_format(chain[0]),
                                             volumes.limits)
             if [Path(layer.filename).name for layer in seen] != [layer.name for layer in chain]:
                 raise UnsafeImage(f"qemu-img sees a different chain for volume {volume_id}; "
@@ -190,6 +201,7 @@ class SnapshotService:
                 "higher": plan.higher.name if plan.higher else None}))
             crash.point("delete-snapshot:intent")
             await self._resume_delete(files, meta)
+            await volumes.follow_definitions(files, volume_id)
             log.info("deleted snapshot %s of volume %s", sid, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
 
@@ -230,6 +242,8 @@ class SnapshotService:
         sid = valid_id(snapshot_id, "snapshot id")
         volumes = self.volumes
         async with volumes.locks.volume(volume_id):
+            _meta, users = await volumes.observe(volume_id)
+            users.refuse_live("revert", volume_id)
             meta = volumes.require_available(volume_id)
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)
@@ -246,7 +260,7 @@ class SnapshotService:
             tmp = temp_name(target)
             try:
                 await qemuimg.create(tmp, "qcow2", meta.size, backing=backing.name,
-                                     backing_fmt=_fmt(backing))
+                                     backing_fmt=layer_format(backing))
                 os.chmod(tmp, volumes.file_mode)
                 await asyncio.to_thread(fsync_file, tmp)
                 crash.point("revert:overlay")
@@ -269,6 +283,7 @@ class SnapshotService:
         """A new standalone volume with the current content; leaves no snapshot behind."""
         volume_id = valid_id(volume_id, "volume id")
         async with self.volumes.locks.volume(volume_id):
+            await self.volumes.observe(volume_id)
             meta = self.volumes.require_idle(volume_id)
             files = self.volumes.files_of(meta)
             chain_map, chain = self.volumes.validated_chain(files, meta)
@@ -284,11 +299,12 @@ class SnapshotService:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
         async with self.volumes.locks.volume(volume_id):
+            await self.volumes.observe(volume_id)
             meta = self.volumes.require_available(volume_id)
             files = self.volumes.files_of(meta)
             chain_map, chain = self.volumes.validated_chain(files, meta)
             source = snapshot_data(chain, chain_map, sid)
-            info = await qemuimg.info(files.directory / source.name, _fmt(source),
+            info = await qemuimg.info(files.directory / source.name, layer_format(source),
                                       self.volumes.limits)
             return await self._copy_out(files, source, info.virtual_size,
                                         "create-from-snapshot", options)
@@ -305,7 +321,7 @@ class SnapshotService:
         src_path = files.directory / source.name
 
         async def make(path: Path) -> None:
-            await qemuimg.convert(src_path, _fmt(source), path, fmt)
+            await qemuimg.convert(src_path, layer_format(source), path, fmt)
             if size > source_size:
                 await qemuimg.resize(path, fmt, size)
             await asyncio.to_thread(fsync_file, path)
@@ -334,16 +350,26 @@ class SnapshotService:
             self.volumes.record(files, meta.evolve(problems=problems))
         return problems
 
-    async def repair(self, volume_id: str) -> list[str]:
+    async def repair(self, volume_id: str, choice: str | None = None) -> list[str]:
         """Make the info file describe the chain the files form, losing no data still
-        present. Returns what was done."""
+        present. An undecided pivot is shown, and resolved only by the operator's
+        ``choice`` (``base`` or ``overlay``). Returns what was done."""
         volume_id = valid_id(volume_id, "volume id")
         volumes = self.volumes
         async with volumes.locks.volume(volume_id):
-            meta = volumes.get_volume(volume_id)
+            meta, users = await volumes.observe(volume_id)
+            users.refuse_live("repair", volume_id)
+            files = volumes.files_of(meta)
+            if (meta.operation or {}).get("step") == AMBIGUOUS_PIVOT:
+                deleter = volumes.require_live().deleter
+                if choice is None:
+                    raise NeedsRepair(await deleter.describe_ambiguity(files, meta))
+                return [await deleter.resolve_ambiguity(files, meta, choice)]
+            if choice is not None:
+                raise InvalidArgument(f"volume {volume_id} has no undecided pivot to choose "
+                                      "for; repair it without a choice")
             if meta.state != "available" or meta.operation is not None:
                 raise InvalidState(f"volume {volume_id} is busy; repair needs an idle volume")
-            files = volumes.files_of(meta)
             return self._repair(files, meta)  # header reads only: quick, on the loop
 
     def _repair(self, files: VolumeFiles, meta: VolumeMeta) -> list[str]:
@@ -392,7 +418,7 @@ class SnapshotService:
         snapshots = {}
         for sid, overlay in new_map.snapshots.items():
             snapshots[sid] = meta.snapshots.get(sid) or {
-                "created": _mtime(files.directory / overlay), "quiesced": False}
+                "created": file_mtime(files.directory / overlay), "quiesced": False}
         self.volumes.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
                                                problems=[]))
         for line in done:
@@ -408,9 +434,3 @@ def _stray_is_removable(files: VolumeFiles, name: str) -> bool:
         return qcow2_is_empty(files.directory / name)
     except (HostvoldError, OSError):
         return False
-
-
-def _fmt(layer: Layer) -> Format:
-    if layer.format not in ("raw", "qcow2"):
-        raise Failed(f"unexpected format {layer.format!r} of {layer.name}")
-    return "raw" if layer.format == "raw" else "qcow2"

@@ -22,16 +22,50 @@ from typing import Any, TypeVar
 import libvirt
 import libvirtaio
 
-from hostvold.errors import StorageUnavailable
+from hostvold.aio import uninterrupted
+from hostvold.errors import (
+    DomainGone,
+    HypervisorError,
+    HypervisorUnavailable,
+    InvalidState,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# libvirt's own handler prints every error to stderr; ours are classified and raised instead
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+# errors that say nothing about the domain, only that libvirt could not be asked
+_UNREACHABLE = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT,
+                libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_AUTH_FAILED,
+                libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AGENT_UNRESPONSIVE}
+
+
+def classify(exc: libvirt.libvirtError) -> HypervisorError:
+    """A libvirt error as a named hostvold error. Only VIR_ERR_NO_DOMAIN means the domain
+    is gone; a lost connection or a timeout means nothing is known."""
+    code = int(exc.get_error_code() or 0)
+    message = exc.get_error_message() or str(exc)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainGone(f"the domain does not exist (libvirt: {message})", code)
+    if code in _UNREACHABLE:
+        return HypervisorUnavailable(f"libvirt did not answer ({message}); the operation is "
+                                     "kept and resumed when libvirt is back", code)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        error = HypervisorError(f"libvirt refused it in the domain's present state: "
+                                f"{message}", code)
+        error.name = InvalidState.name
+        return error
+    return HypervisorError(f"libvirt failed: {message}", code)
+
 # virConnectDomainEventBlockJobStatus
 JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_READY = 0, 1, 2, 3
 # not a libvirt status: the connection came back, events may have been missed, look again
 RECONNECTED = -1
+# not a libvirt lifecycle event: a device left the domain (VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED)
+DEVICE_REMOVED = -1
 STATUS_NAMES = {JOB_COMPLETED: "completed", JOB_FAILED: "failed", JOB_CANCELED: "canceled",
                 JOB_READY: "ready", RECONNECTED: "reconnected"}
 
@@ -59,14 +93,25 @@ class Hypervisor:
         self.conn: libvirt.virConnect | None = None
         self._queues: dict[tuple[str, str], list[asyncio.Queue[BlockJobEvent]]] = {}
         self._callbacks: list[int] = []
-        self.on_domain_stopped: list[Callable[[str], None]] = []
+        # (domain name, libvirt lifecycle event or DEVICE_REMOVED, detail)
+        self.on_lifecycle: list[Callable[[str, int, int], None]] = []
         self.on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run a blocking libvirt call in the pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        """Run a blocking libvirt call in the pool; libvirt errors come back classified.
+
+        A call that has started is never abandoned: cancelled while it runs, we still wait
+        for its outcome (so the caller can record it), and the cancellation is delivered
+        at the caller's next await. A thread left running unobserved could switch a domain
+        to an overlay that recovery has already decided to remove.
+        """
+        future = asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        try:
+            return await uninterrupted(future)
+        except libvirt.libvirtError as exc:
+            raise classify(exc) from None
 
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -75,8 +120,9 @@ class Hypervisor:
             _registered_loops.add(id(loop))
         try:
             conn = await self.call(libvirt.open, self.uri)
-        except libvirt.libvirtError as exc:
-            raise StorageUnavailable(f"cannot connect to libvirt at {self.uri}: {exc}") from None
+        except HypervisorError as exc:
+            raise HypervisorUnavailable(f"cannot connect to libvirt at {self.uri}: "
+                                        f"{exc.message}", exc.code) from None
         if self.keepalive:
             try:
                 conn.setKeepAlive(self.keepalive, 3)
@@ -88,6 +134,8 @@ class Hypervisor:
                                         self._block_job, None),
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                         self._lifecycle, None),
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                                        self._device_removed, None),
         ]
         self.conn = conn
         log.info("connected to libvirt at %s", self.uri)
@@ -107,7 +155,8 @@ class Hypervisor:
 
     def require(self) -> libvirt.virConnect:
         if self.conn is None:
-            raise StorageUnavailable(f"libvirt at {self.uri} is not connected")
+            raise HypervisorUnavailable(f"libvirt at {self.uri} is not connected; attached "
+                                        "volumes cannot be checked or changed until it is back")
         return self.conn
 
     # ---- events -----------------------------------------------------------------------------
@@ -141,21 +190,33 @@ class Hypervisor:
 
     def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
         try:
-            if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
-                name = dom.name()
-                for listener in self.on_domain_stopped:
-                    listener(name)
+            name = dom.name()
+            log.info("domain %s: %s", name, _lifecycle_name(event, detail),
+                     extra={"DOMAIN": name})
+            for listener in self.on_lifecycle:
+                listener(name, event, detail)
         except Exception:
             log.exception("lifecycle event handler failed")
+
+    def _device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
+        try:
+            for listener in self.on_lifecycle:  # a disk unplugged by another tool
+                listener(dom.name(), DEVICE_REMOVED, 0)
+        except Exception:
+            log.exception("device-removed event handler failed")
 
     def _closed(self, conn: Any, reason: int, opaque: Any) -> None:
         try:
             log.warning("libvirt connection closed (reason %d); reconnecting", reason)
             self.conn = None
-            if not self._closing and self._reconnecting is None:
-                self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+            self.reconnect()
         except Exception:
             log.exception("close callback failed")
+
+    def reconnect(self) -> None:
+        """Connect again in the background, with back-off; listeners hear when it is done."""
+        if not self._closing and self._reconnecting is None:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
         delay = 0.2
@@ -164,7 +225,7 @@ class Hypervisor:
                 try:
                     await self.connect()
                     break
-                except StorageUnavailable as exc:
+                except HypervisorUnavailable as exc:
                     log.warning("%s; retrying in %.1f s", exc, delay)
                     await asyncio.sleep(delay)  # back-off between attempts
                     delay = min(delay * 2, 10.0)
@@ -188,12 +249,43 @@ class Hypervisor:
             conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         return domains
 
+    async def all_domains(self) -> list[libvirt.virDomain]:
+        """Running and defined domains alike."""
+        conn = self.require()
+        domains: list[libvirt.virDomain] = await self.call(conn.listAllDomains, 0)
+        return domains
+
     async def lookup(self, name: str) -> libvirt.virDomain:
+        """The domain called ``name``; DomainGone only when libvirt says it does not exist."""
         conn = self.require()
         try:
             domain: libvirt.virDomain = await self.call(conn.lookupByName, name)
-        except libvirt.libvirtError as exc:
-            from hostvold.errors import NotFound
-            raise NotFound(f"domain {name!r} does not exist: {exc.get_error_message()}") \
-                from None
+        except DomainGone:
+            raise DomainGone(f"domain {name!r} does not exist") from None
         return domain
+
+    async def define(self, xml: str) -> None:
+        await self.call(self.require().defineXML, xml)
+
+
+def _lifecycle_name(event: int, detail: int) -> str:
+    names = {libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+             libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+             libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+             libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+             libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+             libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+             libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+             libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pm-suspended",
+             libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed"}
+    stopped = {libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
+               libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+               libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+               libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+               libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+               libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+               libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "from-snapshot"}
+    name = names.get(event, str(event))
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+        return f"{name} ({stopped.get(detail, detail)})"
+    return name

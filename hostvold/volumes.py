@@ -37,13 +37,13 @@ from hostvold.errors import (
     AlreadyExists,
     Failed,
     HostvoldError,
+    HypervisorUnavailable,
     InfoFileDamaged,
     InvalidArgument,
     InvalidState,
     NeedsRepair,
     NoSpace,
     NotFound,
-    StorageUnavailable,
     UnsafeImage,
 )
 from hostvold.files import create_raw, fsync_file, grow_raw, is_enospc
@@ -58,6 +58,7 @@ from hostvold.mounts import Share, capacity
 from hostvold.planning import chain_problems
 from hostvold.qemuimg import Format, Limits
 from hostvold.shares import Candidate, Placement, choose_share
+from hostvold.users import NOBODY, Users
 
 if TYPE_CHECKING:
     from hostvold.live import LiveVolumes
@@ -157,9 +158,9 @@ class VolumeService:
             id=self.naming.volume_id_of_base(files.base_name) or "", size=size,
             format="qcow2" if base_format == "qcow2" else "raw",
             provisioning="thick" if st.st_blocks * 512 >= st.st_size else "thin",
-            created=_mtime(files.base), state="available", share=share.spec.address,
+            created=file_mtime(files.base), state="available", share=share.spec.address,
             active=chain_map.active, problems=problems,
-            snapshots={sid: {"created": _mtime(files.directory / name), "quiesced": False}
+            snapshots={sid: {"created": file_mtime(files.directory / name), "quiesced": False}
                        for sid, name in chain_map.snapshots.items()
                        if (files.directory / name).exists()})
         log.warning("adopted volume %s from %s (%d snapshots%s)", meta.id, share.spec.address,
@@ -206,12 +207,16 @@ class VolumeService:
         recoverer = self.recoverers.get(name)
         if recoverer is None:
             raise Failed(f"unknown interrupted operation {name!r}")
+        if self.live is not None and not name.startswith("live-"):
+            # an offline step must not run under a domain started since: it waits
+            (await self.live.users(files, meta.id)).refuse_live(f"finish {name} on", meta.id)
         await recoverer(files, meta)
+        await self.follow_definitions(files, meta.id)
 
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         assert meta.operation is not None
         size = int(meta.operation["size"])
-        await self._grow(files, meta, size)
+        await self.grow(files, meta, size)
         self.record(files, meta.evolve(size=size, operation=None))
 
     # ---- queries ----------------------------------------------------------------------
@@ -300,7 +305,8 @@ class VolumeService:
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
         async with self.locks.volume(volume_id):
-            meta = self.get_volume(volume_id)
+            meta, users = await self.observe(volume_id)
+            users.refuse_any("delete", volume_id)
             if meta.attachment or meta.state == "in-use":
                 raise InvalidState(f"volume {volume_id} is attached to "
                                    f"{(meta.attachment or {}).get('domain', 'a domain')}; "
@@ -317,7 +323,10 @@ class VolumeService:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
         async with self.locks.volume(volume_id):
+            _meta, users = await self.observe(volume_id)
             meta = self.require_idle(volume_id)
+            if meta.state != "in-use":
+                users.refuse_live("extend", volume_id)
             if request.size <= meta.size:
                 raise InvalidArgument(f"new size {request.size} must be larger than the "
                                       f"current {meta.size} bytes")
@@ -336,7 +345,7 @@ class VolumeService:
             self.record(files, meta.evolve(operation={"name": "extend", "size": request.size}))
             crash.point("extend:intent")
             try:
-                await self._grow(files, meta, request.size)
+                await self.grow(files, meta, request.size)
             except BaseException:
                 self.record(files, meta)
                 raise
@@ -353,6 +362,7 @@ class VolumeService:
         if dest.exists() or dest.is_symlink():
             raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
         async with self.locks.volume(volume_id):
+            await self.observe(volume_id)
             meta = self.require_idle(volume_id)
             files = self.files_of(meta)
             chain_map, chain = self.validated_chain(files, meta)
@@ -370,7 +380,7 @@ class VolumeService:
         """Flatten ``top`` and what lies below it into ``dest``, atomically."""
         tmp = temp_name(dest)
         try:
-            await qemuimg.convert(files.directory / top.name, _fmt(top), tmp, fmt)
+            await qemuimg.convert(files.directory / top.name, layer_format(top), tmp, fmt)
             await asyncio.to_thread(fsync_file, tmp)
             os.rename(tmp, dest)
             await asyncio.to_thread(fsync_dir, dest.parent)
@@ -454,9 +464,23 @@ class VolumeService:
 
     def require_live(self) -> LiveVolumes:
         if self.live is None:
-            raise StorageUnavailable("libvirt is not connected: attached volumes cannot be "
-                                     "changed now")
+            raise HypervisorUnavailable("hostvold runs without libvirt: attached volumes "
+                                        "cannot be changed")
         return self.live
+
+    async def observe(self, volume_id: str) -> tuple[VolumeMeta, Users]:
+        """The volume, with libvirt's word on which domains use its files; the record is
+        brought in line. Called under the volume's lock before any step that could change
+        or remove its data: our own attachment record is never enough."""
+        meta = self.get_volume(volume_id)
+        if self.live is None:
+            return meta, NOBODY
+        return await self.live.observe(meta)
+
+    async def follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
+        """Shut-off domains whose definitions name the volume start on its active file."""
+        if self.live is not None:
+            await self.live.keep_definitions_in_step(files, volume_id)
 
     def require_available(self, volume_id: str) -> VolumeMeta:
         meta = self.get_volume(volume_id)
@@ -505,7 +529,8 @@ class VolumeService:
             raise NeedsRepair(f"volume {meta.id} needs a repair: {'; '.join(problems)}")
         return chain_map, chain
 
-    async def _grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
+    async def grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
+        """Grow the active file to ``size`` offline (idempotent)."""
         top = self.validated_chain(files, meta)[1][0]
         path = files.directory / top.name
         if top.format == "raw":
@@ -568,11 +593,13 @@ def _recorded_base_format(files: VolumeFiles, present: set[str]) -> str | None:
     return None
 
 
-def _mtime(path: Path) -> str:
+def file_mtime(path: Path) -> str:
+    """A file's modification time as an ISO 8601 UTC string (for adopted records)."""
     return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
-def _fmt(layer: Layer) -> Format:
+def layer_format(layer: Layer) -> Format:
+    """The qemu-img format of a chain layer (only raw and qcow2 ever get this far)."""
     return "raw" if layer.format == "raw" else "qcow2"
 
 

@@ -29,6 +29,8 @@ from hostvold.daemon import Daemon
 from hostvold.snapshots import SnapshotService
 from hostvold.volumes import VolumeService
 
+pytest_plugins = ["tests.live_fixtures"]  # the TCG domain fixtures
+
 REQUIRE_INTEGRATION = (os.environ.get("CI") == "true"
                        or os.environ.get("HOSTVOLD_REQUIRE_INTEGRATION") == "1")
 

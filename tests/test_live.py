@@ -3,14 +3,11 @@ hostvolctl; guest writes go through the running QEMU's own block layer."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,63 +17,14 @@ import libvirt
 import pytest
 
 from hostvold.config import parse_config
-from hostvold.errors import Failed
+from hostvold.errors import Failed, HypervisorError
 from hostvold.guest import parse_disks
 from tests.conftest import DaemonProcess, Host
+from tests.live_fixtures import DOMAIN_XML
 from tests.test_dbus import Cli, with_bus
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
-
-DOMAIN_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-  <controller type='scsi' index='0' model='virtio-scsi'/></devices>
-</domain>"""
-
-
-@pytest.fixture
-def shared_base() -> Iterator[Path]:
-    """Mount points QEMU's user can reach (pytest's temp tree is 0700), on a shared mount:
-    libvirt starts each QEMU in a mount namespace of its own, and only mounts under a
-    shared mount reach it (on a systemd host "/" itself is shared)."""
-    base = Path(tempfile.mkdtemp(prefix="hostvold-mnt-"))
-    base.chmod(0o755)
-    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
-    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
-    yield base
-    subprocess.run(["umount", "-R", "-l", str(base)], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
-    """A running diskless TCG domain with a virtio-scsi controller (hot-plug needs no
-    guest cooperation on SCSI), started after the mount base became shared."""
-    conn = libvirt.open(libvirtd)
-    name = f"hostvold-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
-    dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
-    yield name
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.destroy()
-    conn.close()
-
-
-@pytest.fixture
-def live(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
-         daemon_factory: Callable[..., DaemonProcess], shared_base: Path,
-         libvirtd: str) -> Callable[..., tuple[Cli, DaemonProcess, Host]]:
-    def start(extra: str = "") -> tuple[Cli, DaemonProcess, Host]:
-        address = bus_factory("hostvold")
-        host = host_factory(512, extra=extra, mount_point_base=shared_base / str(
-            time.monotonic_ns()))
-        process = daemon_factory(with_bus(host, address))
-        return Cli(address), process, host
-    return start
-
 
 def monitor_write(domain: str, alias: str, pattern: int, offset_mib: int,
                   length_mib: int = 1) -> None:
@@ -152,7 +100,7 @@ def test_attach_detach_and_domain_destroy(live: Callable[..., tuple[Cli, DaemonP
     assert attached["Attachment"][0] == domain and attached["Attachment"][1].startswith("sd")
     assert live_disk(domain, volume["Id"]).serial == volume["Id"]
     denied = cli.run("delete", volume["Id"])
-    assert denied.returncode == 1 and "InvalidState" in denied.stderr
+    assert denied.returncode == 1 and "InUse" in denied.stderr and domain in denied.stderr
     detached = cli.json("detach", volume["Id"])
     assert detached["State"] == "available" and detached["Attachment"] == ["", ""]
     cli.json("attach", volume["Id"], domain, "--target", "sdc")
@@ -228,18 +176,9 @@ def test_quiesce_policies(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
     assert snap["Quiesced"] is False
 
 
-class _CopyActive(libvirt.libvirtError):
-    def __init__(self) -> None:
-        Exception.__init__(self, "block copy still active")
-
-    def get_error_code(self) -> int:
-        return int(libvirt.VIR_ERR_BLOCK_COPY_ACTIVE)
-
-    def get_error_message(self) -> str:
-        return "block copy still active: disk not ready for pivot yet"
-
-
 class _FakeGuest:
+    """A domain whose every pivot is refused with VIR_ERR_BLOCK_COPY_ACTIVE."""
+
     name = "fake"
 
     def __init__(self) -> None:
@@ -248,23 +187,42 @@ class _FakeGuest:
 
     async def pivot(self, target: str) -> None:
         self.pivots += 1
-        raise _CopyActive()
+        raise HypervisorError("block copy still active: disk not ready for pivot yet",
+                              libvirt.VIR_ERR_BLOCK_COPY_ACTIVE)
 
     async def abort_job(self, target: str) -> None:
         self.aborted = True
 
 
+class _Records:
+    """Stands in for the volume store: keeps each record the pivot writes."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    def record(self, files: Any, meta: Any) -> Any:
+        self.steps.append(meta.operation["step"])
+        return meta
+
+
 async def test_pivot_refused_is_retried_then_aborted() -> None:
     """A unit test with a fake domain: VIR_ERR_BLOCK_COPY_ACTIVE on every pivot."""
-    from hostvold.live import LiveVolumes
+    from hostvold.live_delete import LiveDelete
+    from hostvold.metadata import VolumeMeta
 
     config = parse_config("[libvirt]\npivot_retries = 3\n")
-    live_ops = LiveVolumes.__new__(LiveVolumes)
-    live_ops.pivot_retries = config.libvirt.pivot_retries
+    deleter = LiveDelete.__new__(LiveDelete)
+    deleter.pivot_retries = config.libvirt.pivot_retries
+    records = _Records()
+    deleter.volumes = records  # type: ignore[assignment]
+    meta = VolumeMeta(id="x", size=1, format="raw", created="", state="in-use", share="s",
+                      active="a", operation={"name": "live-delete-snapshot", "target": "sda",
+                                             "step": "job"})
     guest = _FakeGuest()
     with pytest.raises(Failed, match="refused 4 times"):
-        await live_ops._pivot(guest, "sda", asyncio.Queue())  # type: ignore[arg-type]
+        await deleter._pivot(guest, None, meta)  # type: ignore[arg-type]
     assert guest.pivots == 4 and guest.aborted
+    assert records.steps == ["pivot", "job"]  # recorded before; back to "job" after abort
 
 
 def test_live_snapshot_latency(live: Callable[..., tuple[Cli, DaemonProcess, Host]],

@@ -1,0 +1,69 @@
+"""Fixtures for tests with a real TCG domain (a pytest plugin, loaded by conftest)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.conftest import DaemonProcess, Host
+from tests.test_dbus import Cli, with_bus
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+  <controller type='scsi' index='0' model='virtio-scsi'/></devices>
+</domain>"""
+
+
+@pytest.fixture
+def shared_base() -> Iterator[Path]:
+    """Mount points QEMU's user can reach (pytest's temp tree is 0700), on a shared mount:
+    libvirt starts each QEMU in a mount namespace of its own, and only mounts under a
+    shared mount reach it (on a systemd host "/" itself is shared)."""
+    base = Path(tempfile.mkdtemp(prefix="hostvold-mnt-"))
+    base.chmod(0o755)
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
+    yield base
+    subprocess.run(["umount", "-R", "-l", str(base)], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
+    """A running diskless TCG domain with a virtio-scsi controller (hot-plug needs no
+    guest cooperation on SCSI), started after the mount base became shared."""
+    conn = libvirt.open(libvirtd)
+    name = f"hostvold-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
+    yield name
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.destroy()
+    conn.close()
+
+
+@pytest.fixture
+def live(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+         daemon_factory: Callable[..., DaemonProcess], shared_base: Path,
+         libvirtd: str) -> Callable[..., tuple[Cli, DaemonProcess, Host]]:
+    def start(extra: str = "") -> tuple[Cli, DaemonProcess, Host]:
+        address = bus_factory("hostvold")
+        host = host_factory(512, extra=extra, mount_point_base=shared_base / str(
+            time.monotonic_ns()))
+        process = daemon_factory(with_bus(host, address))
+        return Cli(address), process, host
+    return start
+
+

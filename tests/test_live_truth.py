@@ -1,0 +1,374 @@
+"""Attached volumes act on libvirt's truth, never on a cached belief (issue 8): domains
+started, destroyed and defined behind hostvold's back, the daemon dying around a pivot,
+cancelled block jobs, a guest left frozen. Real libvirtd, real TCG domains, guest writes
+through the running QEMU's own block layer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from tests.conftest import DaemonProcess, Host
+from tests.live_fixtures import DOMAIN_XML
+from tests.test_dbus import Cli
+from tests.test_live import (
+    attached_volume,
+    guest_flush,
+    live_disk,
+    monitor_write,
+    reads,
+)
+
+pytestmark = pytest.mark.integration
+VIRSH = ["virsh", "-c", "qemu:///system"]
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run([*VIRSH, *args], check=True, capture_output=True, text=True).stdout
+
+
+def wait_for(what: str, predicate: Callable[[], bool], seconds: float = 10) -> float:
+    """Seconds until ``predicate`` holds (the test looks; hostvold itself never polls)."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < seconds, f"not within {seconds} s: {what}"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def on_share(share: Path, vid: str) -> list[str]:
+    return sorted(p.name for p in share.iterdir() if p.name.startswith(f"volume-{vid}")
+                  and not p.name.endswith((".info", ".meta")))
+
+
+def file_chain(path: Path, fmt: str) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "-f", fmt, "--output=json",
+                          "--backing-chain", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    return [Path(layer["filename"]).name for layer in json.loads(out)]
+
+
+def check_files(share: Path, vid: str, final: list[tuple[int, int]],
+                snapshots: dict[str, list[tuple[int, int]]]) -> None:
+    """From the files alone: the info file names a chain that holds every file of the
+    volume (no orphan), the active file reads ``final`` and each snapshot its own data."""
+    info = json.loads((share / f"volume-{vid}.info").read_text())
+    assert sorted(info) == sorted(["active", *snapshots])
+    active_fmt = "raw" if info["active"] == f"volume-{vid}" else "qcow2"
+    chain = file_chain(share / info["active"], active_fmt)
+    assert on_share(share, vid) == sorted(chain), "an orphan or a missing file"
+    assert reads(str(share / info["active"]), active_fmt, final)
+    for sid, expected in snapshots.items():
+        data = chain[chain.index(info[sid]) + 1]
+        assert reads(str(share / data), "raw" if data == chain[-1] else "qcow2", expected), sid
+
+
+@pytest.fixture
+def persistent(libvirtd: str, shared_base: Path) -> Iterator[Callable[..., str]]:
+    """Factory of persistent domains: ``persistent(disk_xml, start=True)``."""
+    conn = libvirt.open(libvirtd)
+    made: list[libvirt.virDomain] = []
+
+    def factory(disk: str = "", start: bool = True) -> str:
+        name = f"hostvold-truth-{os.getpid()}-{time.monotonic_ns() % 1000000}"
+        xml = DOMAIN_XML.format(name=name).replace("</devices>", f"{disk}</devices>")
+        dom = conn.defineXML(xml)
+        made.append(dom)
+        if start:
+            dom.create()
+        return name
+
+    yield factory
+    for dom in made:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.managedSaveRemove(0)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefine()
+    conn.close()
+
+
+def test_domain_started_outside_hostvold(live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+                                         persistent: Callable[..., str], tmp_path: Path) -> None:
+    """Sequence 1 of the issue: attach to a persistent domain, destroy it, start it again
+    with virsh. hostvold sees the start and works live from then on; nothing acts offline
+    under the running guest."""
+    cli, _, _ = live("[libvirt]\nquiesce = never\n")
+    domain = persistent()
+    vid = cli.json("create", "16M")["Id"]
+    cli.json("attach", vid, domain)
+    monitor_write(domain, live_disk(domain, vid).alias, 0x51, 0)
+    virsh("destroy", domain)
+    wait_for("freed after destroy", lambda: cli.json("show", vid)["State"] == "available")
+    virsh("start", domain)  # QEMU opens the volume again from the definition
+    seconds = wait_for("in-use after an outside start",
+                       lambda: cli.json("show", vid)["State"] == "in-use")
+    print(f"\nin-use {seconds * 1000:.0f} ms after virsh start returned")
+    assert seconds < 1.0
+    shown = cli.json("show", vid)
+    disk = live_disk(domain, vid)
+    assert shown["Attachment"] == [domain, disk.target]
+    share = Path(disk.source).parent
+    alias = disk.alias
+
+    s1 = cli.json("snapshot", "create", vid)["Id"]  # live: the domain switches
+    assert live_disk(domain, vid).source.endswith(s1)
+    monitor_write(domain, alias, 0x52, 2)
+    s2 = cli.json("snapshot", "create", vid)["Id"]
+    assert live_disk(domain, vid).source.endswith(s2)
+    monitor_write(domain, alias, 0x53, 4)
+
+    for refused, words in ((["revert", vid, s2], "InUse"), (["delete", vid], "InUse"),
+                           (["attach", vid, domain], "InUse")):
+        result = cli.run(*refused)
+        assert result.returncode == 1 and words in result.stderr and domain in result.stderr, \
+            (refused, result.stderr)
+    clone = cli.json("clone", vid)
+    export = tmp_path / "export.raw"
+    assert cli.json("export", vid, str(export))["State"] == "completed"
+    newest = [(0x51, 0), (0x52, 2), (0x53, 4)]
+    assert reads(str(share / f"volume-{clone['Id']}"), "raw", newest)
+    assert reads(str(export), "raw", newest)
+    assert cli.json("snapshot", "delete", s1)["State"] == "completed"  # live commit
+    guest_flush(domain, alias)
+    check_files(share, vid, newest, {s2: [(0x51, 0), (0x52, 2), (0, 4)]})
+    assert Path(live_disk(domain, vid).source).name == json.loads(
+        (share / f"volume-{vid}.info").read_text())["active"]
+    qemu_pid = int((Path("/run/libvirt/qemu") / f"{domain}.pid").read_text())
+    fds = os.listdir(f"/proc/{qemu_pid}/fd")
+    assert not any("(deleted)" in os.readlink(f"/proc/{qemu_pid}/fd/{fd}") for fd in fds
+                   if os.path.exists(f"/proc/{qemu_pid}/fd/{fd}"))
+
+
+def test_defined_domain_follows_offline_snapshots(
+        live: Callable[..., tuple[Cli, DaemonProcess, Host]], persistent: Callable[..., str],
+        shared_base: Path) -> None:
+    """A shut-off domain whose definition names the volume: an offline snapshot create and
+    a delete of the newest snapshot keep the definition on the active file; started
+    afterwards the domain runs on the newest data. Deleting the volume is refused."""
+    cli, _, host = live("[libvirt]\nquiesce = never\n")
+    vid = cli.json("create", "16M")["Id"]
+    share = next(host.mount_point_base.iterdir())
+    base = share / f"volume-{vid}"
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x61 0 1M", str(base)],
+                   check=True, capture_output=True)
+    disk = (f"<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+            f"<source file='{base}'/><target dev='sdb' bus='scsi'/><serial>{vid}</serial>"
+            "</disk>")
+    domain = persistent(disk, start=False)
+    refused = cli.run("delete", vid)
+    assert refused.returncode == 1 and "InUse" in refused.stderr and domain in refused.stderr
+    s1 = cli.json("snapshot", "create", vid)["Id"]
+    defined = virsh("dumpxml", "--inactive", domain)
+    assert f"volume-{vid}.{s1}" in defined and "type='qcow2'" in defined, defined
+    s2 = cli.json("snapshot", "create", vid)["Id"]
+    assert cli.json("snapshot", "delete", s2)["State"] == "completed"  # the newest: active moves
+    assert f"volume-{vid}.{s1}'" in virsh("dumpxml", "--inactive", domain)
+    virsh("start", domain)
+    wait_for("in-use after start", lambda: cli.json("show", vid)["State"] == "in-use")
+    live_source = live_disk(domain, vid)
+    assert live_source.source == str(share / f"volume-{vid}.{s1}")
+    monitor_write(domain, live_source.alias, 0x62, 2)
+    guest_flush(domain, live_source.alias)
+    check_files(share, vid, [(0x61, 0), (0x62, 2)], {s1: [(0x61, 0), (0, 2)]})
+
+
+# ---- the daemon dies around a live delete --------------------------------------------------
+
+DELETE_POINTS = ["intent", "job-started", "pivot-recorded", "pivoted", "job-done",
+                 "finish-recorded", "info"]
+CASES = [*[("active-commit", point, fate) for point in DELETE_POINTS
+           for fate in ("alive", "destroyed")],
+         *[(strategy, point, "destroyed") for strategy in ("commit", "pull")
+           for point in ("job-started", "job-done")]]
+
+
+@pytest.mark.parametrize(("strategy", "point", "fate"), CASES,
+                         ids=[f"{s}-{p}-{f}" for s, p, f in CASES])
+def test_crash_around_a_live_delete(host_factory: Callable[..., Host],
+                                    bus_factory: Callable[[str], str],
+                                    daemon_factory: Callable[..., DaemonProcess],
+                                    shared_base: Path, domain: str, strategy: str, point: str,
+                                    fate: str) -> None:
+    """The daemon dies at a recorded step of a live delete, the guest writes after it,
+    and the domain lives on or is destroyed before the next start. No guest write is lost;
+    where the record cannot tell (a pivot asked for, its outcome unknown, the domain gone),
+    every file is kept, the volume says so, and repair settles it by the operator's choice."""
+    config, cli, setup, vid, alias = attached_volume(host_factory, bus_factory, daemon_factory,
+                                                     shared_base, domain, "32M")
+    monitor_write(domain, alias, 0x41, 0)
+    monitor_write(domain, alias, 0x41, 2)
+    s1 = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x42, 0)
+    monitor_write(domain, alias, 0x42, 4)
+    if strategy == "active-commit":
+        monitor_write(domain, alias, 0x42, 20, 8)  # base bigger than top: commit, not pull
+    s2 = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x43, 0)
+    monitor_write(domain, alias, 0x43, 6)  # the active overlay holds data
+    if strategy == "pull":
+        monitor_write(domain, alias, 0x43, 10, 8)  # top bigger than base: a pull
+    doomed, kept = (s1, s2) if strategy == "commit" else (s2, s1)
+    assert setup.stop() == 0
+    crashing = daemon_factory(config, env={"HOSTVOLD_CRASH_AT": f"live-delete-snapshot:{point}"})
+    cli.run("snapshot", "delete", doomed)
+    assert crashing.proc.wait(60) == 86, crashing.log_text()[-2000:]
+    assert f"by {strategy}" in crashing.log_text()
+    monitor_write(domain, alias, 0x4f, 0)  # the guest goes on writing after the crash
+    monitor_write(domain, alias, 0x4f, 8)
+    share = Path(live_disk(domain, vid).source).parent
+    if fate == "destroyed":
+        virsh("destroy", domain)
+    daemon_factory(config)  # recovery runs before READY
+    final = [(0x4f, 0), (0x41, 2), (0x42, 4), (0x43, 6), (0x4f, 8)]
+    if strategy == "commit":  # S2 remains: its data is base + S1's overlay
+        kept_data = [(0x42, 0), (0x41, 2), (0x42, 4), (0, 6)]
+    else:  # S1 remains: its data is the base file
+        kept_data = [(0x41, 0), (0x41, 2), (0, 4)]
+    shown = cli.json("show", vid)
+    if shown["Problems"]:  # only an undecided pivot may leave a question
+        assert point == "pivot-recorded" and fate == "destroyed", shown["Problems"]
+        assert "ambiguous-pivot" in shown["Problems"][0]
+        asked = cli.run("repair", vid)
+        assert asked.returncode == 1 and "--choose" in asked.stderr, asked.stderr
+        assert len(on_share(share, vid)) == 3  # every file kept meanwhile
+        cli.json("repair", vid, "--choose", "overlay")  # the truth: the crash came before it
+        assert cli.json("show", vid)["Problems"] == []
+    if fate == "alive":
+        conn = libvirt.open("qemu:///system")
+        assert conn.lookupByName(domain).blockJobInfo(live_disk(domain, vid).target, 0) == {}
+        conn.close()
+        guest_flush(domain, alias)
+        assert shown["State"] == "in-use"
+    else:
+        assert cli.json("show", vid)["State"] == "available"
+    check_files(share, vid, final, {kept: kept_data})
+    assert [s["Id"] for s in cli.json("snapshots", vid)] == [kept]
+    cli.json("snapshot", "create", vid)  # usable for the next operation
+
+
+# ---- cancel --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["commit", "active-commit", "pull"])
+def test_cancel_of_a_live_delete(host_factory: Callable[..., Host],
+                                 bus_factory: Callable[[str], str],
+                                 daemon_factory: Callable[..., DaemonProcess],
+                                 shared_base: Path, domain: str, strategy: str) -> None:
+    """Job.Cancel while the block job runs: the job is aborted (none left in QEMU), the
+    chain is consistent and every write intact; a cancelled pull leaves the snapshot, a
+    cancelled commit is finished by the next delete."""
+    config, cli, _, vid, alias = attached_volume(host_factory, bus_factory, daemon_factory,
+                                                 shared_base, domain, "240M")
+    monitor_write(domain, alias, 0x41, 0)
+    s1 = cli.json("snapshot", "create", vid)["Id"]
+    big_base = strategy != "pull"
+    monitor_write(domain, alias, 0x42, 2, 200 if big_base else 1)
+    s2 = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x43, 0, 1 if big_base else 200)
+    doomed = s1 if strategy == "commit" else s2
+    job = cli.json("--no-wait", "snapshot", "delete", doomed)["job"]
+    conn = libvirt.open("qemu:///system")
+    dom = conn.lookupByName(domain)
+    target = live_disk(domain, vid).target
+    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
+             or cli.json("job", job)["State"] != "running", 30)
+    cancelled = cli.run("job", job, "--cancel")
+    state = wait_for("the job to end", lambda: cli.json("job", job)["State"] != "running", 60)
+    del state
+    result = cli.json("job", job)
+    print(f"\n{strategy}: cancel answered {cancelled.returncode}, job {result['State']}")
+    assert result["State"] == "cancelled", (result, cancelled.stderr)
+    assert dom.blockJobInfo(target, 0) == {}  # nothing left running unfollowed
+    guest_flush(domain, alias)
+    share = Path(live_disk(domain, vid).source).parent
+    data = [(0x43, 0), (0x42, 2)]
+    if strategy == "pull":  # the snapshot is as it was
+        assert sorted(s["Id"] for s in cli.json("snapshots", vid)) == sorted([s1, s2])
+        check_files(share, vid, data, {s1: [(0x41, 0), (0, 2)],
+                                       s2: [(0x41, 0), (0x42, 2)]})
+        assert cli.json("show", vid)["State"] == "in-use"
+    else:  # the snapshot's data was already being merged: a retry finishes the delete
+        assert cli.json("snapshot", "delete", doomed)["State"] == "completed"
+        guest_flush(domain, alias)
+        kept = s2 if strategy == "commit" else s1
+        check_files(share, vid, data, {kept: [(0x41, 0), (0x42, 2)] if kept == s2
+                                       else [(0x41, 0), (0, 2)]})
+    assert dom.blockJobInfo(live_disk(domain, vid).target, 0) == {}
+    conn.close()
+    del config
+
+
+# ---- a guest left frozen -------------------------------------------------------------------
+
+class _AgentDomain:
+    """A running domain with a guest agent, as libvirt's binding shows it: enough for
+    the recovery of a live snapshot create (no real guest agent runs in a TCG test VM)."""
+
+    def __init__(self, source: str, volume_id: str) -> None:
+        self.source = source
+        self.volume_id = volume_id
+        self.thawed = 0
+
+    def name(self) -> str:
+        return "agent-domain"
+
+    def UUIDString(self) -> str:
+        return "00000000-0000-4000-8000-000000000001"
+
+    def isActive(self) -> int:
+        return 1
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return (f"<domain><devices><disk type='file' device='disk'>"
+                f"<driver name='qemu' type='raw'/><source file='{self.source}'/>"
+                f"<target dev='sdb' bus='scsi'/><serial>{self.volume_id}</serial>"
+                "</disk></devices></domain>")
+
+    def fsThaw(self) -> int:
+        self.thawed += 1
+        return 1
+
+
+async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
+        host_factory: Callable[..., Host]) -> None:
+    """The daemon died between freeze and thaw of a quiesced snapshot: recovery thaws the
+    guest, then decides from the live chain (not switched: the overlay goes)."""
+    from hostvold.live import LiveVolumes
+    from hostvold.virt import Hypervisor
+
+    host = host_factory(64)
+    volumes = await host.start()
+    meta = await volumes.create_volume(size=1 << 20)
+    files = volumes.files_of(meta)
+    fake = _AgentDomain(str(files.base), meta.id)
+
+    class FakeHypervisor(Hypervisor):
+        async def lookup(self, name: str) -> Any:
+            return fake
+
+        async def all_domains(self) -> list[Any]:
+            return [fake]
+
+    hypervisor = FakeHypervisor("test:///default")
+    live = LiveVolumes(host.config, volumes, hypervisor)
+    overlay = files.overlay_name("5a5a5a5a-0000-4000-8000-00000000f00d")
+    (files.directory / overlay).write_bytes(b"")
+    meta = volumes.record(files, meta.evolve(operation={
+        "name": "live-create-snapshot", "snapshot": "5a5a5a5a-0000-4000-8000-00000000f00d",
+        "overlay": overlay, "domain": "agent-domain", "target": "sdb", "step": "switch",
+        "temporary": False}))
+    await live._recover_create(files, meta)
+    assert fake.thawed == 1
+    assert not (files.directory / overlay).exists()
+    assert volumes.get_volume(meta.id).operation is None
+    hypervisor.executor.shutdown()
