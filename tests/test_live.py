@@ -244,11 +244,12 @@ def test_live_snapshot_latency(live: Callable[..., tuple[Cli, DaemonProcess, Hos
 
 def attached_volume(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
                     daemon_factory: Callable[..., DaemonProcess], shared_base: Path,
-                    domain: str, size: str) -> tuple[Path, Cli, DaemonProcess, str, str]:
+                    domain: str, size: str,
+                    share_mib: int = 256) -> tuple[Path, Cli, DaemonProcess, str, str]:
     """A daemon (quiesce=never) with one volume attached to ``domain``: (config, client,
     daemon, volume id, disk alias)."""
     address = bus_factory("hostvold")
-    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
+    host = host_factory(share_mib, extra="[libvirt]\nquiesce = never\n",
                         mount_point_base=shared_base / str(time.monotonic_ns()))
     config = with_bus(host, address)
     setup = daemon_factory(config)
