@@ -202,11 +202,18 @@ class LiveVolumes:
             try:
                 async with self.volumes.locks.volume(volume_id):
                     meta = self.volumes.find(volume_id)
-                    if meta is not None:
-                        await self.observe(meta)
-            except Exception:
-                log.exception("looking again at volume %s after an event of domain %s failed",
-                              volume_id, domain)
+                    if meta is None:
+                        continue
+                    op = meta.operation or {}
+                    if op.get("domain") == domain and str(op.get("name")).startswith("live-") \
+                            and await self.running_guest(domain) is None:
+                        # its domain is gone and no task follows it any more: finish it now
+                        await self.volumes.recover_volume(meta)
+                        meta = self.volumes.get_volume(volume_id)
+                    await self.observe(meta)
+            except Exception as exc:
+                log.error("looking again at volume %s after an event of domain %s failed: %s",
+                          volume_id, domain, exc, exc_info=not isinstance(exc, HostvoldError))
 
     async def reconcile(self) -> None:
         """Make every volume's state and attachment match the running domains, then resume
@@ -410,7 +417,7 @@ class LiveVolumes:
         op = meta.operation or {}
         sid, overlay = op["snapshot"], op["overlay"]
         path = files.directory / overlay
-        guest = await self._running_guest(op["domain"])  # HypervisorUnavailable: kept
+        guest = await self.running_guest(op["domain"])  # HypervisorUnavailable: kept
         if guest is not None:
             if op.get("step") == "switch":  # we may have died between freeze and thaw
                 try:
@@ -431,7 +438,7 @@ class LiveVolumes:
         if guest is None:
             await self.keep_definitions_in_step(files, meta.id)
 
-    async def _running_guest(self, domain: str) -> Guest | None:
+    async def running_guest(self, domain: str) -> Guest | None:
         """The domain if it runs; None only when libvirt says it is gone or off."""
         try:
             guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
@@ -452,7 +459,7 @@ class LiveVolumes:
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         op = meta.operation or {}
         size = int(op["size"])
-        guest = await self._running_guest(op["domain"])
+        guest = await self.running_guest(op["domain"])
         if guest is not None:
             await guest.resize(op["target"], size)
         else:

@@ -109,15 +109,25 @@ class LiveDelete:
         if op.get("step") == AMBIGUOUS_PIVOT:
             raise NeedsRepair(f"volume {meta.id}: {'; '.join(meta.problems)}")
         if guest is None:
-            guest = await self.live._running_guest(op["domain"])
+            guest = await self.live.running_guest(op["domain"])
         if guest is None:
             return await self._finish_offline(files, meta, op)
         gone = op["base"] if op["strategy"] == "pull" else op["top"]
         if op["step"] in ("job", "pivot", "pivoted"):
             if op["step"] != "pivoted" and gone in await self._live_chain(guest, op["target"]):
-                meta = await self._run_job(guest, files, meta, op)
+                try:
+                    meta = await self._run_job(guest, files, meta, op)
+                except Failed:
+                    if await self.live.running_guest(op["domain"]) is not None:
+                        raise
+                    meta = self.volumes.get_volume(meta.id)  # the domain died under the job
+                    return await self._finish_offline(files, meta, dict(meta.operation or {}))
                 op = dict(meta.operation or {})
             crash.point("live-delete-snapshot:job-done")
+            # the connection may have been replaced while we waited: ask through the new one
+            guest = await self.live.running_guest(op["domain"])
+            if guest is None:
+                return await self._finish_offline(files, meta, op)
             if gone in await self._live_chain(guest, op["target"]):
                 raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
                              "operation is kept and resumed at the next start")

@@ -50,7 +50,8 @@ def classify(exc: libvirt.libvirtError) -> HypervisorError:
     message = exc.get_error_message() or str(exc)
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return DomainGone(f"the domain does not exist (libvirt: {message})", code)
-    if code in _UNREACHABLE:
+    if code in _UNREACHABLE or exc.get_error_domain() in (libvirt.VIR_FROM_RPC,
+                                                          libvirt.VIR_FROM_REMOTE):
         return HypervisorUnavailable(f"libvirt did not answer ({message}); the operation is "
                                      "kept and resumed when libvirt is back", code)
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
@@ -64,10 +65,13 @@ def classify(exc: libvirt.libvirtError) -> HypervisorError:
 JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, JOB_READY = 0, 1, 2, 3
 # not a libvirt status: the connection came back, events may have been missed, look again
 RECONNECTED = -1
+# not a libvirt status: the domain stopped, its block jobs with it
+DOMAIN_STOPPED = -2
 # not a libvirt lifecycle event: a device left the domain (VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED)
 DEVICE_REMOVED = -1
 STATUS_NAMES = {JOB_COMPLETED: "completed", JOB_FAILED: "failed", JOB_CANCELED: "canceled",
-                JOB_READY: "ready", RECONNECTED: "reconnected"}
+                JOB_READY: "ready", RECONNECTED: "reconnected",
+                DOMAIN_STOPPED: "ended with its domain"}
 
 _registered_loops: set[int] = set()
 
@@ -193,6 +197,12 @@ class Hypervisor:
             name = dom.name()
             log.info("domain %s: %s", name, _lifecycle_name(event, detail),
                      extra={"DOMAIN": name})
+            if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:  # whoever waits for a job: it ended
+                uuid = dom.UUIDString()
+                for (domain_uuid, disk), queues in self._queues.items():
+                    for queue in queues if domain_uuid == uuid else []:
+                        queue.put_nowait(BlockJobEvent(uuid, disk, 0, DOMAIN_STOPPED,
+                                                       time.monotonic()))
             for listener in self.on_lifecycle:
                 listener(name, event, detail)
         except Exception:

@@ -382,3 +382,76 @@ async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
     assert not (files.directory / overlay).exists()
     assert volumes.get_volume(meta.id).operation is None
     hypervisor.executor.shutdown()
+
+
+def test_sigterm_during_an_active_commit(host_factory: Callable[..., Host],
+                                         bus_factory: Callable[[str], str],
+                                         daemon_factory: Callable[..., DaemonProcess],
+                                         shared_base: Path, domain: str) -> None:
+    """SIGTERM while an active commit runs: the daemon aborts the block job before it
+    exits 0 (never left running unfollowed); the next start finishes the delete."""
+    config, cli, process, vid, alias = attached_volume(
+        host_factory, bus_factory, daemon_factory, shared_base, domain, "512M", 1280)
+    monitor_write(domain, alias, 0x41, 0)
+    s1 = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x42, 2, 400)
+    job = cli.json("--no-wait", "snapshot", "delete", s1)["job"]
+    conn = libvirt.open("qemu:///system")
+    dom = conn.lookupByName(domain)
+    target = live_disk(domain, vid).target
+    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
+             or cli.json("job", job)["State"] != "running", 30)
+    assert process.stop() == 0
+    assert dom.blockJobInfo(target, 0) == {}, "a block job was left running unfollowed"
+    daemon_factory(config)  # the start finishes the recorded delete
+    guest_flush(domain, alias)
+    share = Path(live_disk(domain, vid).source).parent
+    check_files(share, vid, [(0x41, 0), (0x42, 2)], {})
+    assert dom.blockJobInfo(target, 0) == {}
+    conn.close()
+
+
+def test_domain_destroyed_during_a_live_delete(host_factory: Callable[..., Host],
+                                               bus_factory: Callable[[str], str],
+                                               daemon_factory: Callable[..., DaemonProcess],
+                                               shared_base: Path, domain: str) -> None:
+    """The domain dies while its block job runs: the delete is finished offline as soon as
+    the job's task lets go, and the volume is available, with no dead end."""
+    _, cli, _, vid, alias = attached_volume(host_factory, bus_factory, daemon_factory,
+                                            shared_base, domain, "512M", 1280)
+    monitor_write(domain, alias, 0x41, 0)
+    s1 = cli.json("snapshot", "create", vid)["Id"]
+    monitor_write(domain, alias, 0x42, 2, 400)
+    share = Path(live_disk(domain, vid).source).parent
+    job = cli.json("--no-wait", "snapshot", "delete", s1)["job"]
+    conn = libvirt.open("qemu:///system")
+    dom = conn.lookupByName(domain)
+    target = live_disk(domain, vid).target
+    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
+             or cli.json("job", job)["State"] != "running", 30)
+    dom.destroy()
+    conn.close()
+    wait_for("the job to end", lambda: cli.json("job", job)["State"] != "running", 60)
+    wait_for("the volume to be free", lambda: cli.json("show", vid)["State"] == "available"
+             and not cli.json("snapshots", vid), 30)
+    shown = cli.json("show", vid)
+    assert shown["Attachment"] == ["", ""] and shown["Problems"] == []
+    check_files(share, vid, [(0x41, 0), (0x42, 2)], {})
+    cli.json("snapshot", "create", vid)  # usable offline, no dead end
+
+
+def test_crash_before_an_online_extend(host_factory: Callable[..., Host],
+                                       bus_factory: Callable[[str], str],
+                                       daemon_factory: Callable[..., DaemonProcess],
+                                       shared_base: Path, domain: str) -> None:
+    """Online extend records its intent before blockResize; the next start finishes it."""
+    config, cli, setup, vid, _ = attached_volume(host_factory, bus_factory, daemon_factory,
+                                                 shared_base, domain, "16M")
+    assert setup.stop() == 0
+    crashing = daemon_factory(config, env={"HOSTVOLD_CRASH_AT": "live-extend:intent"})
+    cli.run("extend", vid, "40M")
+    assert crashing.proc.wait(30) == 86
+    daemon_factory(config)
+    assert cli.json("show", vid)["Size"] == 40 << 20
+    blk = virsh("domblkinfo", domain, live_disk(domain, vid).target, "--human")
+    assert "40.000 MiB" in blk, blk
