@@ -305,7 +305,7 @@ class VolumeService:
             assert request.fd is not None
             check_caller_fd(request.fd, "fd", write=False)
             return await self._import_fd(request.fd, request)
-        fd = await asyncio.to_thread(_open_source, request.source)
+        fd = await asyncio.to_thread(open_source, request.source)
         try:
             return await self._import_fd(fd, request)
         finally:
@@ -666,7 +666,7 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
-def _open_source(path: Path) -> int:
+def open_source(path: Path) -> int:
     """Open an image path (root's ``source`` option): a regular file, no symbolic link."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
