@@ -82,7 +82,9 @@ async def run(argv: list[str], *, timeout: float | None = None,
               context: str = "", ok_codes: tuple[int, ...] = (0,),
               pass_fds: tuple[int, ...] = ()) -> bytes:
     """Run ``argv`` and return its stdout; raise QemuImgError on any failure."""
-    env = dict(os.environ, LC_ALL="C")
+    # every thread of qemu-img's pool would reserve a 64 MiB malloc arena: under the
+    # address-space limit a commit or convert moving data then fails to start threads
+    env = dict(os.environ, LC_ALL="C", MALLOC_ARENA_MAX="2")
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds)

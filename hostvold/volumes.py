@@ -578,7 +578,7 @@ class VolumeService:
             chain_map = read_info(files)
             top_format = meta.format if chain_map.active == files.base_name else "qcow2"
             chain = validate_chain(files, chain_map.active, top_format)
-        except InfoFileDamaged as exc:
+        except (InfoFileDamaged, UnsafeFile) as exc:  # a symlink, a device: a named problem
             self.record(files, meta.evolve(problems=[exc.message]))
             raise
         except FileNotFoundError as exc:

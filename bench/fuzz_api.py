@@ -1,0 +1,304 @@
+"""Fuzz every method of every hostvold D-Bus interface with generated options.
+
+    python bench/fuzz_api.py --bus ADDRESS [--calls 10000] [--seed N] [--scratch DIR]
+
+Runs as whoever starts it (root, or an admin-group user through ``runuser``), so it is
+self-contained: it imports only dbus-fast, hypothesis and the standard library.
+
+Each call goes to one method of one object (the manager, an existing or a made-up volume,
+snapshot or job) with options drawn by hypothesis: known and unknown keys, every D-Bus type
+(wrong ones on purpose), huge and negative numbers, unicode, NUL bytes (D-Bus strings cannot
+carry NUL: such strings go as byte arrays), ids that are paths, and file descriptors of
+directories, sockets, pipes, devices, read-only and write-only files and O_PATH handles.
+
+Checks, per call: the reply is a method return or an ``org.hostvold1.Error.*`` error (never
+``org.freedesktop.DBus.Error.Failed`` or dbus-fast's unnamed ServiceError); a refused call
+changes nothing (the managed objects, but jobs, are the same before and after); an accepted
+call's job ends with success or a named error, never an internal error. The last line of
+output is a JSON summary: calls, refusals, jobs, distinct error names, violations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import InvalidMessageError
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
+BUS_NAME = "org.hostvold1"
+ROOT = "/org/hostvold1"
+PREFIX = "org.hostvold1."
+METHODS: dict[str, list[str]] = {
+    "Manager": ["CreateVolume", "ImportVolume", "Status"],
+    "Volume": ["CreateSnapshot", "Extend", "Clone", "Export", "Revert", "Attach", "Detach",
+               "Repair", "Delete"],
+    "Snapshot": ["Delete", "CreateVolume"],
+    "Job": ["Cancel"],
+}
+NO_ARGS = {"Status", "Cancel"}
+KNOWN_KEYS = ["size", "id", "format", "provisioning", "share", "fd", "source",
+              "source_format", "destination", "snapshot", "domain", "target", "choice"]
+MAX_U64 = (1 << 64) - 1
+
+
+class Fds:
+    """Descriptors of every kind a caller could pass, opened once and kept open."""
+
+    def __init__(self, scratch: str) -> None:
+        self.scratch = scratch
+        left, right = socket.socketpair()
+        read_end, write_end = os.pipe()
+        self.keep: list[Any] = [left, right]
+        mine = os.path.join(scratch, f"fuzz-own-{os.getpid()}.raw")
+        with open(mine, "wb") as image:
+            image.truncate(1 << 20)
+        self.named: dict[str, int] = {
+            "directory": os.open("/", os.O_RDONLY | os.O_DIRECTORY),
+            "socket": left.fileno(), "pipe-read": read_end, "pipe-write": write_end,
+            "dev-null": os.open("/dev/null", os.O_RDWR),
+            "own-file-ro": os.open(mine, os.O_RDONLY),
+            "own-file-wo": os.open(mine, os.O_WRONLY),
+            "etc-passwd-ro": os.open("/etc/passwd", os.O_RDONLY),
+            "etc-shadow-path": os.open("/etc/shadow", os.O_PATH),
+        }
+
+    def names(self) -> list[str]:
+        return sorted(self.named)
+
+
+def value_strategy(ids: dict[str, list[str]]) -> st.SearchStrategy[tuple[str, Any]]:
+    """(signature, value) pairs of every kind; ``ids`` are real ids and paths to mix in."""
+    text = st.text(max_size=40)
+    nasty = st.sampled_from([
+        "", "..", "../../etc/passwd", "/etc/shadow", "/dev/sda", "raw", "qcow2", "vmdk",
+        "json:{\"driver\":\"file\",\"filename\":\"/etc/shadow\"}", "thin", "thick",
+        "00000000-0000-4000-8000-000000000000", "3F2A0000-0000-4000-8000-00000000000A",
+        "volume-00000000-0000-4000-8000-000000000000", "/tmp/fuzz-out", "relative/path",
+        "sda", "vdb", "\u202e\u0000", "é" * 300, "a\x00b", "/org/hostvold1/snapshots/x",
+    ])
+    every = [path for paths in ids.values() for path in paths]
+    real = st.sampled_from(every) if every else nasty
+    sizes = st.one_of(
+        st.sampled_from([0, 1, 511, 512, 1 << 20, 4 << 20, (1 << 50) + 512, MAX_U64,
+                         1 << 63]), st.integers(0, MAX_U64))
+    return st.one_of(
+        st.tuples(st.just("s"), st.one_of(text, nasty, real)),
+        st.tuples(st.just("t"), sizes),
+        st.tuples(st.just("x"), st.integers(-(1 << 63), (1 << 63) - 1)),
+        st.tuples(st.just("i"), st.integers(-(1 << 31), (1 << 31) - 1)),
+        st.tuples(st.just("u"), st.integers(0, (1 << 32) - 1)),
+        st.tuples(st.just("b"), st.booleans()),
+        st.tuples(st.just("d"), st.floats(allow_nan=True)),
+        st.tuples(st.just("as"), st.lists(st.one_of(text, nasty), max_size=3)),
+        st.tuples(st.just("ay"), st.binary(max_size=20)),
+        st.tuples(st.just("o"), st.sampled_from([ROOT, f"{ROOT}/volumes/x", "/", f"{ROOT}/jobs/"
+                                                 "00000000_0000_4000_8000_000000000000"])),
+        st.tuples(st.just("a{sv}"), st.dictionaries(text, st.tuples(st.just("s"), text)
+                                                    .map(lambda p: Variant(*p)), max_size=2)),
+        st.tuples(st.just("h"), st.sampled_from(["directory", "socket", "pipe-read",
+                                                 "pipe-write", "dev-null", "own-file-ro",
+                                                 "own-file-wo", "etc-passwd-ro",
+                                                 "etc-shadow-path", "bad-index"])),
+    )
+
+
+Call = tuple[str, str | int, str, dict[str, Any]]
+
+
+def call_strategy(ids: dict[str, list[str]]) -> st.SearchStrategy[Call]:
+    """(kind, target, member, options); target is an index into the objects of that kind
+    that exist when the call is made, or a made-up object name."""
+    kinds = st.sampled_from(sorted(METHODS))
+    keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(min_size=1, max_size=12))
+    options = st.dictionaries(keys, value_strategy(ids), max_size=4)
+    made_up = st.sampled_from(["etc", "00000000_0000_4000_8000_000000000000", "_", "x__y"])
+
+    def build(kind: str) -> st.SearchStrategy[Call]:
+        targets = st.one_of(st.integers(0, 1000), st.integers(0, 1000), made_up)
+        return st.tuples(st.just(kind), targets, st.sampled_from(METHODS[kind]), options)
+
+    return kinds.flatmap(build)
+
+
+class Fuzzer:
+    def __init__(self, bus: MessageBus, fds: Fds) -> None:
+        self.bus = bus
+        self.fds = fds
+        self.calls = 0
+        self.refused = 0
+        self.jobs = 0
+        self.errors: Counter[str] = Counter()
+        self.job_errors: Counter[str] = Counter()
+        self.violations: list[str] = []
+
+    async def managed(self) -> dict[str, Any]:
+        reply = await self.bus.call(Message(
+            destination=BUS_NAME, path=ROOT, interface="org.freedesktop.DBus.ObjectManager",
+            member="GetManagedObjects"))
+        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
+        return reply.body[0]
+
+    def fingerprint(self, managed: dict[str, Any]) -> str:
+        """The objects' state, but jobs and free space (other callers may run jobs)."""
+        state = {}
+        for path, ifaces in managed.items():
+            if "/jobs/" in path:
+                continue
+            for iface, props in ifaces.items():
+                state[f"{path} {iface}"] = {k: repr(v.value) for k, v in props.items()
+                                            if k not in ("Free",)}
+        return json.dumps(state, sort_keys=True)
+
+    def ids(self, managed: dict[str, Any]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {"volumes": [], "snapshots": [], "jobs": []}
+        for path in managed:
+            for kind in found:
+                if path.startswith(f"{ROOT}/{kind}/"):
+                    found[kind].append(path)
+        return found
+
+    def encode(self, options: dict[str, Any]) -> tuple[dict[str, Variant], list[int]]:
+        body: dict[str, Variant] = {}
+        fds: list[int] = []
+        for key, (signature, value) in options.items():
+            if signature == "h":
+                if value == "bad-index":
+                    body[key] = Variant("h", 7)  # no descriptor at that index
+                    continue
+                fds.append(self.fds.named[value])
+                body[key] = Variant("h", len(fds) - 1)
+            elif signature == "s" and "\x00" in value:  # D-Bus strings cannot hold NUL
+                body[key] = Variant("ay", value.encode("utf-8", "surrogatepass"))
+            else:
+                body[key] = Variant(signature, value)
+        return body, fds
+
+    async def one(self, kind: str, target: str | int, member: str,
+                  options: dict[str, Any]) -> None:
+        managed = await self.managed()
+        before = self.fingerprint(managed)
+        plural = {"Volume": "volumes", "Snapshot": "snapshots", "Job": "jobs"}.get(kind)
+        if plural is None:
+            path = ROOT
+        elif isinstance(target, str):
+            path = f"{ROOT}/{plural}/{target}"
+        else:
+            real = self.ids(managed)[plural]
+            path = real[target % len(real)] if real else f"{ROOT}/{plural}/gone"
+        body, fds = self.encode({k.replace("\x00", "0"): v for k, v in options.items()})
+        args = ([], "") if member in NO_ARGS else ([body], "a{sv}")
+        message = Message(destination=BUS_NAME, path=path, interface=PREFIX + kind,
+                          member=member, signature=args[1], body=args[0], unix_fds=fds)
+        try:
+            message._marshall(True)
+        except (InvalidMessageError, ValueError, TypeError, UnicodeError):
+            return  # not a D-Bus message at all: nothing to send
+        self.calls += 1
+        reply = await self.bus.call(message)
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            self.refused += 1
+            name = reply.error_name or ""
+            self.errors[name] += 1
+            if not name.startswith(PREFIX + "Error.") or "ServiceError" in name:
+                self.violations.append(f"{kind}.{member} {options!r}: unnamed error {name} "
+                                       f"{reply.body[:1]!r}")
+            after = self.fingerprint(await self.managed())
+            if after != before and not await self.jobs_running():
+                self.violations.append(f"{kind}.{member} {options!r}: refused ({name}) but "
+                                       "the objects changed")
+            return
+        if member in NO_ARGS or (kind == "Volume" and member in ("CreateSnapshot", "Repair")):
+            return
+        self.jobs += 1
+        await self.wait_job(str(reply.body[0]), f"{kind}.{member} {options!r}")
+
+    async def jobs_running(self) -> bool:
+        managed = await self.managed()
+        return any(ifaces.get(PREFIX + "Job", {}).get("State", Variant("s", "")).value
+                   == "running" for ifaces in managed.values())
+
+    async def wait_job(self, path: str, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            reply = await self.bus.call(Message(
+                destination=BUS_NAME, path=path, interface="org.freedesktop.DBus.Properties",
+                member="GetAll", signature="s", body=[PREFIX + "Job"]))
+            assert reply is not None
+            if reply.message_type == MessageType.ERROR:
+                return  # already forgotten
+            props = reply.body[0]
+            if props["State"].value != "running":
+                name, message = props["Error"].value
+                if name:
+                    self.job_errors[name] += 1
+                    if not name.startswith(PREFIX + "Error.") or "internal error" in message:
+                        self.violations.append(f"{what}: job failed unnamed: {name} {message}")
+                return
+            await asyncio.sleep(0.02)
+        self.violations.append(f"{what}: job {path} still running after 120 s")
+
+
+async def connect(address: str) -> MessageBus:
+    bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+    return await bus.connect()
+
+
+def run(address: str, calls: int, seed: int, scratch: str,
+        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    loop = asyncio.new_event_loop()
+    bus = loop.run_until_complete(connect(address))
+    fuzzer = Fuzzer(bus, Fds(scratch))
+    ids = fuzzer.ids(loop.run_until_complete(fuzzer.managed()))
+
+    @settings(max_examples=calls, database=None, deadline=None, derandomize=False,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @hypothesis_seed(seed)
+    @given(call_strategy(ids))
+    def fuzz(call: Call) -> None:
+        loop.run_until_complete(fuzzer.one(*call))
+        if progress is not None and fuzzer.calls % 1000 == 0:
+            progress(fuzzer.calls)
+
+    fuzz()
+    bus.disconnect()
+    loop.close()
+    return {"calls": fuzzer.calls, "refused": fuzzer.refused, "jobs": fuzzer.jobs,
+            "errors": dict(sorted(fuzzer.errors.items())),
+            "job_errors": dict(sorted(fuzzer.job_errors.items())),
+            "violations": fuzzer.violations[:20], "uid": os.getuid()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bus", required=True, help="the D-Bus address hostvold serves on")
+    parser.add_argument("--calls", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=9)
+    parser.add_argument("--scratch", default=tempfile.gettempdir(),
+                        help="a directory for the fuzzer's own small file")
+    args = parser.parse_args()
+    summary = run(args.bus, args.calls, args.seed, args.scratch,
+                  lambda n: print(f"{n} calls", file=sys.stderr, flush=True))
+    names = sorted(set(summary["errors"]) | set(summary["job_errors"]))
+    print(f"calls: {summary['calls']}, refused: {summary['refused']}, jobs: {summary['jobs']}")
+    print(f"distinct error names ({len(names)}): {', '.join(names)}")
+    print(json.dumps(summary))
+    return 1 if summary["violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
