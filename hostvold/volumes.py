@@ -667,8 +667,10 @@ def _round_up(value: int, unit: int) -> int:
 
 
 def open_source(path: Path) -> int:
-    """Open an image path (root's ``source`` option): a regular file, no symbolic link."""
+    """Open an image path (root's ``source`` option): a regular file, no symbolic link, no
+    device or FIFO (checked before the open: opening those can block or have effects)."""
     try:
+        require_regular(path)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
                      | os.O_NOCTTY)
     except FileNotFoundError:
@@ -681,7 +683,7 @@ def open_source(path: Path) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise NotFound(f"image file {path} is {kind(mode)}, not a regular file")
+        raise UnsafeFile(f"image file {path} is {kind(mode)}, not a regular file")
     return fd
 
 
