@@ -80,58 +80,87 @@ class Fds:
         return sorted(self.named)
 
 
-def value_strategy(ids: dict[str, list[str]]) -> st.SearchStrategy[tuple[str, Any]]:
-    """(signature, value) pairs of every kind; ``ids`` are real ids and paths to mix in."""
-    text = st.text(max_size=40)
+NEW_VOLUME = {"id": "s", "size": "t", "format": "s", "share": "s"}
+OPTIONS: dict[str, dict[str, str]] = {  # each method's own options and their D-Bus types
+    "CreateVolume": {**NEW_VOLUME, "provisioning": "s"},
+    "ImportVolume": {**NEW_VOLUME, "fd": "h", "source": "s", "source_format": "s"},
+    "CreateSnapshot": {"id": "s"}, "Extend": {"size": "t"}, "Clone": NEW_VOLUME,
+    "Export": {"fd": "h", "destination": "s", "format": "s"}, "Revert": {"snapshot": "o"},
+    "Attach": {"domain": "s", "target": "s"}, "Repair": {"format": "s"},
+}
+FD_KINDS = ["directory", "socket", "pipe-read", "pipe-write", "dev-null", "own-file-ro",
+            "own-file-wo", "etc-passwd-ro", "etc-shadow-path", "bad-index"]
+
+
+def typed(signature: str, ids: list[str]) -> st.SearchStrategy[Any]:
+    """Values of one D-Bus type, hostile ones first; ``ids`` are real object ids."""
     nasty = st.sampled_from([
         "", "..", "../../etc/passwd", "/etc/shadow", "/dev/sda", "raw", "qcow2", "vmdk",
         "json:{\"driver\":\"file\",\"filename\":\"/etc/shadow\"}", "thin", "thick",
         "00000000-0000-4000-8000-000000000000", "3F2A0000-0000-4000-8000-00000000000A",
         "volume-00000000-0000-4000-8000-000000000000", "/tmp/fuzz-out", "relative/path",
         "sda", "vdb", "\u202e\u0000", "é" * 300, "a\x00b", "/org/hostvold1/snapshots/x",
-    ])
-    every = [path for paths in ids.values() for path in paths]
-    real = st.sampled_from(every) if every else nasty
-    sizes = st.one_of(
-        st.sampled_from([0, 1, 511, 512, 1 << 20, 4 << 20, (1 << 50) + 512, MAX_U64,
-                         1 << 63]), st.integers(0, MAX_U64))
-    return st.one_of(
-        st.tuples(st.just("s"), st.one_of(text, nasty, real)),
-        st.tuples(st.just("t"), sizes),
-        st.tuples(st.just("x"), st.integers(-(1 << 63), (1 << 63) - 1)),
-        st.tuples(st.just("i"), st.integers(-(1 << 31), (1 << 31) - 1)),
-        st.tuples(st.just("u"), st.integers(0, (1 << 32) - 1)),
-        st.tuples(st.just("b"), st.booleans()),
-        st.tuples(st.just("d"), st.floats(allow_nan=True)),
-        st.tuples(st.just("as"), st.lists(st.one_of(text, nasty), max_size=3)),
-        st.tuples(st.just("ay"), st.binary(max_size=20)),
-        st.tuples(st.just("o"), st.sampled_from([ROOT, f"{ROOT}/volumes/x", "/", f"{ROOT}/jobs/"
-                                                 "00000000_0000_4000_8000_000000000000"])),
-        st.tuples(st.just("a{sv}"), st.dictionaries(text, st.tuples(st.just("s"), text)
-                                                    .map(lambda p: Variant(*p)), max_size=2)),
-        st.tuples(st.just("h"), st.sampled_from(["directory", "socket", "pipe-read",
-                                                 "pipe-write", "dev-null", "own-file-ro",
-                                                 "own-file-wo", "etc-passwd-ro",
-                                                 "etc-shadow-path", "bad-index"])),
-    )
+        *ids])
+    text = st.one_of(nasty, st.text(max_size=40))
+    strategies: dict[str, st.SearchStrategy[Any]] = {
+        "s": text,
+        "t": st.one_of(st.sampled_from([0, 1, 511, 512, 1 << 20, 4 << 20, (1 << 50) + 512,
+                                        MAX_U64, 1 << 63]), st.integers(0, MAX_U64)),
+        "x": st.integers(-(1 << 63), (1 << 63) - 1),
+        "i": st.integers(-(1 << 31), (1 << 31) - 1),
+        "u": st.integers(0, (1 << 32) - 1),
+        "b": st.booleans(),
+        "d": st.floats(allow_nan=True),
+        "as": st.lists(text, max_size=3),
+        "ay": st.binary(max_size=20),
+        "o": st.sampled_from([ROOT, f"{ROOT}/volumes/x", "/", f"{ROOT}/snapshots/_",
+                              *(f"{ROOT}/snapshots/{i.replace('-', '_')}" for i in ids)]),
+        "a{sv}": st.dictionaries(st.text(max_size=8), st.text(max_size=8).map(
+            lambda value: Variant("s", value)), max_size=2),
+        "h": st.sampled_from(FD_KINDS),
+    }
+    return strategies[signature]
+
+
+def value_strategy(ids: list[str]) -> st.SearchStrategy[tuple[str, Any]]:
+    """(signature, value) pairs of every D-Bus type."""
+    return st.sampled_from(["s", "t", "x", "i", "u", "b", "d", "as", "ay", "o", "a{sv}",
+                            "h"]).flatmap(lambda sig: st.tuples(st.just(sig),
+                                                                typed(sig, ids)))
+
+
+def options_strategy(member: str, ids: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Mostly the method's own options with the right types and hostile values (what gets
+    past the type check), sometimes anything at all (unknown keys, wrong types)."""
+    own = OPTIONS.get(member, {})
+    wild = st.dictionaries(st.one_of(st.sampled_from(KNOWN_KEYS), st.text(min_size=1,
+                                                                          max_size=12)),
+                           value_strategy(ids), max_size=4)
+    if not own:
+        return st.one_of(st.just({}), wild)
+    well_typed = st.fixed_dictionaries({}, optional={
+        key: st.tuples(st.just(sig), typed(sig, ids)) for key, sig in own.items()})
+    return st.one_of(well_typed, well_typed, well_typed, wild)
 
 
 Call = tuple[str, str | int, str, dict[str, Any]]
 
 
-def call_strategy(ids: dict[str, list[str]]) -> st.SearchStrategy[Call]:
+def call_strategy(ids: list[str]) -> st.SearchStrategy[Call]:
     """(kind, target, member, options); target is an index into the objects of that kind
     that exist when the call is made, or a made-up object name."""
-    kinds = st.sampled_from(sorted(METHODS))
-    keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(min_size=1, max_size=12))
-    options = st.dictionaries(keys, value_strategy(ids), max_size=4)
     made_up = st.sampled_from(["etc", "00000000_0000_4000_8000_000000000000", "_", "x__y"])
 
-    def build(kind: str) -> st.SearchStrategy[Call]:
-        targets = st.one_of(st.integers(0, 1000), st.integers(0, 1000), made_up)
-        return st.tuples(st.just(kind), targets, st.sampled_from(METHODS[kind]), options)
+    def build(kind_member: tuple[str, str]) -> st.SearchStrategy[Call]:
+        kind, member = kind_member
+        targets = st.one_of(st.integers(0, 1000), st.integers(0, 1000),
+                            st.integers(0, 1000), made_up)
+        return st.tuples(st.just(kind), targets, st.just(member),
+                         options_strategy(member, ids))
 
-    return kinds.flatmap(build)
+    pairs = [(kind, member) for kind, members in sorted(METHODS.items())
+             for member in members]
+    return st.sampled_from(pairs).flatmap(build)
 
 
 class Fuzzer:
@@ -189,7 +218,7 @@ class Fuzzer:
 
     async def one(self, kind: str, target: str | int, member: str,
                   options: dict[str, Any]) -> None:
-        managed = await self.managed()
+        managed = await self.ensure_objects(await self.managed())
         before = self.fingerprint(managed)
         plural = {"Volume": "volumes", "Snapshot": "snapshots", "Job": "jobs"}.get(kind)
         if plural is None:
@@ -219,13 +248,40 @@ class Fuzzer:
                                        f"{reply.body[:1]!r}")
             after = self.fingerprint(await self.managed())
             if after != before and not await self.jobs_running():
+                old, new = json.loads(before), json.loads(after)
+                changed = sorted(key for key in set(old) | set(new)
+                                 if old.get(key) != new.get(key))
                 self.violations.append(f"{kind}.{member} {options!r}: refused ({name}) but "
-                                       "the objects changed")
+                                       f"the objects changed: {changed}")
             return
         if member in NO_ARGS or (kind == "Volume" and member in ("CreateSnapshot", "Repair")):
+            await asyncio.sleep(0.3)  # share usage is re-measured 0.2 s after a change
             return
         self.jobs += 1
         await self.wait_job(str(reply.body[0]), f"{kind}.{member} {options!r}")
+        await asyncio.sleep(0.3)  # share usage is re-measured 0.2 s after a change
+
+    async def ensure_objects(self, managed: dict[str, Any]) -> dict[str, Any]:
+        """Keep two volumes and a snapshot around (fuzzed calls delete them); these set-up
+        calls are not counted."""
+        found = self.ids(managed)
+        if len(found["volumes"]) >= 2 and found["snapshots"]:
+            return managed
+        if len(found["volumes"]) < 2:
+            reply = await self.bus.call(Message(
+                destination=BUS_NAME, path=ROOT, interface=PREFIX + "Manager",
+                member="CreateVolume", signature="a{sv}",
+                body=[{"size": Variant("t", 1 << 20)}]))
+            assert reply is not None and reply.message_type == MessageType.METHOD_RETURN, \
+                reply and reply.body
+            await self.wait_job(str(reply.body[0]), "set-up CreateVolume")
+        else:
+            reply = await self.bus.call(Message(
+                destination=BUS_NAME, path=found["volumes"][0], member="CreateSnapshot",
+                interface=PREFIX + "Volume", signature="a{sv}", body=[{}]))
+            assert reply is not None
+        await asyncio.sleep(0.3)
+        return await self.ensure_objects(await self.managed())
 
     async def jobs_running(self) -> bool:
         managed = await self.managed()
@@ -263,7 +319,8 @@ def run(address: str, calls: int, seed: int, scratch: str,
     loop = asyncio.new_event_loop()
     bus = loop.run_until_complete(connect(address))
     fuzzer = Fuzzer(bus, Fds(scratch))
-    ids = fuzzer.ids(loop.run_until_complete(fuzzer.managed()))
+    ids = [path.rsplit("/", 1)[1].replace("_", "-") for paths in fuzzer.ids(
+        loop.run_until_complete(fuzzer.managed())).values() for path in paths]
 
     @settings(max_examples=calls, database=None, deadline=None, derandomize=False,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))

@@ -309,10 +309,10 @@ class ManagerInterface(ServiceInterface):
         path form is for root only: the daemon never opens a path for other callers."""
         uid = await self.api.authorizer.require_admin("ImportVolume")
         values = _options(options, IMPORT_OPTIONS)
-        request: ImportVolume = ImportVolume.parse(**values)
-        if request.source is not None and uid != 0:
+        if "source" in values and uid != 0:
             raise NotAuthorized("option source (a path the daemon opens) is accepted from "
                                 "root only; pass the image as a file descriptor (option fd)")
+        request: ImportVolume = ImportVolume.parse(**values)
         self.api.check_new_volume(request.id, request.share)
         if request.fd is not None:
             size = check_caller_fd(request.fd, "fd", write=False).st_size
@@ -506,12 +506,12 @@ class VolumeInterface(ServiceInterface):
         has the caller's owner and umask); the ``destination`` path form is root's only."""
         uid = await self._admin("Export")
         values = _options(options, EXPORT_OPTIONS)
+        if "destination" in values and uid != 0:
+            raise NotAuthorized("option destination (a file the daemon creates) is accepted "
+                                "from root only; pass a file descriptor of a file you "
+                                "created (option fd)")
         request: ExportVolume = ExportVolume.parse(**values)
         if request.destination is not None:
-            if uid != 0:
-                raise NotAuthorized("option destination (a file the daemon creates) is "
-                                    "accepted from root only; pass a file descriptor of a "
-                                    "file you created (option fd)")
             if not request.destination.parent.is_dir():
                 raise NotFound(f"directory {request.destination.parent} does not exist")
             if os.path.lexists(request.destination):

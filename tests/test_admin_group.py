@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Host
+from tests.conftest import DaemonProcess, Host
 from tests.test_dbus import (  # noqa: F401  (fixtures)
     ADMIN,
     Cli,
     readable_package,
-    running,
     users,
+    with_bus,
 )
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,23 @@ class Scratch:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# libvirt's in-process test driver: these tests need no hypervisor, and do not race with
+# domains that other tests start and destroy on qemu:///system
+NO_HYPERVISOR = "[libvirt]\nuri = test:///default\n"
+
+
+@pytest.fixture
+def running(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+            daemon_factory: Callable[..., DaemonProcess]) -> Callable[..., tuple[Host, Cli]]:
+    """A daemon on a private bus with hostvold's bus policy; ``running.daemon`` is it."""
+    def start(policy: str = "hostvold", package: Path | None = None) -> tuple[Host, Cli]:
+        address = bus_factory(policy)
+        host = host_factory(1024, extra=NO_HYPERVISOR)
+        start.daemon = daemon_factory(with_bus(host, address))  # type: ignore[attr-defined]
+        return host, Cli(address, package)
+    return start
 
 
 @pytest.fixture
