@@ -1,9 +1,12 @@
 """Fuzz every method of every hostvold D-Bus interface with generated options.
 
-    python bench/fuzz_api.py --bus ADDRESS [--calls 10000] [--seed N] [--scratch DIR]
+    python bench/fuzz_api.py [--bus ADDRESS] [--calls 10000] [--seed N] [--scratch DIR]
 
-Runs as whoever starts it (root, or an admin-group user through ``runuser``), so it is
-self-contained: it imports only dbus-fast, hypothesis and the standard library.
+Without ``--bus`` it starts its own dbus-daemon and hostvold (root only; a local share
+directory, libvirt's test driver) and afterwards also checks that the daemon is still up,
+that its log holds no traceback and that it kept no file descriptor. With ``--bus`` it calls
+a running daemon as whoever runs it (root, or an admin-group user through ``runuser``), so
+it is self-contained: it imports only dbus-fast, hypothesis and the standard library.
 
 Each call goes to one method of one object (the manager, an existing or a made-up volume,
 snapshot or job) with options drawn by hypothesis: known and unknown keys, every D-Bus type
@@ -25,6 +28,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -340,16 +344,86 @@ def run(address: str, calls: int, seed: int, scratch: str,
             "violations": fuzzer.violations[:20], "uid": os.getuid()}
 
 
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={socket}</listen><auth>EXTERNAL</auth>
+<policy context="default"><allow user="*"/><allow own="*"/><allow send_type="method_call"/>
+<allow send_destination="*"/><allow receive_type="method_call"/>
+<allow receive_type="method_return"/><allow receive_type="error"/>
+<allow receive_type="signal"/><allow send_type="signal"/>
+<allow send_requested_reply="true" send_type="method_return"/>
+<allow send_requested_reply="true" send_type="error"/></policy></busconfig>"""
+
+
+class PrivateDaemon:
+    """A dbus-daemon and a hostvold of the fuzzer's own, in a temporary directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        config = os.path.join(root, "bus.conf")
+        with open(config, "w") as out:
+            out.write(BUS_CONFIG.format(socket=os.path.join(root, "bus")))
+        self.bus = subprocess.Popen(["dbus-daemon", "--nofork", "--print-address=1",
+                                     f"--config-file={config}"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+        assert self.bus.stdout is not None
+        self.address = self.bus.stdout.readline().strip()
+        conf = os.path.join(root, "hostvold.conf")
+        with open(conf, "w") as out:
+            out.write(f"[daemon]\nstate_dir = {root}/state\nbus = {self.address}\n"
+                      "[libvirt]\nuri = test:///default\n")
+        notify = os.path.join(root, "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(notify)
+        listener.settimeout(60)
+        self.log = os.path.join(root, "hostvold.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", conf],
+                                         env=dict(os.environ, NOTIFY_SOCKET=notify),
+                                         stderr=log)
+        while b"READY=1" not in listener.recv(4096):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"hostvold exited {self.proc.returncode}")
+        listener.close()
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.bus.terminate()
+        self.bus.wait(10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bus", required=True, help="the D-Bus address hostvold serves on")
+    parser.add_argument("--bus", help="the D-Bus address of a running hostvold (default: "
+                        "start a private one)")
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--scratch", default=tempfile.gettempdir(),
                         help="a directory for the fuzzer's own small file")
     args = parser.parse_args()
-    summary = run(args.bus, args.calls, args.seed, args.scratch,
-                  lambda n: print(f"{n} calls", file=sys.stderr, flush=True))
+    private = None
+    with tempfile.TemporaryDirectory(prefix="hostvold-fuzz-") as root:
+        address = args.bus
+        if address is None:
+            private = PrivateDaemon(root)
+            address, fds_before = private.address, private.open_fds()
+        summary = run(address, args.calls, args.seed, args.scratch,
+                      lambda n: print(f"{n} calls", file=sys.stderr, flush=True))
+        if private is not None:
+            time.sleep(3)  # descriptors that reached no method are closed after 2 s
+            alive = private.proc.poll() is None
+            with open(private.log) as log:
+                text = log.read()
+            leaked = private.open_fds() - fds_before
+            private.stop()
+            print(f"daemon alive: {alive}; tracebacks in its log: {text.count('Traceback')}; "
+                  f"file descriptors kept: {leaked}")
+            if not alive or "Traceback" in text or leaked > 2:
+                summary["violations"].append("daemon crashed, logged a traceback or leaked")
     names = sorted(set(summary["errors"]) | set(summary["job_errors"]))
     print(f"calls: {summary['calls']}, refused: {summary['refused']}, jobs: {summary['jobs']}")
     print(f"distinct error names ({len(names)}): {', '.join(names)}")
