@@ -8,8 +8,11 @@ connection's uid and groups.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import grp
 import logging
+import os
 from contextvars import ContextVar
 from typing import Any
 
@@ -25,6 +28,31 @@ ROOT_PATH = "/org/hostvold1"
 ERROR_PREFIX = "org.hostvold1.Error."
 
 caller: ContextVar[str | None] = ContextVar("hostvold_caller", default=None)
+# how long the file descriptors of a call wait for their method to claim them; any call
+# that does not reach a method of ours (an unknown object, a property) has them closed then
+UNCLAIMED_FD_SECONDS = 2.0
+
+
+class ReceivedFds:
+    """The file descriptors that came with one method call. The daemon owns them: the
+    method closes them when it returns (a job that needs one keeps a ``dup``)."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = list(fds)
+        self.claimed = False
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close_unclaimed(self) -> None:
+        if not self.claimed:
+            self.close()
+
+
+received_fds: ContextVar[ReceivedFds | None] = ContextVar("hostvold_fds", default=None)
 
 
 def object_path(kind: str, object_id: str) -> str:
@@ -46,11 +74,11 @@ def dbus_error(exc: HostvoldError) -> DBusError:
 async def connect(address: str) -> MessageBus:
     """Connect to ``system``, ``session`` or an explicit address."""
     if address == "system":
-        bus = MessageBus(bus_type=BusType.SYSTEM)
+        bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
     elif address == "session":
-        bus = MessageBus(bus_type=BusType.SESSION)
+        bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
     else:
-        bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+        bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
     try:
         connected: MessageBus = await bus.connect()
     except (OSError, ValueError) as exc:
@@ -83,6 +111,13 @@ class Authorizer:
     def _remember_sender(message: Message) -> bool | None:
         if message.message_type == MessageType.METHOD_CALL:
             caller.set(message.sender)
+            holder = ReceivedFds(message.unix_fds) if message.unix_fds else None
+            received_fds.set(holder)
+            if holder is not None:
+                asyncio.get_running_loop().call_later(UNCLAIMED_FD_SECONDS,
+                                                      holder.close_unclaimed)
+        elif message.unix_fds:  # fds on a signal or reply: nobody asked for them
+            ReceivedFds(message.unix_fds).close()
         return None  # let dispatch go on
 
     async def credentials(self, sender: str) -> dict[str, Any]:
@@ -94,15 +129,17 @@ class Authorizer:
             raise NotAuthorized("the caller's credentials could not be read")
         return {key: variant.value for key, variant in reply.body[0].items()}
 
-    async def require_admin(self, action: str) -> None:
+    async def require_admin(self, action: str) -> int:
+        """The caller's uid, when it is root or in the admin group; else NotAuthorized."""
         sender = caller.get()
         if sender is None:
             raise NotAuthorized("the caller is unknown")
         creds = await self.credentials(sender)
         uid = creds.get("UnixUserID")
         groups = creds.get("UnixGroupIDs", [])
-        if uid == 0 or (self.admin_gid is not None and self.admin_gid in groups):
-            return
+        if isinstance(uid, int) and (uid == 0 or (self.admin_gid is not None
+                                                  and self.admin_gid in groups)):
+            return uid
         log.warning("refused %s to uid %s (not root, not in group %s)", action, uid,
                     self.admin_group)
         raise NotAuthorized(f"{action} needs root or membership of the group "

@@ -9,6 +9,7 @@ unknown incompatible features are refused.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from hostvold.errors import (
     UnsafeImage,
 )
 from hostvold.layout import VolumeFiles
+from hostvold.safefile import open_regular, require_regular
 
 QCOW2_MAGIC = b"QFI\xfb"
 _EXT_END = 0
@@ -29,6 +31,7 @@ _EXT_DATA_FILE = 0x44415441
 _INCOMPAT_DATA_FILE = 1 << 2
 _INCOMPAT_KNOWN = 0x1F  # dirty, corrupt, external data file, compression type, extended L2
 _MAX_HEADER = 1 << 16
+_MAX_L1_ENTRIES = 1 << 22  # 32 MiB of L1 table: a 256 TiB image with 64 KiB clusters
 QCOW2_KNOWN_SAFE = _INCOMPAT_KNOWN & ~_INCOMPAT_DATA_FILE
 
 
@@ -51,11 +54,32 @@ class Layer:
 
 
 def read_qcow2_header(path: Path) -> Qcow2Header:
-    """Parse the fixed header and extensions of a qcow2 file (UnsafeImage if malformed)."""
-    with open(path, "rb") as image:
-        head = image.read(4096)  # the header, its extensions and the backing name fit here
-        if len(head) == 4096 and not _complete(head):
-            head += image.read(_MAX_HEADER - 4096)
+    """Parse the fixed header and extensions of a qcow2 file (UnsafeImage if malformed).
+
+    The file is opened without following symbolic links and must be a regular file."""
+    fd = open_regular(path)
+    try:
+        return read_qcow2_header_fd(fd, path.name)
+    finally:
+        os.close(fd)
+
+
+def read_head(fd: int) -> bytes:
+    """The first bytes of an image: the header, its extensions and the backing name."""
+    head = os.pread(fd, 4096, 0)
+    if len(head) == 4096 and not _complete(head):
+        head += os.pread(fd, _MAX_HEADER - 4096, 4096)
+    return head
+
+
+def read_qcow2_header_fd(fd: int, name: str) -> Qcow2Header:
+    """:func:`read_qcow2_header` of an open file (read with pread: the offset is kept)."""
+    return parse_qcow2_header(read_head(fd), name)
+
+
+def parse_qcow2_header(head: bytes, name: str) -> Qcow2Header:
+    """Parse a qcow2 header from the first bytes of an image named ``name``."""
+    path = Path(name)
     if head[:4] != QCOW2_MAGIC or len(head) < 72:
         raise UnsafeImage(f"{path.name} is not a qcow2 image")
     version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
@@ -111,18 +135,25 @@ def _complete(head: bytes) -> bool:
 def qcow2_is_empty(path: Path) -> bool:
     """True when a qcow2 image holds no data of its own (no L2 table allocated): removing it
     loses nothing. Used by repair to tell a stale empty overlay from one holding writes."""
-    header = read_qcow2_header(path)
-    with open(path, "rb") as image:
-        image.seek(header.l1_table_offset)
-        table = image.read(header.l1_size * 8)
+    fd = open_regular(path)
+    try:
+        header = read_qcow2_header_fd(fd, path.name)
+        if header.l1_size > _MAX_L1_ENTRIES:  # a crafted header: never read 32 GiB
+            return False
+        table = os.pread(fd, header.l1_size * 8, header.l1_table_offset)
+    finally:
+        os.close(fd)
     return len(table) == header.l1_size * 8 and not any(table)
 
 
 def sniff_format(path: Path) -> str:
-    """raw or qcow2 from the magic alone; only for files that no guest writes to as raw
-    (import sources, adoption of a base file whose format nothing recorded)."""
-    with open(path, "rb") as image:
-        return "qcow2" if image.read(4) == QCOW2_MAGIC else "raw"
+    """raw or qcow2 from the magic alone. Never decides a volume's format (SPEC section 13):
+    only used to describe what a header claims, for an operator to confirm."""
+    fd = open_regular(path)
+    try:
+        return "qcow2" if os.pread(fd, 4, 0) == QCOW2_MAGIC else "raw"
+    finally:
+        os.close(fd)
 
 
 def check_backing_name(files: VolumeFiles, name: str) -> None:
@@ -153,6 +184,7 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
         if name in seen:
             raise UnsafeImage(f"the backing chain of {files.base_name} loops at {name}")
         seen.add(name)
+        require_regular(files.directory / name)  # no symbolic link, device or FIFO
         layers.append(Layer(name, fmt))
         if fmt == "raw":
             return layers

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,9 +75,10 @@ class Client:
     async def connect(cls, address: str) -> Client:
         try:
             if address == "system":
-                bus = MessageBus(bus_type=BusType.SYSTEM)
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
             else:
-                bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+                bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM,
+                                 negotiate_unix_fd=True)
             return cls(await bus.connect(), address)
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot reach the D-Bus {address} bus ({exc}); is hostvold "
@@ -87,9 +91,11 @@ class Client:
 
     async def call(self, path: str, interface: str, member: str, signature: str = "",
                    body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
+        body, fds = with_fd_indexes(body or [])
         reply = await self.bus.call(Message(destination=destination, path=path,
                                             interface=interface, member=member,
-                                            signature=signature, body=body or []))
+                                            signature=signature, body=body or [],
+                                            unix_fds=fds))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             raise _error(reply.error_name or "", str(reply.body[0]) if reply.body else "",
@@ -161,6 +167,21 @@ class Client:
         if not success:
             raise _error(error_name, message, self.address)
         return {"job": str(job), **props}
+
+
+def with_fd_indexes(body: list[Any]) -> tuple[list[Any], list[int]]:
+    """Options given as ``Variant("h", fd)`` travel in the message's descriptor list; the
+    body carries their indexes there."""
+    if not body or not isinstance(body[0], dict):
+        return body, []
+    fds: list[int] = []
+    options = {}
+    for key, value in body[0].items():
+        if isinstance(value, Variant) and value.signature == "h":
+            fds.append(value.value)
+            value = Variant("h", len(fds) - 1)
+        options[key] = value
+    return [options, *body[1:]], fds
 
 
 def draw_progress(fraction: float, rate: float) -> None:
@@ -286,10 +307,29 @@ async def cmd_create(client: Client, args: argparse.Namespace) -> None:
         share=args.share))
 
 
+def open_image(path: str) -> int:
+    """The image to import, opened with the caller's own rights (the daemon never opens a
+    path for a caller; it reads the descriptor)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        code = EXIT_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else EXIT_FAILED
+        raise CliError(f"cannot open {path}: {exc.strerror}", code) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CliError(f"{path} is not a regular file", EXIT_FAILED)
+    return fd
+
+
 async def cmd_import(client: Client, args: argparse.Namespace) -> None:
-    await job_command(client, args, ROOT_PATH, "Manager", "ImportVolume", options_of(
-        source=str(Path(args.path).absolute()), source_format=args.source_format,
-        format=args.format, size=args.size, id=args.id, share=args.share))
+    fd = open_image(args.path)
+    try:
+        await job_command(client, args, ROOT_PATH, "Manager", "ImportVolume", {
+            "fd": Variant("h", fd), **options_of(
+                source_format=args.source_format, format=args.format, size=args.size,
+                id=args.id, share=args.share)})
+    finally:
+        os.close(fd)
 
 
 async def cmd_delete(client: Client, args: argparse.Namespace) -> None:
@@ -302,9 +342,28 @@ async def cmd_extend(client: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_export(client: Client, args: argparse.Namespace) -> None:
-    await job_command(client, args, resolve("volumes", args.volume), "Volume", "Export",
-                      options_of(destination=str(Path(args.destination).absolute()),
-                                 format=args.format))
+    """The client creates the new file itself (its owner, its umask) and passes it open; a
+    failed export removes it again."""
+    dest = args.destination
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666)
+    except FileExistsError:
+        raise CliError(f"AlreadyExists: {dest} already exists; export never overwrites a "
+                       "file") from None
+    except OSError as exc:
+        code = EXIT_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else EXIT_FAILED
+        raise CliError(f"cannot create {dest}: {exc.strerror}", code) from None
+    done = False
+    try:
+        await job_command(client, args, resolve("volumes", args.volume), "Volume", "Export",
+                          {"fd": Variant("h", fd), **options_of(format=args.format)})
+        done = True
+    finally:
+        os.close(fd)
+        if not done and not args.no_wait:
+            with contextlib.suppress(OSError):
+                os.unlink(dest)
 
 
 async def cmd_clone(client: Client, args: argparse.Namespace) -> None:
@@ -329,7 +388,7 @@ async def cmd_detach(client: Client, args: argparse.Namespace) -> None:
 
 async def cmd_repair(client: Client, args: argparse.Namespace) -> None:
     (done,) = await client.call(resolve("volumes", args.volume), f"{PREFIX}Volume", "Repair",
-                                "a{sv}", [options_of(choice=args.choose)])
+                                "a{sv}", [options_of(format=args.format, choice=args.choose)])
     emit(args, list(done), lambda: "\n".join(done) or "nothing to repair")
 
 
@@ -412,12 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     revert = add("revert", cmd_revert, "go back to the newest snapshot")
     revert.add_argument("volume")
     revert.add_argument("snapshot")
-    repair = add("repair", cmd_repair, "rebuild a damaged chain map, or settle an undecided "
-                 "pivot")
+    repair = add("repair", cmd_repair, "rebuild a damaged chain map; confirm a format; "
+                 "settle an undecided pivot")
     repair.add_argument("volume")
     repair.add_argument("--choose", choices=("base", "overlay"),
                         help="which file holds the newest data after an undecided pivot "
                              "(repair without it shows where they differ)")
+    repair.add_argument("--format", choices=["raw", "qcow2"],
+                        help="confirm the base file's format (a volume adopted without "
+                             "trusted metadata is raw until confirmed; `show` prints what "
+                             "its header says)")
     attach = add("attach", cmd_attach, "hot-plug a volume into a running domain")
     attach.add_argument("volume")
     attach.add_argument("domain")

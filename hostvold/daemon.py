@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dbus_fast.aio import MessageBus
 
-from hostvold import __version__, notify
+from hostvold import __version__, notify, policy
 from hostvold.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.config import Config, load_config
 from hostvold.dbus_api import Api
@@ -122,6 +122,9 @@ class Daemon:
         assert self.service is not None and self.snapshots is not None
         notify.status("connecting to the bus")
         self.bus = await connect(self.config.daemon.bus)
+        if self.config.daemon.bus == "system":  # the installed policy must admit admin_group
+            for warning in policy.check_installed(self.config.daemon.admin_group):
+                log.warning("%s", warning)
         authorizer = Authorizer(self.bus, self.config.daemon.admin_group)
         api = Api(self.bus, self.service, self.snapshots, self.jobs, authorizer)
         api.export_all()

@@ -1,7 +1,11 @@
 """The D-Bus API (SPEC section 9): Manager, Share, Volume, Snapshot and Job objects.
 
-Thin: every method validates nothing itself, calls the service, and maps errors to
-``org.hostvold1.Error.<Name>``. Long operations return a Job object at once. After every
+Thin: every method checks its options when the call arrives (each option's D-Bus type,
+then the request model of :mod:`hostvold.models`), so a bad call is answered with
+``org.hostvold1.Error.InvalidArgument`` and no job is made; then it calls the service and
+maps errors to ``org.hostvold1.Error.<Name>``. Long operations return a Job object at once.
+File descriptors that come with a call (``ImportVolume``/``Export`` option ``fd``) are
+closed when the method returns; a job keeps a ``dup`` of its own. After every
 change the affected objects are exported, unexported or announce their changed
 properties, so clients never poll. Property getters read cached state only
 (``GetManagedObjects`` calls every getter of every object).
@@ -17,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-from dbus_fast import DBusError, PropertyAccess, Variant
+from dbus_fast import DBusError, Message, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import (
     DBusBool,
@@ -31,13 +35,32 @@ from dbus_fast.annotations import (
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from hostvold import __version__
-from hostvold.bus import ROOT_PATH, Authorizer, dbus_error, object_path
-from hostvold.errors import HostvoldError, InvalidArgument
+from hostvold.bus import (
+    ERROR_PREFIX,
+    ROOT_PATH,
+    Authorizer,
+    dbus_error,
+    id_from_path,
+    object_path,
+    received_fds,
+)
+from hostvold.errors import AlreadyExists, HostvoldError, InvalidArgument, NotAuthorized, NotFound
 from hostvold.jobs import Job, JobRunner
 from hostvold.metadata import VolumeMeta
+from hostvold.models import (
+    AttachVolume,
+    CopyVolume,
+    CreateVolume,
+    ExportVolume,
+    ExtendVolume,
+    ImportVolume,
+    RepairVolume,
+    RevertVolume,
+)
 from hostvold.mounts import Share
+from hostvold.safefile import check_caller_fd
 from hostvold.snapshots import SnapshotService
-from hostvold.volumes import VolumeService
+from hostvold.volumes import VolumeService, open_source
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +71,63 @@ Pair = Annotated[tuple[str, str], DBusSignature("(ss)")]
 T = TypeVar("T")
 
 
-def _options(options: dict[str, Variant]) -> dict[str, Any]:
-    return {key: variant.value for key, variant in options.items()}
+INT = frozenset("tuxiqn")  # D-Bus integer types a size may come as
+STR = frozenset("s")
+FD = frozenset("h")
+NEW_VOLUME = {"id": STR, "size": INT, "format": STR, "share": STR}
+CREATE_OPTIONS = {**NEW_VOLUME, "provisioning": STR}
+IMPORT_OPTIONS = {**NEW_VOLUME, "fd": FD, "source": STR, "source_format": STR}
+EXPORT_OPTIONS = {"fd": FD, "destination": STR, "format": STR}
+
+
+def _options(options: dict[str, Variant], accepted: dict[str, frozenset[str]]) -> dict[str, Any]:
+    """The options' values, each of a D-Bus type its option accepts; InvalidArgument naming
+    the first unknown option or wrong type."""
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "no options"
+        raise InvalidArgument(f"unknown option {unknown[0]!r}; this method takes {takes}")
+    values = {}
+    for key, variant in options.items():
+        if variant.signature not in accepted[key]:
+            wanted = " or ".join(f"'{sig}'" for sig in sorted(accepted[key]))
+            raise InvalidArgument(f"option {key}: expected D-Bus type {wanted}, got "
+                                  f"'{variant.signature}'")
+        values[key] = variant.value
+    return values
 
 
 def _errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map hostvold errors to named D-Bus errors."""
+    """Map hostvold errors to named D-Bus errors; close the call's file descriptors."""
     @functools.wraps(method)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
+        fds = received_fds.get()
+        if fds is not None:
+            fds.claimed = True
         try:
             return await method(*args, **kwargs)
         except HostvoldError as exc:
             raise dbus_error(exc) from None
+        except DBusError:
+            raise
+        except Exception as exc:  # a bug: the caller still gets a named error
+            log.exception("%s failed unexpectedly", method.__name__)
+            raise DBusError(f"{ERROR_PREFIX}Failed",
+                            f"internal error: {type(exc).__name__}") from None
+        finally:
+            if fds is not None:
+                fds.close()
     return wrapper
+
+
+def _keep_fd(fd: int | None) -> int | None:
+    """A descriptor of the job's own (the call's are closed when the method returns)."""
+    return None if fd is None else os.dup(fd)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 class Api:
@@ -81,9 +148,34 @@ class Api:
         self.job_objects: dict[str, JobInterface] = {}
         self._usage_pending = False
         volumes.change_listeners.append(self.sync_volume)
+        bus.add_message_handler(self._unknown_object)
         jobs.on_added.append(self._job_added)
         jobs.on_removed.append(self._job_removed)
         jobs.listeners.append(self._job_changed)
+
+    def _unknown_object(self, message: Message) -> Message | None:
+        """A call of one of our methods on an object that does not exist: NotFound."""
+        if (message.message_type != MessageType.METHOD_CALL
+                or not (message.interface or "").startswith("org.hostvold1.")
+                or message.path == ROOT_PATH):
+            return None
+        parts = (message.path or "").split("/")
+        kinds: dict[str, dict[str, Any]] = {
+            "shares": self.share_objects, "volumes": self.volume_objects,
+            "snapshots": self.snapshot_objects, "jobs": self.job_objects}
+        kind = parts[3] if len(parts) == 5 and parts[:3] == ["", "org", "hostvold1"] else ""
+        if parts[-1].replace("_", "-") in kinds.get(kind, {}):
+            return None
+        return Message.new_error(message, f"{ERROR_PREFIX}NotFound",
+                                 f"no object {message.path} (it does not exist or is gone)")
+
+    def check_new_volume(self, volume_id: str | None, share: str | None) -> None:
+        """What can be known about a new volume when the call arrives."""
+        if volume_id is not None and self.volumes.find(volume_id) is not None:
+            raise AlreadyExists(f"volume {volume_id} already exists")
+        if share is not None and not any(share in (s.id, s.spec.address)
+                                         for s in self.volumes.shares):
+            raise NotFound(f"share {share!r} is not configured")
 
     def export_all(self) -> None:
         self.bus.export(ROOT_PATH, self.manager)
@@ -199,28 +291,46 @@ class ManagerInterface(ServiceInterface):
     @_errors
     async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
         await self.api.authorizer.require_admin("CreateVolume")
-        values = _options(options)
+        values = _options(options, CREATE_OPTIONS)
+        request: CreateVolume = CreateVolume.parse(**values)
+        self.api.check_new_volume(request.id, request.share)
         objects: list[str] = []
         done = self.api.volume_path_result(objects)
 
         async def work() -> VolumeMeta:
             return done(await self.api.volumes.create_volume(**values))
 
-        return self.api.start_job("create-volume", objects, work, int(values.get("size", 0)))
+        return self.api.start_job("create-volume", objects, work, request.size)
 
     @dbus_method()
     @_errors
     async def ImportVolume(self, options: DBusDict) -> DBusObjectPath:
-        await self.api.authorizer.require_admin("ImportVolume")
-        values = _options(options)
+        """The image is option ``fd`` (opened by the caller, for reading); the ``source``
+        path form is for root only: the daemon never opens a path for other callers."""
+        uid = await self.api.authorizer.require_admin("ImportVolume")
+        values = _options(options, IMPORT_OPTIONS)
+        if "source" in values and uid != 0:
+            raise NotAuthorized("option source (a path the daemon opens) is accepted from "
+                                "root only; pass the image as a file descriptor (option fd)")
+        request: ImportVolume = ImportVolume.parse(**values)
+        self.api.check_new_volume(request.id, request.share)
+        if request.fd is not None:
+            size = check_caller_fd(request.fd, "fd", write=False).st_size
+            fd = _keep_fd(request.fd)
+        else:
+            assert request.source is not None
+            fd = await asyncio.to_thread(open_source, request.source)
+            size = os.fstat(fd).st_size
+            del values["source"]
+        values["fd"] = fd
         objects: list[str] = []
         done = self.api.volume_path_result(objects)
-        source = str(values.get("source", ""))
-        size = os.stat(source).st_size if source.startswith("/") and os.path.isfile(source) \
-            else 0
 
         async def work() -> VolumeMeta:
-            return done(await self.api.volumes.import_volume(**values))
+            try:
+                return done(await self.api.volumes.import_volume(**values))
+            finally:
+                _close(fd)
 
         return self.api.start_job("import-volume", objects, work, size)
 
@@ -345,17 +455,14 @@ class VolumeInterface(ServiceInterface):
         if changed:
             self.emit_properties_changed(changed)
 
-    async def _admin(self, action: str) -> None:
-        await self.api.authorizer.require_admin(f"Volume.{action}")
+    async def _admin(self, action: str) -> int:
+        return await self.api.authorizer.require_admin(f"Volume.{action}")
 
     @dbus_method()
     @_errors
     async def CreateSnapshot(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("CreateSnapshot")
-        values = _options(options)
-        unknown = set(values) - {"id"}
-        if unknown:
-            raise InvalidArgument(f"unknown options: {', '.join(sorted(unknown))}")
+        values = _options(options, {"id": STR})
         snap = await self.api.snapshots.create_snapshot(self.meta.id, values.get("id"))
         self.api.sync_volume(self.meta.id)
         return object_path("snapshots", snap.id)
@@ -364,7 +471,11 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Extend(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Extend")
-        values = _options(options)
+        values = _options(options, {"size": INT})
+        request: ExtendVolume = ExtendVolume.parse(**values)
+        if request.size <= self.meta.size:
+            raise InvalidArgument(f"option size: the new size {request.size} must be larger "
+                                  f"than the current {self.meta.size} bytes")
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
@@ -376,7 +487,9 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Clone(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Clone")
-        values = _options(options)
+        values = _options(options, NEW_VOLUME)
+        request: CopyVolume = CopyVolume.parse(**values)
+        self.api.check_new_volume(request.id, request.share)
         objects = [self.path]
         done = self.api.volume_path_result(objects)
         volume_id = self.meta.id
@@ -389,12 +502,32 @@ class VolumeInterface(ServiceInterface):
     @dbus_method()
     @_errors
     async def Export(self, options: DBusDict) -> DBusObjectPath:
-        await self._admin("Export")
-        values = _options(options)
+        """Into option ``fd``, a new file the caller created and opened for writing (so it
+        has the caller's owner and umask); the ``destination`` path form is root's only."""
+        uid = await self._admin("Export")
+        values = _options(options, EXPORT_OPTIONS)
+        if "destination" in values and uid != 0:
+            raise NotAuthorized("option destination (a file the daemon creates) is accepted "
+                                "from root only; pass a file descriptor of a file you "
+                                "created (option fd)")
+        request: ExportVolume = ExportVolume.parse(**values)
+        if request.destination is not None:
+            if not request.destination.parent.is_dir():
+                raise NotFound(f"directory {request.destination.parent} does not exist")
+            if os.path.lexists(request.destination):
+                raise AlreadyExists(f"{request.destination} already exists; hostvold never "
+                                    "overwrites a file")
+        if request.fd is not None:
+            check_caller_fd(request.fd, "fd", write=True)
+        fd = _keep_fd(request.fd)
+        values["fd"] = fd
         volume_id = self.meta.id
 
         async def work() -> str:
-            return str(await self.api.volumes.export_volume(volume_id, **values))
+            try:
+                return str(await self.api.volumes.export_volume(volume_id, **values) or "")
+            finally:
+                _close(fd)
 
         return self.api.start_job("export", [self.path], work, self.meta.size)
 
@@ -402,16 +535,20 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Revert(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Revert")
-        values = _options(options)
-        snapshot = str(values.pop("snapshot", ""))
-        if values:
-            raise InvalidArgument(f"unknown options: {', '.join(sorted(values))}")
-        volume_id = self.meta.id
+        values = _options(options, {"snapshot": frozenset("so")})
+        snapshot = str(values.get("snapshot", ""))
         if snapshot.startswith("/"):
-            snapshot = snapshot.rsplit("/", 1)[1].replace("_", "-")
+            try:
+                snapshot = id_from_path(snapshot, "snapshots")
+            except ValueError as exc:
+                raise InvalidArgument(f"option snapshot: {exc}") from None
+        sid = RevertVolume.parse(snapshot=snapshot).snapshot
+        if sid not in self.meta.snapshots:
+            raise NotFound(f"snapshot {sid} of volume {self.meta.id} does not exist")
+        volume_id = self.meta.id
 
         async def work() -> None:
-            await self.api.snapshots.revert(volume_id, snapshot)
+            await self.api.snapshots.revert(volume_id, sid)
 
         return self.api.start_job("revert", [self.path], work)
 
@@ -419,16 +556,14 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Attach(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Attach")
-        values = _options(options)
-        domain = str(values.pop("domain", ""))
-        target = values.pop("target", None)
-        if not domain or values:
-            raise InvalidArgument("Attach takes options domain (required) and target")
+        request: AttachVolume = AttachVolume.parse(
+            **_options(options, {"domain": STR, "target": STR}))
+        domain, target = request.domain, request.target
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
             live = self.api.volumes.require_live()
-            return await live.attach(volume_id, domain, str(target) if target else None)
+            return await live.attach(volume_id, domain, target)
 
         return self.api.start_job("attach", [self.path], work)
 
@@ -436,8 +571,7 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Detach(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Detach")
-        if options:
-            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        _options(options, {})
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
@@ -448,14 +582,15 @@ class VolumeInterface(ServiceInterface):
     @dbus_method()
     @_errors
     async def Repair(self, options: DBusDict) -> Strings:
+        """Option ``format`` (raw|qcow2) confirms the base file's format; ``choice``
+        (base|overlay) settles an undecided pivot."""
         await self._admin("Repair")
         choice = options.pop("choice", None)
-        if options:
-            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
         if choice is not None and (choice.signature != "s"
                                    or choice.value not in ("base", "overlay")):
             raise InvalidArgument("option choice must be the string 'base' or 'overlay'")
-        done = await self.api.snapshots.repair(self.meta.id,
+        request: RepairVolume = RepairVolume.parse(**_options(options, {"format": STR}))
+        done = await self.api.snapshots.repair(self.meta.id, request.format,
                                                choice.value if choice is not None else None)
         self.api.sync_volume(self.meta.id)
         return done
@@ -464,8 +599,7 @@ class VolumeInterface(ServiceInterface):
     @_errors
     async def Delete(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Delete")
-        if options:
-            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        _options(options, {})
         volume_id = self.meta.id
 
         async def work() -> None:
@@ -534,8 +668,7 @@ class SnapshotInterface(ServiceInterface):
     @_errors
     async def Delete(self, options: DBusDict) -> DBusObjectPath:
         await self.api.authorizer.require_admin("Snapshot.Delete")
-        if options:
-            raise InvalidArgument(f"unknown options: {', '.join(sorted(options))}")
+        _options(options, {})
         volume_id, sid = self.volume_id, self.snapshot_id
 
         async def work() -> None:
@@ -550,7 +683,9 @@ class SnapshotInterface(ServiceInterface):
     @_errors
     async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
         await self.api.authorizer.require_admin("Snapshot.CreateVolume")
-        values = _options(options)
+        values = _options(options, NEW_VOLUME)
+        request: CopyVolume = CopyVolume.parse(**values)
+        self.api.check_new_volume(request.id, request.share)
         objects = [object_path("snapshots", self.snapshot_id)]
         done = self.api.volume_path_result(objects)
         volume_id, sid = self.volume_id, self.snapshot_id

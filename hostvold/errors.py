@@ -112,6 +112,20 @@ class UnknownImageFeature(UnsafeImage):
     name = "UnknownImageFeature"
 
 
+class UnsafeFile(UnsafeImage):
+    """A file of a volume (or an image a caller handed over) that is not a plain regular
+    file: a symbolic link, a device, a FIFO, a socket or a directory. Never opened."""
+
+    name = "UnsafeFile"
+
+
+class UntrustedRecord(UnsafeImage):
+    """A metadata or info file names a file that is not one of the volume's own: the record
+    is not acted on, the volume gets a health problem and nothing is touched."""
+
+    name = "UntrustedRecord"
+
+
 class InfoFileDamaged(InvalidState):
     """The info file (Cinder's chain map) is empty, truncated or names files that are not
     there: the volume needs an explicit repair."""

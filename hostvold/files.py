@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hostvold.atomic import fsync_dir
 from hostvold.errors import Failed, NoSpace
+from hostvold.safefile import open_regular
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -48,7 +49,7 @@ def create_raw(path: Path, size: int, thick: bool, mode: int) -> None:
 
 def grow_raw(path: Path, size: int, thick: bool) -> None:
     """Grow a raw image to ``size``; idempotent, so recovery can simply run it again."""
-    fd = os.open(path, os.O_WRONLY)
+    fd = open_regular(path, os.O_WRONLY)
     try:
         current = os.fstat(fd).st_size
         if thick and size > current:
@@ -61,7 +62,7 @@ def grow_raw(path: Path, size: int, thick: bool) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         os.fsync(fd)
     finally:
@@ -72,3 +73,27 @@ def is_enospc(exc: BaseException) -> bool:
     text = str(getattr(exc, "stderr", "")) + str(exc)
     return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
         "No space left on device" in text
+
+
+def copy_fd_to_new_file(fd: int, path: Path, mode: int) -> None:
+    """Copy the whole content of open file ``fd`` into a new file ``path`` (in-kernel where
+    the filesystems allow it), never moving ``fd``'s offset."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  mode)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                done = os.copy_file_range(fd, out, size - offset, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+                done = os.pwrite(out, chunk, offset) if chunk else 0
+            if done == 0:
+                break
+            offset += done
+        os.fsync(out)
+    finally:
+        os.close(out)

@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass, field
 
 from hostvold.atomic import write_atomic
-from hostvold.errors import InfoFileDamaged
+from hostvold.errors import InfoFileDamaged, UnsafeFile
 from hostvold.ids import valid_id
 from hostvold.layout import VolumeFiles
+from hostvold.safefile import read_regular
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,14 @@ class SnapshotMap:
 
 
 def read_info(files: VolumeFiles) -> SnapshotMap:
-    """The chain map of a volume; InfoFileDamaged when it cannot be trusted."""
+    """The chain map of a volume; InfoFileDamaged when it cannot be trusted (a symbolic
+    link, a device, or names that are not the volume's own files)."""
     try:
-        data = files.info.read_bytes()
+        data = read_regular(files.info)
     except FileNotFoundError:
         return SnapshotMap(files.base_name)
+    except UnsafeFile as exc:
+        raise InfoFileDamaged(f"{exc.message}; run a repair") from None
     try:
         raw = json.loads(data)
     except (ValueError, UnicodeDecodeError):

@@ -93,3 +93,45 @@ class VolumeFiles:
         except FileNotFoundError:
             return []
         return sorted(self.directory / name for name in names if self.owns(name))
+
+
+# the fields of a recorded operation (metadata file, key "operation") that name files, over
+# every operation hostvold records (volumes.py, snapshots.py, live.py)
+OPERATION_FILE_FIELDS = ("overlay", "top", "base", "higher", "below", "active", "file")
+_OPERATION_ID_FIELDS = ("snapshot",)
+
+
+def record_problems(files: VolumeFiles, operation: dict[str, object] | None,
+                    active: str) -> list[str]:
+    """What is wrong with the file names a metadata file records, as health problems.
+
+    The metadata file lives on shared storage and can be written by others: every name in
+    it must be one of this volume's own image files (a bare name, no ``/``, no ``..``, not
+    another volume's file) before any tool, unlink or open sees it. Empty when all is well.
+    """
+    where = f"{files.base_name}.meta"
+    problems = []
+    if not files.is_image(active):
+        problems.append(f"UntrustedRecord: {where} names {active!r} as the active file, "
+                        "which is not one of the volume's files; nothing was done")
+    if operation is None:
+        return problems
+    for key, value in operation.items():
+        if key in OPERATION_FILE_FIELDS and value is not None and not (
+                isinstance(value, str) and files.is_image(value)):
+            problems.append(f"UntrustedRecord: the interrupted operation in {where} names "
+                            f"{value!r} as its {key}, which is not one of the volume's "
+                            "files; nothing was done")
+        elif key in _OPERATION_ID_FIELDS and not (
+                isinstance(value, str) and re.fullmatch(_UUID, value)):
+            problems.append(f"UntrustedRecord: the interrupted operation in {where} has "
+                            f"{value!r} as its {key}, which is not a snapshot id; nothing "
+                            "was done")
+    if operation.get("base_format", "raw") not in ("raw", "qcow2"):
+        problems.append(f"UntrustedRecord: the interrupted operation in {where} records "
+                        f"backing format {operation.get('base_format')!r}; nothing was done")
+    name = operation.get("name")
+    if not isinstance(name, str):
+        problems.append(f"UntrustedRecord: the interrupted operation in {where} has no name; "
+                        "nothing was done")
+    return problems

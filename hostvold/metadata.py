@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hostvold.atomic import write_atomic
 from hostvold.errors import Failed
+from hostvold.safefile import read_regular
 
 VolumeState = Literal["creating", "available", "in-use", "busy", "error", "deleting"]
 Provisioning = Literal["thin", "thick"]
@@ -51,8 +52,11 @@ class VolumeMeta(BaseModel):
 
 
 def read_meta(path: Path) -> VolumeMeta:
+    """The metadata file: a regular file, never followed through a symbolic link (UnsafeFile).
+    It sits on shared storage: callers check the file names it records (see
+    :func:`hostvold.layout.record_problems`) before acting on them."""
     try:
-        return VolumeMeta.model_validate_json(path.read_bytes())
+        return VolumeMeta.model_validate_json(read_regular(path))
     except ValidationError as exc:
         raise Failed(f"metadata file {path} is invalid: {exc.errors()[0]['msg']}") from None
 

@@ -4,7 +4,10 @@ Rules kept here so no caller has to remember them:
 - argv only, never a shell; ``LC_ALL=C`` so messages are stable;
 - the format is always given (``-f``) for images whose format we know: qemu-img never
   probes an image a guest could have written;
-- ``info`` of such an image runs under ``prlimit`` CPU and address-space limits;
+- every subcommand that reads such an image (info, measure, check, convert, commit,
+  rebase, resize) runs under ``prlimit`` CPU and address-space limits (``[limits]``);
+- an image a caller handed over as a file descriptor is reached as ``/dev/fd/N`` of the
+  child (``pass_fds``), never by a path the caller named;
 - on timeout or cancellation the child is killed and reaped;
 - a failure raises :class:`QemuImgError` carrying stderr.
 """
@@ -35,7 +38,7 @@ _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits for ``qemu-img info`` on untrusted images."""
+    """Resource limits for qemu-img processes that read untrusted images."""
 
     cpu_seconds: int = 30
     address_space: int = 1 << 30
@@ -76,12 +79,15 @@ class CheckResult(BaseModel):
 
 async def run(argv: list[str], *, timeout: float | None = None,
               on_progress: ProgressCallback | None = None,
-              context: str = "", ok_codes: tuple[int, ...] = (0,)) -> bytes:
+              context: str = "", ok_codes: tuple[int, ...] = (0,),
+              pass_fds: tuple[int, ...] = ()) -> bytes:
     """Run ``argv`` and return its stdout; raise QemuImgError on any failure."""
-    env = dict(os.environ, LC_ALL="C")
+    # every thread of qemu-img's pool would reserve a 64 MiB malloc arena: under the
+    # address-space limit a commit or convert moving data then fails to start threads
+    env = dict(os.environ, LC_ALL="C", MALLOC_ARENA_MAX="2")
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env)
+        stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds)
     try:
         async with asyncio.timeout(timeout):
             if on_progress is None:
@@ -153,8 +159,13 @@ async def info_chain(path: Path, fmt: Format, limits: Limits,
 
 
 def _limits_text(limits: Limits) -> str:
-    return (f"qemu-img info ran under limits cpu={limits.cpu_seconds}s "
+    return (f"qemu-img ran under limits cpu={limits.cpu_seconds}s "
             f"address-space={limits.address_space} bytes")
+
+
+def fd_path(fd: int) -> Path:
+    """How a child given ``fd`` (``pass_fds``) names that open file."""
+    return Path(f"/dev/fd/{fd}")
 
 
 async def create(path: Path, fmt: Format, size: int, *, backing: str | None = None,
@@ -171,29 +182,36 @@ async def create(path: Path, fmt: Format, size: int, *, backing: str | None = No
     await run(argv)
 
 
-async def resize(path: Path, fmt: Format, size: int, *, preallocation: str | None = None) -> None:
+async def resize(path: Path, fmt: Format, size: int, *, limits: Limits,
+                 preallocation: str | None = None) -> None:
     argv = [QEMU_IMG, "resize", "-q", "-f", fmt]
     if preallocation is not None:
         argv.append(f"--preallocation={preallocation}")
-    await run([*argv, str(path), str(size)])
+    await run([*limits.prefix(), *argv, str(path), str(size)], context=_limits_text(limits))
 
 
-async def convert(src: Path, src_fmt: Format, dst: Path, dst_fmt: Format, *,
+async def convert(src: Path, src_fmt: Format, dst: Path, dst_fmt: Format, *, limits: Limits,
                   sparse: bool = True, on_progress: ProgressCallback | None = None,
-                  dst_options: str | None = None) -> None:
-    """Copy ``src`` (and its chain) into a new standalone ``dst``."""
+                  dst_options: str | None = None, pass_fds: tuple[int, ...] = (),
+                  src_cache: str = "none", dst_cache: str = "none") -> None:
+    """Copy ``src`` (and its chain) into a new standalone ``dst``, under ``limits``.
+
+    A caller's file (``/dev/fd/N`` with ``pass_fds``) is opened with the default cache: it
+    may sit on a filesystem without O_DIRECT (tmpfs)."""
     on_progress = on_progress or progress.current.get()
-    argv = [QEMU_IMG, "convert", "-f", src_fmt, "-O", dst_fmt, "-t", "none", "-T", "none"]
+    argv = [QEMU_IMG, "convert", "-f", src_fmt, "-O", dst_fmt, "-t", dst_cache,
+            "-T", src_cache]
     if on_progress is not None:
         argv.append("-p")
     if not sparse:
         argv += ["-S", "0"]
     if dst_options:
         argv += ["-o", dst_options]
-    await run([*argv, str(src), str(dst)], on_progress=on_progress)
+    await run([*limits.prefix(), *argv, str(src), str(dst)], on_progress=on_progress,
+              context=_limits_text(limits), pass_fds=pass_fds)
 
 
-async def commit(path: Path, fmt: Format, *, drop: bool = True,
+async def commit(path: Path, fmt: Format, *, limits: Limits, drop: bool = True,
                  on_progress: ProgressCallback | None = None) -> None:
     """Merge ``path`` into its backing file; with ``drop`` the top is left as it was."""
     on_progress = on_progress or progress.current.get()
@@ -202,19 +220,23 @@ async def commit(path: Path, fmt: Format, *, drop: bool = True,
         argv.append("-d")
     if on_progress is not None:
         argv.append("-p")
-    await run([*argv, str(path)], on_progress=on_progress)
+    await run([*limits.prefix(), *argv, str(path)], on_progress=on_progress,
+              context=_limits_text(limits))
 
 
-async def rebase_unsafe(path: Path, fmt: Format, backing: str, backing_fmt: Format) -> None:
+async def rebase_unsafe(path: Path, fmt: Format, backing: str, backing_fmt: Format, *,
+                        limits: Limits) -> None:
     """Rewrite the backing reference of ``path`` only (no data is copied)."""
-    await run([QEMU_IMG, "rebase", "-u", "-f", fmt, "-b", backing, "-F", backing_fmt, str(path)])
+    await run([*limits.prefix(), QEMU_IMG, "rebase", "-u", "-f", fmt, "-b", backing, "-F",
+               backing_fmt, str(path)], context=_limits_text(limits))
 
 
-async def measure(src: Path, src_fmt: Format, out_fmt: Format, limits: Limits) -> Measure:
+async def measure(src: Path, src_fmt: Format, out_fmt: Format, limits: Limits,
+                  pass_fds: tuple[int, ...] = ()) -> Measure:
     """Bytes a conversion of ``src`` into ``out_fmt`` needs; ``src`` may be untrusted."""
     argv = [QEMU_IMG, "measure", "-f", src_fmt, "-O", out_fmt, "--output=json", str(src)]
     out = await run(limits.prefix() + argv, timeout=limits.cpu_seconds * 2,
-                    context=_limits_text(limits))
+                    context=_limits_text(limits), pass_fds=pass_fds)
     result = _parse(Measure, out, argv)
     assert isinstance(result, Measure)
     return result

@@ -42,7 +42,7 @@ from typing import Any
 
 from hostvold import crash, qemuimg
 from hostvold.atomic import fsync_dir, temp_name, unlink_durable
-from hostvold.chain import Layer, qcow2_is_empty, validate_chain
+from hostvold.chain import Layer, qcow2_is_empty, read_qcow2_header, validate_chain
 from hostvold.errors import (
     AlreadyExists,
     HostvoldError,
@@ -56,7 +56,7 @@ from hostvold.errors import (
 from hostvold.files import fsync_file
 from hostvold.ids import new_id, valid_id
 from hostvold.infofile import SnapshotMap, read_info, write_info
-from hostvold.layout import VolumeFiles
+from hostvold.layout import VolumeFiles, record_problems
 from hostvold.metadata import VolumeMeta, utc_now
 from hostvold.models import CopyVolume
 from hostvold.planning import (
@@ -67,7 +67,13 @@ from hostvold.planning import (
     snapshot_data,
 )
 from hostvold.qemuimg import Format
-from hostvold.volumes import VolumeService, file_mtime, layer_format
+from hostvold.volumes import (
+    FORMAT_UNCONFIRMED,
+    VolumeService,
+    file_mtime,
+    header_claim,
+    layer_format,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +178,7 @@ class SnapshotService:
             meta = volumes.get_volume(volume_id)
             op = meta.operation
             if op and op.get("name") == "delete-snapshot" and op.get("snapshot") == sid:
-                return await self._resume_delete(volumes.files_of(meta), meta)  # a retry
+                return await volumes.recover_volume(meta)  # a retry, its record checked
             if op and op.get("name") == "live-delete-snapshot" and op.get("snapshot") == sid:
                 return await volumes.recover_volume(meta)  # a retry
             _meta, users = await volumes.observe(volume_id)
@@ -211,14 +217,15 @@ class SnapshotService:
         directory = files.directory
         top, base, higher = op["top"], op["base"], op["higher"]
         if op["step"] == "commit":
-            await qemuimg.commit(directory / top, "qcow2", drop=True)
+            await qemuimg.commit(directory / top, "qcow2", drop=True, limits=self.volumes.limits)
             crash.point("delete-snapshot:commit")
             op["step"] = "relink"
             meta = self.volumes.record(files, meta.evolve(operation=op))
             crash.point("delete-snapshot:relink-recorded")
         if op["step"] == "relink":
             if higher is not None:
-                await qemuimg.rebase_unsafe(directory / higher, "qcow2", base, op["base_format"])
+                await qemuimg.rebase_unsafe(directory / higher, "qcow2", base, op["base_format"],
+                                            limits=self.volumes.limits)
                 crash.point("delete-snapshot:rebase")
             chain_map = read_info(files)
             new_map = chain_map.without(op["snapshot"], active=base if higher is None else None)
@@ -321,9 +328,10 @@ class SnapshotService:
         src_path = files.directory / source.name
 
         async def make(path: Path) -> None:
-            await qemuimg.convert(src_path, layer_format(source), path, fmt)
+            limits = self.volumes.limits
+            await qemuimg.convert(src_path, layer_format(source), path, fmt, limits=limits)
             if size > source_size:
-                await qemuimg.resize(path, fmt, size)
+                await qemuimg.resize(path, fmt, size, limits=limits)
             await asyncio.to_thread(fsync_file, path)
 
         return await self.volumes.create_new(request.id or new_id(), size, fmt, True,
@@ -350,10 +358,13 @@ class SnapshotService:
             self.volumes.record(files, meta.evolve(problems=problems))
         return problems
 
-    async def repair(self, volume_id: str, choice: str | None = None) -> list[str]:
+    async def repair(self, volume_id: str, fmt: Format | None = None,
+                     choice: str | None = None) -> list[str]:
         """Make the info file describe the chain the files form, losing no data still
-        present. An undecided pivot is shown, and resolved only by the operator's
-        ``choice`` (``base`` or ``overlay``). Returns what was done."""
+        present. ``fmt``: the operator confirms the base file's format (needed when the
+        volume was adopted without a trusted format record). An undecided pivot is shown,
+        and settled only by the operator's ``choice`` (``base`` or ``overlay``). Returns
+        what was done."""
         volume_id = valid_id(volume_id, "volume id")
         volumes = self.volumes
         async with volumes.locks.volume(volume_id):
@@ -368,9 +379,39 @@ class SnapshotService:
             if choice is not None:
                 raise InvalidArgument(f"volume {volume_id} has no undecided pivot to choose "
                                       "for; repair it without a choice")
+            done = []
+            if meta.operation is not None and record_problems(files, meta.operation,
+                                                              meta.active):
+                # a record naming foreign files is never acted on; the chain on disk is
+                # rebuilt from the image headers below, as for any other damage
+                meta = meta.evolve(operation=None)
+                done.append("discarded the untrusted operation record of the metadata file")
             if meta.state != "available" or meta.operation is not None:
                 raise InvalidState(f"volume {volume_id} is busy; repair needs an idle volume")
-            return self._repair(files, meta)  # header reads only: quick, on the loop
+            unconfirmed = [p for p in meta.problems if p.startswith(FORMAT_UNCONFIRMED)]
+            if fmt is not None:
+                meta, line = self._confirm_format(files, meta, fmt)
+                done.append(line)
+            elif unconfirmed:
+                raise NeedsRepair(f"{unconfirmed[0]} (nothing was changed)")
+            return done + self._repair(files, meta)  # header reads only: quick, on the loop
+
+    def _confirm_format(self, files: VolumeFiles, meta: VolumeMeta,
+                        fmt: Format) -> tuple[VolumeMeta, str]:
+        """The base file's format as the operator confirms it, after showing the header."""
+        claim = header_claim(files.base) or "no qcow2 header"
+        if fmt != meta.format and (meta.snapshots or meta.active != files.base_name):
+            raise InvalidArgument(f"volume {meta.id} has snapshots whose overlays record "
+                                  f"the base format {meta.format}; it cannot be changed")
+        if fmt == "qcow2":
+            validate_chain(files, files.base_name, "qcow2")  # standalone, no data file
+            size = read_qcow2_header(files.base).size
+        else:
+            size = files.base.lstat().st_size if meta.format != "raw" else meta.size
+        problems = [p for p in meta.problems if not p.startswith(FORMAT_UNCONFIRMED)]
+        return (meta.evolve(format=fmt, size=size, problems=problems),
+                f"format of {files.base_name} confirmed as {fmt} (its first bytes show "
+                f"{claim})")
 
     def _repair(self, files: VolumeFiles, meta: VolumeMeta) -> list[str]:
         images = {p.name for p in files.existing() if files.is_image(p.name)}

@@ -22,19 +22,31 @@ Snapshot operations (:mod:`hostvold.snapshots`) register their own recovery here
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hostvold import crash, qemuimg
-from hostvold.atomic import fsync_dir, temp_name, unlink_durable
-from hostvold.chain import QCOW2_KNOWN_SAFE, Layer, read_qcow2_header, sniff_format, validate_chain
+from hostvold.atomic import temp_name, unlink_durable
+from hostvold.chain import (
+    QCOW2_KNOWN_SAFE,
+    QCOW2_MAGIC,
+    Layer,
+    Qcow2Header,
+    parse_qcow2_header,
+    read_head,
+    read_qcow2_header,
+    validate_chain,
+)
 from hostvold.config import Config
 from hostvold.errors import (
     AlreadyExists,
+    ExternalDataFile,
     Failed,
     HostvoldError,
     HypervisorUnavailable,
@@ -44,19 +56,22 @@ from hostvold.errors import (
     NeedsRepair,
     NoSpace,
     NotFound,
+    UnsafeFile,
     UnsafeImage,
+    UntrustedRecord,
 )
-from hostvold.files import create_raw, fsync_file, grow_raw, is_enospc
+from hostvold.files import copy_fd_to_new_file, create_raw, fsync_file, grow_raw, is_enospc
 from hostvold.ids import new_id, valid_id
 from hostvold.index import VolumeIndex
 from hostvold.infofile import SnapshotMap, read_info
-from hostvold.layout import Naming, VolumeFiles
+from hostvold.layout import Naming, VolumeFiles, record_problems
 from hostvold.locks import LocalLocks
 from hostvold.metadata import VolumeMeta, read_meta, utc_now, write_meta
-from hostvold.models import CreateVolume, ExportVolume, ExtendVolume, ImportVolume
+from hostvold.models import MAX_SIZE, CreateVolume, ExportVolume, ExtendVolume, ImportVolume
 from hostvold.mounts import Share, capacity
 from hostvold.planning import chain_problems
-from hostvold.qemuimg import Format, Limits
+from hostvold.qemuimg import Format, Limits, fd_path
+from hostvold.safefile import check_caller_fd, kind, open_regular, require_regular
 from hostvold.shares import Candidate, Placement, choose_share
 from hostvold.users import NOBODY, Users
 
@@ -120,7 +135,7 @@ class VolumeService:
     def _read_meta(self, share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
         try:
             meta = read_meta(path)
-        except (Failed, OSError) as exc:
+        except (HostvoldError, OSError) as exc:
             log.error("skipping unreadable metadata %s: %s", path, exc)
             return None
         if meta.id != volume_id:
@@ -132,28 +147,36 @@ class VolumeService:
     def _adopt(self, files: VolumeFiles, share: Share) -> VolumeMeta:
         """Describe a volume made by Cinder from its files alone and write its metadata.
 
-        The base format comes from the overlay above it (qemu-img recorded it there) and
-        only for a volume without snapshots from the base file's magic. Problems found on
-        the way are recorded on the volume, not fixed.
+        The base format comes from trusted records only: the backing format an overlay
+        recorded for it. Bytes a guest could have written never decide it (SPEC section
+        13): without such a record the base is raw, and when its first bytes look like a
+        qcow2 header that is reported as a problem for an operator to confirm
+        (``repair --format``). Problems found on the way are recorded, not fixed.
         """
         present = {p.name for p in files.existing() if files.is_image(p.name)}
-        base_format = _recorded_base_format(files, present) or sniff_format(files.base)
+        recorded = _recorded_base_format(files, present)
+        base_format = recorded or "raw"
         problems: list[str] = []
+        if recorded is None:
+            claim = header_claim(files.base)
+            if claim is not None:
+                problems.append(format_problem(files.base_name, claim))
         chain_map = SnapshotMap(files.base_name)
         try:
+            require_regular(files.base)
             chain_map = read_info(files)
             fmt = base_format if chain_map.active == files.base_name else "qcow2"
             chain = validate_chain(files, chain_map.active, fmt)
-            problems = chain_problems(files, chain, chain_map, present)
+            problems += chain_problems(files, chain, chain_map, present)
             active = files.directory / chain_map.active
             size = read_qcow2_header(active).size if fmt == "qcow2" else active.stat().st_size
         except (InfoFileDamaged, UnsafeImage) as exc:
             problems.append(exc.message)
-            size = files.base.stat().st_size
+            size = files.base.lstat().st_size
         except FileNotFoundError as exc:
             problems.append(f"{Path(str(exc.filename)).name}, a file of the chain, is missing")
-            size = files.base.stat().st_size
-        st = files.base.stat()
+            size = files.base.lstat().st_size
+        st = files.base.lstat()
         meta = VolumeMeta(
             id=self.naming.volume_id_of_base(files.base_name) or "", size=size,
             format="qcow2" if base_format == "qcow2" else "raw",
@@ -175,8 +198,10 @@ class VolumeService:
             if share is None or not share.mounted:
                 continue  # its share is down; recovered when it comes back
             files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
-            if files.meta.exists():
-                self._volumes[volume_id] = read_meta(files.meta)
+            if files.meta.exists() or files.meta.is_symlink():
+                meta = self._read_meta(share, files.meta, volume_id)
+                if meta is not None:
+                    self._volumes[volume_id] = meta
             else:  # the crash came before the metadata file was written, or after delete
                 await asyncio.to_thread(self.remove_volume_files, files)
                 self._forget(volume_id)
@@ -201,6 +226,13 @@ class VolumeService:
             self._forget(meta.id)
             return
         assert meta.operation is not None
+        untrusted = record_problems(files, meta.operation, meta.active)
+        if untrusted:  # the record names files that are not the volume's: touch nothing
+            if set(untrusted) - set(meta.problems):
+                self.record(files, meta.evolve(problems=[*meta.problems, *untrusted]))
+            log.error("recovery: volume %s: %s", meta.id, "; ".join(untrusted),
+                      extra={"VOLUME_ID": meta.id})
+            raise UntrustedRecord(f"volume {meta.id}: {'; '.join(untrusted)}")
         name = str(meta.operation.get("name"))
         log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
                     extra={"VOLUME_ID": meta.id})
@@ -269,33 +301,66 @@ class VolumeService:
                                      operation="create")
 
     async def import_volume(self, **options: Any) -> VolumeMeta:
-        """A new volume holding the guest-visible bytes of an image file."""
+        """A new volume holding the guest-visible bytes of an image.
+
+        The image is a file descriptor the caller opened (option ``fd``; not closed here)
+        or, for root, a ``source`` path opened here without following symbolic links."""
         request: ImportVolume = ImportVolume.parse(**options)
-        source = request.source
-        if not source.is_file():
-            raise NotFound(f"image file {source} does not exist or is not a regular file")
-        sniffed = await asyncio.to_thread(_sniff_format, source)
-        src_fmt: Format = request.source_format or sniffed
+        if request.source is None:
+            assert request.fd is not None
+            check_caller_fd(request.fd, "fd", write=False)
+            return await self._import_fd(request.fd, request)
+        fd = await asyncio.to_thread(open_source, request.source)
+        try:
+            return await self._import_fd(fd, request)
+        finally:
+            os.close(fd)
+
+    async def _import_fd(self, fd: int, request: ImportVolume) -> VolumeMeta:
+        """Import from an open regular file.
+
+        raw: qemu-img reads it as ``-f raw`` through ``/dev/fd/N``: bytes only, nothing in
+        them is interpreted. qcow2: the header is checked here (no backing file, no external
+        data file, no unknown features), then the file is copied into a private temp file
+        beside the new volume, checked again there (the caller could rewrite its own file
+        between a check and qemu-img's open), and converted from that copy."""
+        head = await asyncio.to_thread(read_head, fd)
+        src_fmt: Format = request.source_format or (
+            "qcow2" if head[:4] == QCOW2_MAGIC else "raw")
+        st = os.fstat(fd)
         if src_fmt == "qcow2":
-            header = await asyncio.to_thread(read_qcow2_header, source)
-            if header.backing_file is not None:
-                raise UnsafeImage(f"image {source} has a backing file "
-                                  f"{header.backing_file!r}; import a standalone image")
-            if header.data_file is not None or header.incompatible_features & ~QCOW2_KNOWN_SAFE:
-                raise UnsafeImage(f"image {source} uses an external data file or unknown "
-                                  "features; refused")
-        info = await qemuimg.info(source, src_fmt, self.limits)
-        virtual = info.virtual_size
+            header = _standalone_qcow2(head, "the image")
+            virtual = header.size
+            needed = 2 * st.st_size + (1 << 20)  # the private copy, then the volume
+        else:
+            virtual = st.st_size
+            needed = (await qemuimg.measure(fd_path(fd), "raw", request.format or "raw",
+                                            self.limits, pass_fds=(fd,))).required
+        if virtual > MAX_SIZE:
+            raise UnsafeImage(f"the image claims a virtual size of {virtual} bytes, more than "
+                              f"the {MAX_SIZE} hostvold accepts; refused")
         size = request.size or _round_up(virtual, 512)
         if size < virtual:
             raise InvalidArgument(f"size {size} is smaller than the image's {virtual} bytes")
         fmt: Format = request.format or ("qcow2" if self.config.volumes.qcow2_volumes else "raw")
-        needed = (await qemuimg.measure(source, src_fmt, fmt, self.limits)).required
 
         async def make(path: Path) -> None:
-            await qemuimg.convert(source, src_fmt, path, fmt)
+            if src_fmt == "raw":
+                await qemuimg.convert(fd_path(fd), "raw", path, fmt, limits=self.limits,
+                                      pass_fds=(fd,), src_cache="writeback")
+            else:
+                copy = temp_name(path)  # one of the new volume's files: removed on failure
+                try:
+                    await asyncio.to_thread(copy_fd_to_new_file, fd, copy, 0o600)
+                    private = await asyncio.to_thread(read_qcow2_header, copy)
+                    _standalone_qcow2_header(private, "the image")
+                    if private.size != virtual:
+                        raise UnsafeImage("the image changed while it was imported; refused")
+                    await qemuimg.convert(copy, "qcow2", path, fmt, limits=self.limits)
+                finally:
+                    copy.unlink(missing_ok=True)
             if size > virtual:
-                await qemuimg.resize(path, fmt, size)
+                await qemuimg.resize(path, fmt, size, limits=self.limits)
             os.chmod(path, self.file_mode)
             await asyncio.to_thread(fsync_file, path)
 
@@ -352,42 +417,64 @@ class VolumeService:
             crash.point("extend:grown")
             return self.record(files, meta.evolve(size=request.size, operation=None))
 
-    async def export_volume(self, volume_id: str, **options: Any) -> Path:
-        """Flatten the volume's active chain into a new standalone image file."""
+    async def export_volume(self, volume_id: str, **options: Any) -> Path | None:
+        """Flatten the volume's active chain into a standalone image.
+
+        Into ``fd``, a file the caller created and opened for writing (it is truncated and
+        written in place; the file is the caller's, who removes it if the export fails), or
+        for root into a new file at ``destination`` (created exclusively, never through a
+        symbolic link, removed again on failure). Returns the destination, if any."""
         volume_id = valid_id(volume_id, "volume id")
         request: ExportVolume = ExportVolume.parse(**options)
         dest = request.destination
-        if not dest.parent.is_dir():
-            raise NotFound(f"directory {dest.parent} does not exist")
-        if dest.exists() or dest.is_symlink():
-            raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
+        if request.fd is not None:
+            check_caller_fd(request.fd, "fd", write=True)
+        elif dest is not None:
+            if not dest.parent.is_dir():
+                raise NotFound(f"directory {dest.parent} does not exist")
+            if dest.exists() or dest.is_symlink():
+                raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
         async with self.locks.volume(volume_id):
             await self.observe(volume_id)
             meta = self.require_idle(volume_id)
             files = self.files_of(meta)
             chain_map, chain = self.validated_chain(files, meta)
-            if meta.state == "in-use":  # from a temporary point in time, guest running
-                async with self.require_live().point_in_time(meta, files, chain_map,
-                                                             chain) as frozen:
-                    await self._export(files, frozen, dest, request.format)
-            else:
-                await self._export(files, chain[0], dest, request.format)
-        log.info("exported volume %s to %s", volume_id, dest, extra={"VOLUME_ID": volume_id})
+            fd = request.fd if request.fd is not None else _create_destination(dest)
+            try:
+                if meta.state == "in-use":  # from a temporary point in time, guest running
+                    async with self.require_live().point_in_time(meta, files, chain_map,
+                                                                 chain) as frozen:
+                        await self._export(files, frozen, fd, request.format)
+                else:
+                    await self._export(files, chain[0], fd, request.format)
+            except BaseException:
+                if request.fd is None:
+                    _remove_destination(dest, fd)
+                raise
+            finally:
+                if request.fd is None:
+                    os.close(fd)
+        log.info("exported volume %s to %s", volume_id, dest or "the caller's file",
+                 extra={"VOLUME_ID": volume_id})
         return dest
 
-    async def _export(self, files: VolumeFiles, top: Layer, dest: Path,
-                      fmt: Format) -> None:
-        """Flatten ``top`` and what lies below it into ``dest``, atomically."""
-        tmp = temp_name(dest)
+    async def _export(self, files: VolumeFiles, top: Layer, fd: int, fmt: Format) -> None:
+        """Flatten ``top`` and what lies below it into the open file ``fd``."""
+        st = os.fstat(fd)
+        for path in files.existing():
+            other = path.lstat()
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                raise InvalidArgument(f"option fd: the file is {path.name}, a file of the "
+                                      "volume itself")
         try:
-            await qemuimg.convert(files.directory / top.name, layer_format(top), tmp, fmt)
-            await asyncio.to_thread(fsync_file, tmp)
-            os.rename(tmp, dest)
-            await asyncio.to_thread(fsync_dir, dest.parent)
+            os.ftruncate(fd, 0)
+            await qemuimg.convert(files.directory / top.name, layer_format(top), fd_path(fd),
+                                  fmt, limits=self.limits, pass_fds=(fd,),
+                                  dst_cache="writeback")
+            await asyncio.to_thread(os.fsync, fd)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
             if is_enospc(exc):
-                raise NoSpace(f"not enough space in {dest.parent} for the export") from None
+                raise NoSpace("not enough space for the export") from None
             raise
 
     # ---- internals ----------------------------------------------------------------------
@@ -516,7 +603,7 @@ class VolumeService:
             chain_map = read_info(files)
             top_format = meta.format if chain_map.active == files.base_name else "qcow2"
             chain = validate_chain(files, chain_map.active, top_format)
-        except InfoFileDamaged as exc:
+        except (InfoFileDamaged, UnsafeFile) as exc:  # a symlink, a device: a named problem
             self.record(files, meta.evolve(problems=[exc.message]))
             raise
         except FileNotFoundError as exc:
@@ -538,7 +625,7 @@ class VolumeService:
         else:
             info = await qemuimg.info(path, "qcow2", self.limits)
             if info.virtual_size < size:
-                await qemuimg.resize(path, "qcow2", size, preallocation=(
+                await qemuimg.resize(path, "qcow2", size, limits=self.limits, preallocation=(
                     "falloc" if meta.provisioning == "thick" else None))
 
     def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
@@ -595,7 +682,7 @@ def _recorded_base_format(files: VolumeFiles, present: set[str]) -> str | None:
 
 def file_mtime(path: Path) -> str:
     """A file's modification time as an ISO 8601 UTC string (for adopted records)."""
-    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(path.lstat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
 def layer_format(layer: Layer) -> Format:
@@ -607,6 +694,94 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
-def _sniff_format(path: Path) -> Format:
-    """Decide between raw and qcow2 from the magic only: nothing else is trusted."""
-    return "qcow2" if sniff_format(path) == "qcow2" else "raw"
+def open_source(path: Path) -> int:
+    """Open an image path (root's ``source`` option): a regular file, no symbolic link, no
+    device or FIFO (checked before the open: opening those can block or have effects)."""
+    try:
+        require_regular(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                     | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise NotFound(f"image file {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"image file {path} is a symbolic link; give the file itself") \
+                from None
+        raise InvalidArgument(f"image file {path} cannot be opened: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFile(f"image file {path} is {kind(mode)}, not a regular file")
+    return fd
+
+
+def _create_destination(dest: Path | None) -> int:
+    """A new file at root's ``destination``: exclusive, never through a symbolic link."""
+    assert dest is not None
+    try:
+        return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file") \
+            from None
+    except FileNotFoundError:
+        raise NotFound(f"directory {dest.parent} does not exist") from None
+
+
+def _remove_destination(dest: Path | None, fd: int) -> None:
+    """Remove the file a failed export created, if the name still points at it."""
+    assert dest is not None
+    st = os.fstat(fd)
+    try:
+        now = dest.lstat()
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+        dest.unlink()
+
+
+def _standalone_qcow2(head: bytes, what: str) -> Qcow2Header:
+    return _standalone_qcow2_header(parse_qcow2_header(head, what), what)
+
+
+def _standalone_qcow2_header(header: Qcow2Header, what: str) -> Qcow2Header:
+    """Refuse a qcow2 image that could make qemu-img open anything but itself."""
+    if header.backing_file is not None:
+        raise UnsafeImage(f"{what} has a backing file {header.backing_file!r}; import a "
+                          "standalone image")
+    if header.data_file is not None or header.incompatible_features & 4:
+        raise ExternalDataFile(f"{what} uses an external data file "
+                               f"{header.data_file!r}; refused")
+    if header.incompatible_features & ~QCOW2_KNOWN_SAFE:
+        raise UnsafeImage(f"{what} uses unknown qcow2 features; refused")
+    return header
+
+
+def header_claim(path: Path) -> str | None:
+    """What the first bytes of a file claim to be, if they look like a qcow2 header."""
+    try:
+        header = read_qcow2_header(path)
+    except UnsafeFile:
+        return None
+    except (UnsafeImage, OSError):
+        try:
+            fd = open_regular(path)
+        except (UnsafeImage, OSError):
+            return None
+        try:
+            magic = os.pread(fd, 4, 0)
+        finally:
+            os.close(fd)
+        return "a qcow2 magic with a malformed header" if magic == QCOW2_MAGIC else None
+    backing = f", backing file {header.backing_file!r}" if header.backing_file else ""
+    data = f", external data file {header.data_file!r}" if header.data_file else ""
+    return f"a qcow2 v{header.version} header, virtual size {header.size} bytes{backing}{data}"
+
+
+FORMAT_UNCONFIRMED = "FormatUnconfirmed:"
+
+
+def format_problem(base_name: str, claim: str) -> str:
+    return (f"{FORMAT_UNCONFIRMED} {base_name} has no trusted format record and its first bytes "
+            f"look like {claim}; adopted as raw. Confirm with `hostvolctl repair VOLUME "
+            "--format raw` (keep it raw) or `--format qcow2`")

@@ -55,17 +55,17 @@ async def test_resize_convert_commit_rebase_measure_check(tmp_path: Path) -> Non
     qemu_io(top, "qcow2", "write -P 0x22 64k 64k")
     progress: list[float] = []
     flat = tmp_path / "flat.raw"
-    await qemuimg.convert(top, "qcow2", flat, "raw", on_progress=progress.append)
+    await qemuimg.convert(top, "qcow2", flat, "raw", limits=LIMITS, on_progress=progress.append)
     assert progress and progress[-1] == 1.0
     qemu_io(flat, "raw", "read -P 0x11 0 64k")
     qemu_io(flat, "raw", "read -P 0x22 64k 64k")
-    await qemuimg.commit(top, "qcow2")
+    await qemuimg.commit(top, "qcow2", limits=LIMITS)
     qemu_io(base, "qcow2", "read -P 0x22 64k 64k")
     other = tmp_path / "other.qcow2"
     await qemuimg.create(other, "qcow2", 1 << 20)
-    await qemuimg.rebase_unsafe(top, "qcow2", other.name, "qcow2")
+    await qemuimg.rebase_unsafe(top, "qcow2", other.name, "qcow2", limits=LIMITS)
     assert (await qemuimg.info(top, "qcow2", LIMITS)).backing_filename == other.name
-    await qemuimg.resize(base, "qcow2", 2 << 20)
+    await qemuimg.resize(base, "qcow2", 2 << 20, limits=LIMITS)
     assert (await qemuimg.info(base, "qcow2", LIMITS)).virtual_size == 2 << 20
     measured = await qemuimg.measure(base, "qcow2", "raw", LIMITS)
     assert measured.required == 2 << 20
@@ -112,3 +112,23 @@ async def test_cancel_kills_and_reaps_the_child(tmp_path: Path) -> None:
 async def test_timeout_kills_the_child() -> None:
     with pytest.raises(TimeoutError):
         await qemuimg.run(["sleep", "30"], timeout=0.2)
+
+
+async def test_every_image_reading_subcommand_runs_under_limits(tmp_path: Path) -> None:
+    """convert, commit, rebase, resize and measure get the [limits] too (SPEC section 13):
+    an address-space limit too small for qemu-img makes each of them fail, naming it."""
+    tiny = Limits(cpu_seconds=5, address_space=16 << 20)
+    base = tmp_path / "base.qcow2"
+    await qemuimg.create(base, "qcow2", 1 << 20)
+    top = tmp_path / "top.qcow2"
+    await qemuimg.create(top, "qcow2", 1 << 20, backing=base.name, backing_fmt="qcow2")
+    attempts = [
+        qemuimg.convert(top, "qcow2", tmp_path / "flat.raw", "raw", limits=tiny),
+        qemuimg.commit(top, "qcow2", limits=tiny),
+        qemuimg.rebase_unsafe(top, "qcow2", base.name, "qcow2", limits=tiny),
+        qemuimg.resize(base, "qcow2", 2 << 20, limits=tiny),
+        qemuimg.measure(base, "qcow2", "raw", tiny),
+    ]
+    for attempt in attempts:
+        with pytest.raises(QemuImgError, match="address-space=16777216"):
+            await attempt
