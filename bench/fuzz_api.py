@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -384,7 +385,17 @@ class PrivateDaemon:
         while b"READY=1" not in listener.recv(4096):
             if self.proc.poll() is not None:
                 raise SystemExit(f"hostvold exited {self.proc.returncode}")
-        listener.close()
+        # kept open and drained, as systemd does: STATUS= lines keep coming
+        listener.settimeout(None)
+        self.listener = listener
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.listener.recv(4096)
+            except OSError:
+                return
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
@@ -392,6 +403,7 @@ class PrivateDaemon:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        self.listener.close()
         self.bus.terminate()
         self.bus.wait(10)
 

@@ -122,7 +122,7 @@ class SnapshotService:
             files = volumes.files_of(meta)
             chain_map, chain = volumes.validated_chain(files, meta)
             overlay = files.overlay_name(sid)
-            if sid in chain_map.snapshots or (files.directory / overlay).exists():
+            if sid in chain_map.snapshots or os.path.lexists(files.directory / overlay):
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
             if meta.state == "in-use":
                 meta = await volumes.require_live().create_snapshot(meta, files, chain_map,

@@ -495,6 +495,7 @@ class VolumeService:
                 self.record(files, meta)  # the durable intent, before the image exists
                 crash.point(f"{operation}:intent")
                 await make(files.base)
+                require_regular(files.base)  # chmod follows links: never someone else's
                 os.chmod(files.base, self.file_mode)
                 crash.point(f"{operation}:made")
                 meta = self.record(files, meta.evolve(state="available", operation=None))
@@ -532,7 +533,7 @@ class VolumeService:
             raise AlreadyExists(f"volume {volume_id} already exists")
         for share in self.mounted_shares():  # three lookups, not a scan of the share
             files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
-            if any(path.exists() for path in (files.base, files.info, files.meta)):
+            if any(os.path.lexists(path) for path in (files.base, files.info, files.meta)):
                 raise AlreadyExists(f"files of volume {volume_id} already exist on "
                                     f"{share.spec.address}")
 

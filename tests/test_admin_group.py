@@ -215,3 +215,37 @@ def test_admin_cannot_make_the_daemon_write_outside_the_shares(
                            str(mount / f"volume-{new['Id']}")],
                           capture_output=True).returncode == 0
     assert not any(holds(content, scratch.marker) for content in share_files(host).values())
+
+
+def test_operator_confirms_the_format_of_an_adopted_volume(
+        host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    """hostvolctl shows what the header claims and `repair --format` confirms it."""
+    address = bus_factory("hostvold")
+    host = host_factory(256, extra=NO_HYPERVISOR)
+    config = with_bus(host, address)
+    first = daemon_factory(config)
+    cli = Cli(address)
+    vid = cli.json("create", "4M", "--format", "raw")["Id"]
+    mount = Path(cli.json("shares")[0]["MountPoint"])
+    assert first.stop() == 0
+    disguise = tmp_path / "disguise.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F",
+                    "raw", str(disguise), "64M"], check=True)
+    base = mount / f"volume-{vid}"
+    with open(base, "r+b") as image:  # a guest wrote a qcow2 header on its raw disk
+        image.write(disguise.read_bytes()[:65536])
+    data = digest(base)
+    (mount / f"volume-{vid}.meta").unlink()
+    (host.state_dir / "index.sqlite").unlink()
+    daemon_factory(config)
+    shown = cli.json("show", vid)
+    assert shown["Format"] == "raw" and shown["Problems"][0].startswith("FormatUnconfirmed:")
+    assert "qcow2 v3 header" in shown["Problems"][0]
+    assert "/etc/shadow" in cli.run("volumes").stdout  # the listing shows the claim
+    refused = cli.run("repair", vid)
+    assert refused.returncode == 1 and "FormatUnconfirmed" in refused.stderr
+    done = cli.run("repair", vid, "--format", "raw")
+    assert done.returncode == 0 and "confirmed as raw" in done.stdout, done.stderr
+    assert cli.json("show", vid)["Problems"] == []
+    assert digest(base) == data

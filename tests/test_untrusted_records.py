@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import InfoFileDamaged, InvalidState, NeedsRepair, UnsafeFile, UnsafeImage
+from hostvold.errors import (
+    AlreadyExists,
+    InfoFileDamaged,
+    InvalidState,
+    NeedsRepair,
+    UnsafeFile,
+    UnsafeImage,
+)
 from hostvold.infofile import read_info
 from hostvold.metadata import read_meta, write_meta
 from hostvold.volumes import VolumeService
@@ -122,6 +129,11 @@ async def test_symlinks_and_devices_among_a_volumes_files_are_refused(
     os.mkfifo(files.base)
     with pytest.raises(UnsafeFile):  # never opened: a FIFO would block the open
         await service.extend_volume(meta.id, size=2 * MiB)
+    planted = files.directory / "volume-00000000-0000-4000-8000-0000000000aa"
+    planted.symlink_to(tmp_path / "would-be-written")  # dangling: exists() says False
+    with pytest.raises(AlreadyExists):
+        await service.create_volume(size=MiB, id="00000000-0000-4000-8000-0000000000aa")
+    assert not (tmp_path / "would-be-written").exists()
     meta_link = files.directory / f"volume-{meta.id}.meta"
     meta_link.unlink()
     meta_link.symlink_to(secret)
