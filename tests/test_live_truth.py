@@ -456,3 +456,40 @@ def test_crash_before_an_online_extend(host_factory: Callable[..., Host],
     assert cli.json("show", vid)["Size"] == 40 << 20
     blk = virsh("domblkinfo", domain, live_disk(domain, vid).target, "--human")
     assert "40.000 MiB" in blk, blk
+
+
+def test_managed_save_refuses_offline_changes(
+        live: Callable[..., tuple[Cli, DaemonProcess, Host]],
+        persistent: Callable[..., str]) -> None:
+    """A domain saved with `virsh managedsave` resumes on the very files it had open: an
+    offline change under it is refused with InUse, and allowed once the save is gone."""
+    cli, _, _ = live("[libvirt]\nquiesce = never\n")
+    domain = persistent()
+    vid = cli.json("create", "16M")["Id"]
+    cli.json("attach", vid, domain)
+    virsh("managedsave", domain)
+    wait_for("freed after the save", lambda: cli.json("show", vid)["State"] == "available")
+    refused = cli.run("snapshot", "create", vid)
+    assert refused.returncode == 1 and "InUse" in refused.stderr and "saved" in refused.stderr
+    virsh("managedsave-remove", domain)
+    sid = cli.json("snapshot", "create", vid)["Id"]  # the definition follows the new file
+    assert f"volume-{vid}.{sid}" in virsh("dumpxml", "--inactive", domain)
+
+
+def test_libvirt_unreachable_refuses_changes(host_factory: Callable[..., Host],
+                                             bus_factory: Callable[[str], str],
+                                             daemon_factory: Callable[..., DaemonProcess],
+                                             libvirtd: str) -> None:
+    """Without libvirt's answer nobody can tell whether a domain uses a volume: the daemon
+    starts and serves reads, but refuses changes to existing volumes with a named error."""
+    from tests.test_dbus import with_bus
+
+    address = bus_factory("hostvold")
+    host = host_factory(64, extra="[libvirt]\nuri = qemu+unix:///system?socket=/nonexistent\n")
+    process = daemon_factory(with_bus(host, address))
+    cli = Cli(address)
+    vid = cli.json("create", "8M")["Id"]  # a new volume: no domain can use it yet
+    refused = cli.run("snapshot", "create", vid)
+    assert refused.returncode == 1 and "HypervisorUnavailable" in refused.stderr, refused.stderr
+    assert cli.json("show", vid)["State"] == "available"
+    assert "Traceback" not in process.log_text()
