@@ -26,9 +26,9 @@ import libvirtaio
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from hostvold.bus import object_path
-from hostvold.guest import Guest, disk_xml, parse_disks
-from hostvold.virt import Hypervisor
+from hostvold.server.bus import object_path
+from hostvold.virt.guest import Guest, disk_xml, parse_disks
+from hostvold.virt.hypervisor import Hypervisor
 
 
 async def dbus_call(bus: MessageBus, path: str, interface: str, member: str,

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hostvold.config import parse_config
-from hostvold.daemon import Daemon
+from hostvold.core.config import parse_config
+from hostvold.server.daemon import Daemon
 
 
 async def measure(root: Path, count: int) -> tuple[float, float]:

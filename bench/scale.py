@@ -23,8 +23,8 @@ from pathlib import Path
 from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 
-from hostvold.config import parse_config
-from hostvold.daemon import Daemon
+from hostvold.core.config import parse_config
+from hostvold.server.daemon import Daemon
 
 POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">

@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from hostvold.config import parse_config
-from hostvold.daemon import Daemon
-from hostvold.infofile import read_info
-from hostvold.snapshots import SnapshotService
-from hostvold.volumes import VolumeService
+from hostvold.core.config import parse_config
+from hostvold.ops.snapshots import SnapshotService
+from hostvold.ops.volumes import VolumeService
+from hostvold.server.daemon import Daemon
+from hostvold.storage.infofile import read_info
 
 MiB = 1 << 20
 

@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hostvold.config import parse_config
-from hostvold.daemon import Daemon
-from hostvold.files import fallocate
-from hostvold.units import format_size, parse_size
+from hostvold.core.config import parse_config
+from hostvold.core.units import format_size, parse_size
+from hostvold.server.daemon import Daemon
+from hostvold.storage.files import fallocate
 
 
 def drop_file(path: Path) -> None:

@@ -1,5 +1,5 @@
 import sys
 
-from hostvold.daemon import main
+from hostvold.server.daemon import main
 
 sys.exit(main())

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.config import Config, parse_config
-from hostvold.daemon import Daemon
-from hostvold.snapshots import SnapshotService
-from hostvold.volumes import VolumeService
+from hostvold.core.config import Config, parse_config
+from hostvold.ops.snapshots import SnapshotService
+from hostvold.ops.volumes import VolumeService
+from hostvold.server.daemon import Daemon
 
 pytest_plugins = ["tests.live_fixtures"]  # the TCG domain fixtures
 

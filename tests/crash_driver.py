@@ -2,7 +2,7 @@
 
     python -m tests.crash_driver CONFIG OPERATION JSON_ARGUMENTS
 
-With HOSTVOLD_CRASH_AT set, the process dies at that step (see hostvold.crash).
+With HOSTVOLD_CRASH_AT set, the process dies at that step (see hostvold.core.crash).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hostvold.config import load_config
-from hostvold.daemon import Daemon
+from hostvold.core.config import load_config
+from hostvold.server.daemon import Daemon
 
 
 async def run(config_path: str, operation: str, args: dict[str, Any]) -> None:

@@ -8,10 +8,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostvold.infofile import read_info
-from hostvold.layout import VolumeFiles
-from hostvold.snapshots import SnapshotService
-from hostvold.volumes import VolumeService
+from hostvold.core.layout import VolumeFiles
+from hostvold.ops.snapshots import SnapshotService
+from hostvold.ops.volumes import VolumeService
+from hostvold.storage.infofile import read_info
 
 MiB = 1 << 20
 REGION = 64 * 1024

@@ -131,7 +131,7 @@ def test_admin_cannot_get_a_root_file_into_a_volume(
     assert made.returncode == 0, made.stderr
 
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return as_admin(sys.executable, "-m", "hostvold.cli", *args, package=readable_package,
+        return as_admin(sys.executable, "-m", "hostvold.client", *args, package=readable_package,
                         address=cli.address)
 
     for target in (scratch.secret, link):  # hostvolctl opens it with the user's rights
@@ -176,7 +176,7 @@ def test_admin_cannot_make_the_daemon_write_outside_the_shares(
     watched = {p: digest(p) for p in (Path("/etc/passwd"), scratch.secret)}
 
     def ctl(*args: str, umask: str = "022") -> subprocess.CompletedProcess[str]:
-        return as_admin(sys.executable, "-m", "hostvold.cli", *args, package=readable_package,
+        return as_admin(sys.executable, "-m", "hostvold.client", *args, package=readable_package,
                         address=cli.address, umask=umask)
 
     denied = ctl("export", vid, str(outside / "cron-job"))

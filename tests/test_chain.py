@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.chain import read_qcow2_header, validate_chain
-from hostvold.errors import (
+from hostvold.core.errors import (
     BackingFileOutsideVolume,
     ExternalDataFile,
     ForeignBackingFile,
     UnknownImageFeature,
     UnsafeImage,
 )
-from hostvold.layout import Naming, VolumeFiles
+from hostvold.core.layout import Naming, VolumeFiles
+from hostvold.storage.qcow2 import read_qcow2_header, validate_chain
 
 pytestmark = pytest.mark.integration
 

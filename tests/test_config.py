@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.config import Config, parse_config
-from hostvold.errors import ConfigError
+from hostvold.core.config import Config, parse_config
+from hostvold.core.errors import ConfigError
 
 # (config text, words the one-line message must contain)
 INVALID = [

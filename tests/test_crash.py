@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from hostvold.crash import CRASH_EXIT_STATUS
-from hostvold.errors import NotFound
-from hostvold.ids import new_id
-from hostvold.infofile import read_info
-from hostvold.layout import VolumeFiles
+from hostvold.core.crash import CRASH_EXIT_STATUS
+from hostvold.core.errors import NotFound
+from hostvold.core.ids import new_id
+from hostvold.core.layout import VolumeFiles
+from hostvold.storage.infofile import read_info
 from tests.conftest import Host
 from tests.snapshot_lab import SIZE, check_consistent, expected_reads, make_lab, qemu_io
 

@@ -53,7 +53,7 @@ def test_cli_check_config(tmp_path: Path) -> None:
     good.write_text("[volumes]\nqcow2_volumes = true\n")
     bad = tmp_path / "bad.conf"
     bad.write_text("[volumes]\nqcow2_volumes = sometimes\n")
-    cli = [sys.executable, "-c", "import sys; from hostvold.cli import main; sys.exit(main())"]
+    cli = [sys.executable, "-m", "hostvold.client"]
     ok = subprocess.run([*cli, "check-config", str(good)], capture_output=True, text=True)
     assert ok.returncode == 0 and "valid" in ok.stdout
     failed = subprocess.run([*cli, "check-config", str(bad)], capture_output=True, text=True)
@@ -65,7 +65,7 @@ def test_journal_gets_structured_fields(monkeypatch: pytest.MonkeyPatch) -> None
     """Run by systemd (JOURNAL_STREAM set), log records go to the journal with VOLUME_ID etc."""
     import logging
 
-    from hostvold.daemon import setup_logging
+    from hostvold.server.daemon import setup_logging
     from systemd import journal
 
     sent: list[dict[str, object]] = []

@@ -23,7 +23,7 @@ import pytest
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from hostvold.crash import CRASH_EXIT_STATUS
+from hostvold.core.crash import CRASH_EXIT_STATUS
 from tests.conftest import REPO, DaemonProcess, Host, need
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ class Cli:
 
     def run(self, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, HOSTVOLD_BUS=self.address)
-        argv = [sys.executable, "-m", "hostvold.cli", *args]
+        argv = [sys.executable, "-m", "hostvold.client", *args]
         if user is not None:
             assert self.package is not None
             argv = ["runuser", "-u", user, "--", "env", f"PYTHONPATH={self.package}",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import HostvoldError
-from hostvold.volumes import VolumeService
+from hostvold.core.errors import HostvoldError
+from hostvold.ops.volumes import VolumeService
 from tests.conftest import Host
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from hostvold.config import parse_config
-from hostvold.errors import Failed, HypervisorError
-from hostvold.guest import parse_disks
+from hostvold.core.config import parse_config
+from hostvold.core.errors import Failed, HypervisorError
+from hostvold.virt.guest import parse_disks
 from tests.conftest import DaemonProcess, Host
 from tests.live_fixtures import DOMAIN_XML
 from tests.test_dbus import Cli, with_bus
@@ -207,8 +207,8 @@ class _Records:
 
 async def test_pivot_refused_is_retried_then_aborted() -> None:
     """A unit test with a fake domain: VIR_ERR_BLOCK_COPY_ACTIVE on every pivot."""
-    from hostvold.live_delete import LiveDelete
-    from hostvold.metadata import VolumeMeta
+    from hostvold.core.records import VolumeMeta
+    from hostvold.ops.live_delete import LiveDelete
 
     config = parse_config("[libvirt]\npivot_retries = 3\n")
     deleter = LiveDelete.__new__(LiveDelete)

@@ -354,8 +354,8 @@ async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
         host_factory: Callable[..., Host]) -> None:
     """The daemon died between freeze and thaw of a quiesced snapshot: recovery thaws the
     guest, then decides from the live chain (not switched: the overlay goes)."""
-    from hostvold.live import LiveVolumes
-    from hostvold.virt import Hypervisor
+    from hostvold.ops.live import LiveVolumes
+    from hostvold.virt.hypervisor import Hypervisor
 
     host = host_factory(64)
     volumes = await host.start()

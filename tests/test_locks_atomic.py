@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.atomic import write_atomic
-from hostvold.locks import LocalLocks
+from hostvold.storage.atomic import write_atomic
+from hostvold.storage.locks import LocalLocks
 from tests.conftest import Host
 
 A = "0a0a0a0a-0000-4000-8000-00000000000a"

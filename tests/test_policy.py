@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hostvold.policy import admitted_groups, check_installed, render
+from hostvold.server.policy import admitted_groups, check_installed, render
 from tests.conftest import REPO
 
 
@@ -20,10 +20,11 @@ def test_committed_policy_is_the_rendered_default() -> None:
 def test_policy_for_the_configured_group(tmp_path: Path) -> None:
     config = tmp_path / "hostvold.conf"
     config.write_text("[daemon]\nadmin_group = storage-ops\n")
-    printed = subprocess.run([sys.executable, "-m", "hostvold.policy", "--config", str(config)],
+    printed = subprocess.run([sys.executable, "-m", "hostvold.server.policy", "--config",
+                              str(config)],
                              capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert admitted_groups(printed) == {"storage-ops"}
-    group = subprocess.run([sys.executable, "-m", "hostvold.policy", "--config", str(config),
+    group = subprocess.run([sys.executable, "-m", "hostvold.server.policy", "--config", str(config),
                             "--group"], capture_output=True, text=True, check=True, cwd=REPO)
     assert group.stdout == "storage-ops\n"
 
@@ -35,7 +36,7 @@ def test_installed_policy_is_checked_against_admin_group(tmp_path: Path) -> None
     warnings = check_installed("storage-ops", (installed,))
     assert len(warnings) == 2
     assert "members of 'storage-ops' are refused by the bus" in warnings[0]
-    assert "['hostvold']" in warnings[1] and "python -m hostvold.policy" in warnings[1]
+    assert "['hostvold']" in warnings[1] and "python -m hostvold.server.policy" in warnings[1]
     missing = check_installed("hostvold", (tmp_path / "absent.conf",))
     assert len(missing) == 1 and "no D-Bus policy" in missing[0]
     installed.write_text("<busconfig")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hostvold import qemuimg
-from hostvold.errors import QemuImgError
-from hostvold.qemuimg import Limits
+from hostvold.core.errors import QemuImgError
+from hostvold.storage import qemuimg
+from hostvold.storage.qemuimg import Limits
 
 pytestmark = pytest.mark.integration
 LIMITS = Limits()

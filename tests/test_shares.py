@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import NoSpace, StorageUnavailable
-from hostvold.mounts import Share, ensure_mounted, mounted_points, unmount
-from hostvold.shares import (
+from hostvold.core.errors import NoSpace, StorageUnavailable
+from hostvold.core.shares import (
     Candidate,
     Capacity,
     Placement,
@@ -20,6 +19,7 @@ from hostvold.shares import (
     parse_shares_file,
     share_hash,
 )
+from hostvold.storage.mounts import Share, ensure_mounted, mounted_points, unmount
 
 GiB = 1 << 30
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import (
+from hostvold.core.errors import (
     BackingFileOutsideVolume,
     InfoFileDamaged,
     InvalidState,
     NeedsRepair,
     NotFound,
 )
-from hostvold.ids import new_id
-from hostvold.infofile import read_info
+from hostvold.core.ids import new_id
+from hostvold.storage.infofile import read_info
 from tests.conftest import Host
 from tests.snapshot_lab import (
     SIZE,

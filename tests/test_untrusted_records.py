@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import (
+from hostvold.core.errors import (
     AlreadyExists,
     InfoFileDamaged,
     InvalidState,
@@ -21,9 +21,9 @@ from hostvold.errors import (
     UnsafeFile,
     UnsafeImage,
 )
-from hostvold.infofile import read_info
-from hostvold.metadata import read_meta, write_meta
-from hostvold.volumes import VolumeService
+from hostvold.ops.volumes import VolumeService
+from hostvold.storage.infofile import read_info
+from hostvold.storage.metadata import read_meta, write_meta
 from tests.conftest import Host
 from tests.snapshot_lab import MiB, qemu_io
 

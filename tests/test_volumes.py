@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostvold.errors import (
+from hostvold.core.errors import (
     AlreadyExists,
     BackingFileOutsideVolume,
     InvalidArgument,
@@ -21,9 +21,9 @@ from hostvold.errors import (
     QemuImgError,
     UnsafeImage,
 )
-from hostvold.ids import new_id
-from hostvold.metadata import read_meta, write_meta
-from hostvold.volumes import VolumeService
+from hostvold.core.ids import new_id
+from hostvold.ops.volumes import VolumeService
+from hostvold.storage.metadata import read_meta, write_meta
 from tests.conftest import Host, need
 
 pytestmark = pytest.mark.integration

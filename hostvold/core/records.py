@@ -1,0 +1,46 @@
+"""What hostvold records about a volume, next to its files (the model; reading and writing
+the file is :mod:`hostvold.storage.metadata`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+VolumeState = Literal["creating", "available", "in-use", "deleting"]
+Provisioning = Literal["thin", "thick"]
+
+SCHEMA = 1
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class VolumeMeta(BaseModel):
+    """What hostvold records about a volume, next to its files."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: int = SCHEMA
+    id: str
+    size: int
+    format: Literal["raw", "qcow2"]
+    provisioning: Provisioning = "thin"
+    created: str
+    state: VolumeState
+    share: str
+    active: str
+    attachment: dict[str, str] | None = None
+    # snapshot id -> {"created": ISO time, "quiesced": bool}; which snapshots exist is decided
+    # by the info file (Cinder's chain map), this only adds what the info file cannot hold
+    snapshots: dict[str, dict[str, Any]] = {}
+    # health problems found in the files (stale overlays, damaged info file); operations are
+    # refused until an explicit repair
+    problems: list[str] = []
+    # the in-flight operation, recorded before its first side effect (SPEC section 7)
+    operation: dict[str, Any] | None = None
+
+    def evolve(self, **changes: Any) -> VolumeMeta:
+        return self.model_validate(self.model_dump() | changes)

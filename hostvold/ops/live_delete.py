@@ -1,0 +1,348 @@
+"""Live snapshot delete through libvirt block jobs, event-driven and recorded step by step.
+
+live-delete-snapshot (S; top = info[S], base = its backing)
+    strategy ``commit`` (top below the active file): ``blockCommit(top -> base)``;
+    ``active-commit`` (top is active): ``blockCommit(ACTIVE)``, READY event, pivot;
+    ``pull`` (top is active and base holds more data than top): ``blockRebase`` pulls base
+    into top. The cheaper of the last two is chosen from the allocated sizes.
+    Steps, each recorded before the libvirt call it names:
+    ``job``      before the block job starts (or is followed again);
+    ``pivot``    before ``blockJobAbort(PIVOT)`` (active-commit only);
+    ``pivoted``  the moment the pivot call returned: from here the guest writes into base;
+    ``finish``   the file that leaves the chain is gone from the live chain; then the info
+                 file, then that file is removed.
+
+Recovery asks libvirt first; only "no such domain" or "not running" counts as gone, any
+other libvirt error leaves the operation recorded for later.
+    domain running: the live chain decides: the file still in it: follow the block job
+        (or start it again, or pivot a ready one); gone from it: finish.
+    domain gone, step ``job``: no pivot was asked, so top (or, for a commit below the
+        active file, the active file above it) holds every guest write: commit top into
+        base offline (idempotent).
+    domain gone, step ``pivoted`` or ``finish``: base holds every guest write and top is
+        stale: finish without copying top.
+    domain gone, step ``pivot`` (asked, its outcome never recorded): if top and base read
+        the same it does not matter; otherwise nothing is guessed: every file is kept, the
+        volume gets a problem naming both files, and ``repair`` with ``choice=base`` or
+        ``choice=overlay`` resolves it after showing where they differ.
+
+Cancel (Job.Cancel or SIGTERM): a running block job is aborted (libvirt waits for it to end)
+and never left running unfollowed. A cancelled pull leaves the snapshot as it was; a
+cancelled commit has already changed the snapshot's data, so the delete stays recorded and
+is finished by a retry or at the next start. After a pivot, the delete always finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from hostvold.core import crash, progress
+from hostvold.core.aio import uninterrupted
+from hostvold.core.chainmap import SnapshotMap
+from hostvold.core.errors import Failed, HypervisorError, NeedsRepair
+from hostvold.core.images import Layer
+from hostvold.core.layout import VolumeFiles
+from hostvold.core.planning import AMBIGUOUS_PIVOT, plan_delete
+from hostvold.core.records import VolumeMeta
+from hostvold.ops.volumes import VolumeService, layer_format
+from hostvold.storage import qemuimg
+from hostvold.storage.atomic import unlink_durable
+from hostvold.storage.infofile import read_info, write_info
+from hostvold.storage.qcow2 import validate_chain
+from hostvold.virt.guest import Guest
+from hostvold.virt.hypervisor import JOB_COMPLETED, JOB_READY, RECONNECTED, Hypervisor
+
+if TYPE_CHECKING:
+    from hostvold.ops.live import LiveVolumes
+
+log = logging.getLogger(__name__)
+
+
+
+
+class LiveDelete:
+    def __init__(self, volumes: VolumeService, hypervisor: Hypervisor, live: LiveVolumes,
+                 pivot_retries: int) -> None:
+        self.volumes = volumes
+        self.hypervisor = hypervisor
+        self.live = live
+        self.pivot_retries = pivot_retries
+        volumes.recoverers["live-delete-snapshot"] = self.resume
+
+    async def delete_snapshot(self, meta: VolumeMeta, files: VolumeFiles,
+                              chain_map: SnapshotMap, chain: list[Layer], sid: str) -> None:
+        guest, disk = await self.live.locate(meta)
+        plan = plan_delete(chain, chain_map, sid)
+        # one qemu-img for the whole chain; -U: the running QEMU holds the images' locks
+        seen = await qemuimg.info_chain(files.directory / chain[0].name,
+                                        layer_format(chain[0]), self.volumes.limits,
+                                        force_share=True)
+        allocated = {Path(layer.filename).name: layer.actual_size for layer in seen}
+        if not plan.top_is_active:
+            strategy = "commit"
+        elif plan.base.name == files.base_name or \
+                allocated.get(plan.top.name, 0) <= allocated.get(plan.base.name, 0):
+            strategy = "active-commit"
+        else:
+            strategy = "pull"
+        below = None
+        if strategy == "pull":
+            position = [layer.name for layer in chain].index(plan.base.name)
+            below = chain[position + 1].name
+        meta = self.volumes.record(files, meta.evolve(operation={
+            "name": "live-delete-snapshot", "snapshot": sid, "strategy": strategy,
+            "top": plan.top.name, "base": plan.base.name, "below": below,
+            "base_format": plan.base.format,
+            "domain": guest.name, "target": disk.target, "step": "job"}))
+        crash.point("live-delete-snapshot:intent")
+        log.info("deleting snapshot %s of volume %s live by %s", sid, meta.id, strategy,
+                 extra={"VOLUME_ID": meta.id, "SNAPSHOT_ID": sid, "DOMAIN": guest.name})
+        await self.resume(files, meta, guest)
+
+    async def resume(self, files: VolumeFiles, meta: VolumeMeta,
+                     guest: Guest | None = None) -> None:
+        """Run the delete from its recorded step to the end (also the recovery)."""
+        op: dict[str, Any] = dict(meta.operation or {})
+        if op.get("step") == AMBIGUOUS_PIVOT:
+            raise NeedsRepair(f"volume {meta.id}: {'; '.join(meta.problems)}")
+        if guest is None:
+            guest = await self.live.running_guest(op["domain"])
+        if guest is None:
+            return await self._finish_offline(files, meta, op)
+        gone = op["base"] if op["strategy"] == "pull" else op["top"]
+        if op["step"] in ("job", "pivot", "pivoted"):
+            if op["step"] != "pivoted" and gone in await self._live_chain(guest, op["target"]):
+                try:
+                    meta = await self._run_job(guest, files, meta, op)
+                except Failed:
+                    if await self.live.running_guest(op["domain"]) is not None:
+                        raise
+                    meta = self.volumes.get_volume(meta.id)  # the domain died under the job
+                    return await self._finish_offline(files, meta, dict(meta.operation or {}))
+                op = dict(meta.operation or {})
+            crash.point("live-delete-snapshot:job-done")
+            # the connection may have been replaced while we waited: ask through the new one
+            guest = await self.live.running_guest(op["domain"])
+            if guest is None:
+                return await self._finish_offline(files, meta, op)
+            if gone in await self._live_chain(guest, op["target"]):
+                raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
+                             "operation is kept and resumed at the next start")
+            op["step"] = "finish"
+            meta = self.volumes.record(files, meta.evolve(operation=op))
+            crash.point("live-delete-snapshot:finish-recorded")
+        self._finish_delete(files, meta, op)
+
+    async def _live_chain(self, guest: Guest, target: str) -> list[str]:
+        disk = await guest.disk(target)
+        return [Path(p).name for p in (disk.chain if disk else [])]
+
+    async def _run_job(self, guest: Guest, files: VolumeFiles, meta: VolumeMeta,
+                       op: dict[str, Any]) -> VolumeMeta:
+        """Start (or follow) the block job and wait for libvirt's events; no polling.
+        Returns the record as the job left it (``pivoted`` after a pivot)."""
+        directory, target, strategy = files.directory, op["target"], op["strategy"]
+        with self.hypervisor.block_job_events(guest.uuid, target) as events:
+            running = await guest.job_info(target)
+            if running is None:
+                if strategy == "commit":
+                    await guest.commit(target, str(directory / op["base"]),
+                                       str(directory / op["top"]), active=False)
+                elif strategy == "active-commit":
+                    await guest.commit(target, str(directory / op["base"]), None, active=True)
+                else:
+                    await guest.pull(target, str(directory / op["below"]) if op["below"]
+                                     else None)
+                crash.point("live-delete-snapshot:job-started")
+            ticker = asyncio.get_running_loop().create_task(self._progress(guest, target))
+            try:
+                ready = running is not None and running.end and running.cur == running.end
+                while True:
+                    if ready and strategy == "active-commit" and \
+                            (meta.operation or {}).get("step") != "pivoted":
+                        meta = await self._pivot(guest, files, meta)
+                    ready = False
+                    event = await events.get()
+                    if event.status == RECONNECTED:  # libvirtd restarted: look again
+                        guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
+                        info = await guest.job_info(target)
+                        if info is None:
+                            return meta  # ended while we were away; the caller checks
+                        ready = bool(info.end and info.cur == info.end)
+                    elif event.status == JOB_READY:
+                        ready = True
+                    elif event.status == JOB_COMPLETED:
+                        return meta
+                    else:
+                        raise Failed(f"block job on {guest.name} {target} "
+                                     f"{event.status_name}; the chain is unchanged")
+            except asyncio.CancelledError:
+                meta = await uninterrupted(self._stop(guest, files, meta))
+                raise
+            finally:
+                ticker.cancel()
+
+    async def _pivot(self, guest: Guest, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
+        """Pivot to the commit's base, recorded before and after; retried while QEMU says
+        the copy is still active, up to ``pivot_retries`` times, then the job is aborted
+        with the chain intact."""
+        op = dict(meta.operation or {}, step="pivot")
+        target = op["target"]
+        meta = self.volumes.record(files, meta.evolve(operation=op))
+        crash.point("live-delete-snapshot:pivot-recorded")
+        for attempt in range(self.pivot_retries + 1):
+            try:
+                await guest.pivot(target)
+            except HypervisorError as exc:
+                if exc.code != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                    raise
+                log.warning("pivot of %s %s refused (attempt %d): %s", guest.name, target,
+                            attempt + 1, exc.message)
+                if attempt < self.pivot_retries:
+                    await asyncio.sleep(0.1 * (attempt + 1))  # back-off before a retry
+                continue
+            meta = self.volumes.record(files, meta.evolve(operation=dict(op, step="pivoted")))
+            crash.point("live-delete-snapshot:pivoted")
+            return meta
+        await guest.abort_job(target)
+        self.volumes.record(files, meta.evolve(operation=dict(op, step="job")))
+        raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
+                     "the block job was aborted and the chain is unchanged")
+
+    async def _stop(self, guest: Guest, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
+        """Cancelled: abort the block job (synchronous in libvirt) unless it pivoted."""
+        op = dict(meta.operation or {})
+        if op.get("step") == "pivoted":
+            return meta  # the guest writes into base now: only the bookkeeping is left
+        with contextlib.suppress(HypervisorError):
+            await guest.abort_job(op["target"])
+        log.warning("block job of %s %s aborted (cancelled)", guest.name, op["target"],
+                    extra={"DOMAIN": guest.name, "VOLUME_ID": meta.id})
+        if op["strategy"] == "pull" and op["base"] in await self._live_chain(guest,
+                                                                              op["target"]):
+            # a pull only adds to top what top already read through: the snapshot is intact
+            return self.volumes.record(files, meta.evolve(operation=None))
+        return self.volumes.record(files, meta.evolve(operation=dict(op, step="job")))
+
+    async def _progress(self, guest: Guest, target: str) -> None:
+        """Progress for the Job object between events; it decides nothing."""
+        while True:
+            with contextlib.suppress(HypervisorError):
+                info = await guest.job_info(target)
+                if info is not None and info.end:
+                    progress.report(info.cur / info.end)
+            await asyncio.sleep(0.5)
+
+    def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta, op: dict[str, Any]) -> None:
+        sid, top, base = op["snapshot"], op["top"], op["base"]
+        chain_map = read_info(files)
+        if op["strategy"] == "pull":
+            # base's data now lives in top: a snapshot whose overlay was base now has top
+            snapshots = {k: (top if v == base else v) for k, v in chain_map.snapshots.items()
+                         if k != sid}
+            new_map, gone = SnapshotMap(chain_map.active, snapshots), base
+        else:
+            new_map = chain_map.without(sid, active=base if op["strategy"] == "active-commit"
+                                        else None)
+            gone = top
+        write_info(files, new_map, self.volumes.file_mode)
+        crash.point("live-delete-snapshot:info")
+        unlink_durable(files.directory / gone)
+        snapshots = {k: v for k, v in meta.snapshots.items() if k != sid}
+        self.volumes.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
+                                               operation=None, problems=[]))
+
+    async def _finish_offline(self, files: VolumeFiles, meta: VolumeMeta,
+                              op: dict[str, Any]) -> None:
+        """libvirt says the domain is gone: finish with qemu-img, from what the recorded step
+        proves about where the guest's newest writes are."""
+        log.warning("domain %s is gone: finishing the delete of snapshot %s offline (step %s)",
+                    op["domain"], op["snapshot"], op["step"], extra={"VOLUME_ID": meta.id})
+        meta = self.volumes.record(files, meta.evolve(state="available", attachment=None))
+        chain_map = read_info(files)
+        fmt = meta.format if chain_map.active == files.base_name else "qcow2"
+        names = [layer.name for layer in validate_chain(files, chain_map.active, fmt)]
+        gone = op["base"] if op["strategy"] == "pull" else op["top"]
+        if op["snapshot"] not in chain_map.snapshots or gone not in names:
+            self._finish_delete(files, meta, op)  # QEMU finished the job before
+        elif op["step"] in ("pivoted", "finish"):
+            self._finish_delete(files, meta, op)  # top is stale: base has every write
+        elif op["step"] == "pivot":
+            await self._undecided_pivot(files, meta, op)
+            return
+        else:
+            await self._commit_offline(files, meta, op)
+        await self.live.keep_definitions_in_step(files, meta.id)
+
+    async def _commit_offline(self, files: VolumeFiles, meta: VolumeMeta,
+                              op: dict[str, Any]) -> None:
+        """Top holds the newest data: the offline delete's commit of top into base."""
+        chain_map = read_info(files)
+        fmt = meta.format if chain_map.active == files.base_name else "qcow2"
+        chain = validate_chain(files, chain_map.active, fmt)
+        plan = plan_delete(chain, chain_map, op["snapshot"])
+        offline = {"name": "delete-snapshot", "snapshot": op["snapshot"], "step": "commit",
+                   "top": plan.top.name, "base": plan.base.name,
+                   "base_format": plan.base.format,
+                   "higher": plan.higher.name if plan.higher else None}
+        meta = self.volumes.record(files, meta.evolve(operation=offline, problems=[]))
+        await self.volumes.recoverers["delete-snapshot"](files, meta)
+
+    async def _undecided_pivot(self, files: VolumeFiles, meta: VolumeMeta,
+                               op: dict[str, Any]) -> None:
+        """The pivot was asked for and the domain is gone: no guess."""
+        top, base = files.directory / op["top"], files.directory / op["base"]
+        difference = await qemuimg.compare(top, "qcow2", base, _fmt(op["base_format"]),
+                                           self.volumes.limits)
+        if difference is None:  # the same bytes either way: nothing to choose
+            self._finish_delete(files, meta, op)
+            await self.live.keep_definitions_in_step(files, meta.id)
+            return
+        problem = (f"{AMBIGUOUS_PIVOT}: hostvold stopped around the pivot of the live delete of "
+                   f"snapshot {op['snapshot']} and domain {op['domain']} is gone; either "
+                   f"{op['base']} (the pivot happened) or {op['top']} (it did not) holds the "
+                   "guest's newest writes; every file is kept; see `hostvolctl repair` and "
+                   "choose base or overlay")
+        log.error("volume %s: %s", meta.id, problem, extra={"VOLUME_ID": meta.id})
+        self.volumes.record(files, meta.evolve(operation=dict(op, step=AMBIGUOUS_PIVOT),
+                                               problems=[problem]))
+
+    async def describe_ambiguity(self, files: VolumeFiles, meta: VolumeMeta) -> str:
+        """What an operator needs to choose: where the two candidates differ."""
+        op = meta.operation or {}
+        top, base = files.directory / op["top"], files.directory / op["base"]
+        extents = await qemuimg.own_extents(top, "qcow2", self.volumes.limits)
+        difference = await qemuimg.compare(top, "qcow2", base, _fmt(op["base_format"]),
+                                           self.volumes.limits)
+        shown = ", ".join(f"{start}+{length}" for start, length in extents[:8])
+        more = f" and {len(extents) - 8} more" if len(extents) > 8 else ""
+        return (f"the pivot of snapshot {op['snapshot']}'s delete is undecided: "
+                f"{op['top']} (choice=overlay: the pivot did not happen) holds its own data "
+                f"at {shown or 'no offset'}{more} (offset+length in bytes); "
+                f"{op['base']} (choice=base: the pivot happened) is the other candidate; "
+                f"qemu-img compare: {difference or 'identical'}. Choose with "
+                "`hostvolctl repair VOLUME --choose base|overlay`; nothing was changed")
+
+    async def resolve_ambiguity(self, files: VolumeFiles, meta: VolumeMeta,
+                                choice: str) -> str:
+        """Finish the delete as the operator chose."""
+        op = dict(meta.operation or {})
+        if choice == "base":
+            self._finish_delete(files, meta, op)
+            done = f"kept {op['base']} as the newest data; {op['top']} removed"
+        else:
+            await self._commit_offline(files, meta, op)
+            done = f"committed {op['top']} into {op['base']}; it holds the newest data"
+        await self.live.keep_definitions_in_step(files, meta.id)
+        return done
+
+
+def _fmt(name: str) -> qemuimg.Format:
+    return "raw" if name == "raw" else "qcow2"
+

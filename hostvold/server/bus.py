@@ -1,0 +1,146 @@
+"""The D-Bus edge: connection, bus name, caller identity, error names, object paths.
+
+dbus-fast does not tell a method who called it. A message handler that runs before
+dispatch records the sender of each method call in a context variable; the task that runs
+the method inherits it, and :meth:`Authorizer.require_admin` asks the bus driver for that
+connection's uid and groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+from contextvars import ContextVar
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from hostvold.core.errors import Failed, HostvoldError, NotAuthorized, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.hostvold1"
+ROOT_PATH = "/org/hostvold1"
+ERROR_PREFIX = "org.hostvold1.Error."
+
+caller: ContextVar[str | None] = ContextVar("hostvold_caller", default=None)
+# how long the file descriptors of a call wait for their method to claim them; any call
+# that does not reach a method of ours (an unknown object, a property) has them closed then
+UNCLAIMED_FD_SECONDS = 2.0
+
+
+class ReceivedFds:
+    """The file descriptors that came with one method call. The daemon owns them: the
+    method closes them when it returns (a job that needs one keeps a ``dup``)."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = list(fds)
+        self.claimed = False
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close_unclaimed(self) -> None:
+        if not self.claimed:
+            self.close()
+
+
+received_fds: ContextVar[ReceivedFds | None] = ContextVar("hostvold_fds", default=None)
+
+
+def object_path(kind: str, object_id: str) -> str:
+    """``/org/hostvold1/<kind>/<id>`` with the id made a valid path element ('-' -> '_')."""
+    return f"{ROOT_PATH}/{kind}/{object_id.replace('-', '_')}"
+
+
+def id_from_path(path: str, kind: str) -> str:
+    prefix = f"{ROOT_PATH}/{kind}/"
+    if not path.startswith(prefix):
+        raise ValueError(f"{path} is not a {kind} object path")
+    return path[len(prefix):].replace("_", "-")
+
+
+def dbus_error(exc: HostvoldError) -> DBusError:
+    return DBusError(ERROR_PREFIX + exc.name, exc.message)
+
+
+async def connect(address: str) -> MessageBus:
+    """Connect to ``system``, ``session`` or an explicit address."""
+    if address == "system":
+        bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+    elif address == "session":
+        bus = MessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
+    else:
+        bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+    try:
+        connected: MessageBus = await bus.connect()
+    except (OSError, ValueError) as exc:
+        raise StorageUnavailable(f"cannot connect to the D-Bus bus {address!r}: {exc}") \
+            from None
+    return connected
+
+
+async def own_name(bus: MessageBus) -> None:
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        raise Failed(f"{BUS_NAME} is already owned on this bus: is another hostvold running?")
+
+
+class Authorizer:
+    """Mutating calls need uid 0 or membership of ``admin_group``; reading is open."""
+
+    def __init__(self, bus: MessageBus, admin_group: str) -> None:
+        self.bus = bus
+        self.admin_group = admin_group
+        try:
+            self.admin_gid: int | None = grp.getgrnam(admin_group).gr_gid
+        except KeyError:
+            log.warning("admin_group %s does not exist: only root may change volumes",
+                        admin_group)
+            self.admin_gid = None
+        bus.add_message_handler(self._remember_sender)
+
+    @staticmethod
+    def _remember_sender(message: Message) -> bool | None:
+        if message.message_type == MessageType.METHOD_CALL:
+            caller.set(message.sender)
+            holder = ReceivedFds(message.unix_fds) if message.unix_fds else None
+            received_fds.set(holder)
+            if holder is not None:
+                asyncio.get_running_loop().call_later(UNCLAIMED_FD_SECONDS,
+                                                      holder.close_unclaimed)
+        elif message.unix_fds:  # fds on a signal or reply: nobody asked for them
+            ReceivedFds(message.unix_fds).close()
+        return None  # let dispatch go on
+
+    async def credentials(self, sender: str) -> dict[str, Any]:
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="GetConnectionCredentials",
+            signature="s", body=[sender]))
+        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+            raise NotAuthorized("the caller's credentials could not be read")
+        return {key: variant.value for key, variant in reply.body[0].items()}
+
+    async def require_admin(self, action: str) -> int:
+        """The caller's uid, when it is root or in the admin group; else NotAuthorized."""
+        sender = caller.get()
+        if sender is None:
+            raise NotAuthorized("the caller is unknown")
+        creds = await self.credentials(sender)
+        uid = creds.get("UnixUserID")
+        groups = creds.get("UnixGroupIDs", [])
+        if isinstance(uid, int) and (uid == 0 or (self.admin_gid is not None
+                                                  and self.admin_gid in groups)):
+            return uid
+        log.warning("refused %s to uid %s (not root, not in group %s)", action, uid,
+                    self.admin_group)
+        raise NotAuthorized(f"{action} needs root or membership of the group "
+                            f"{self.admin_group!r}")

@@ -1,0 +1,204 @@
+"""The composition root: config -> shares -> index -> recovery -> ready -> serve -> stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import faulthandler
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dbus_fast.aio import MessageBus
+
+from hostvold import __version__
+from hostvold.core.config import Config, load_config
+from hostvold.core.errors import ConfigError, HostvoldError, HypervisorUnavailable
+from hostvold.core.shares import ShareSpec, parse_options, parse_shares_file
+from hostvold.ops.jobs import JobRunner
+from hostvold.ops.live import LiveVolumes
+from hostvold.ops.snapshots import SnapshotService
+from hostvold.ops.volumes import VolumeService
+from hostvold.server import notify, policy
+from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
+from hostvold.server.dbus_api import Api
+from hostvold.storage.index import VolumeIndex
+from hostvold.storage.locks import LocalLocks
+from hostvold.storage.mounts import Share, ensure_mounted
+from hostvold.storage.permissions import file_mode, resolve_secure
+from hostvold.virt.hypervisor import Hypervisor
+
+log = logging.getLogger("hostvold")
+
+EX_CONFIG = 78
+
+
+def share_specs(config: Config) -> list[ShareSpec]:
+    """The configured shares; with none configured, the embedded local share directory."""
+    shares = config.shares
+    if shares.nas_host and shares.nas_share_path:
+        options = f"-o {shares.nas_mount_options}" if shares.nas_mount_options else ""
+        return [parse_options(f"{shares.nas_host}:{shares.nas_share_path}", options)]
+    if shares.shares_config:
+        specs, problems = parse_shares_file(shares.shares_config.read_text())
+        for problem in problems:
+            log.error("%s line %d skipped (%s): %s", shares.shares_config, problem.line,
+                      problem.reason, problem.text)
+        return specs
+    return [ShareSpec(address=str(config.local_share_dir), fstype="none", local_dir=True)]
+
+
+class Daemon:
+    def __init__(self, config: Config, with_libvirt: bool = True) -> None:
+        self.config = config
+        self.with_libvirt = with_libvirt
+        self.hypervisor: Hypervisor | None = None
+        self.stop_requested = asyncio.Event()
+        self.service: VolumeService | None = None
+        self.jobs = JobRunner()
+        self.bus: MessageBus | None = None
+        self.snapshots: SnapshotService | None = None
+        self.index: VolumeIndex | None = None
+
+    async def start(self) -> VolumeService:
+        config = self.config
+        state_dir = config.daemon.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        notify.status("mounting shares")
+        base = config.mount_point_base
+        shares = [Share(spec, spec.mount_point(base)) for spec in share_specs(config)]
+        await asyncio.gather(*(ensure_mounted(share, config.shares.mount_attempts)
+                               for share in shares))
+        for share in shares:
+            if not share.mounted:
+                log.error("share %s unavailable: %s", share.spec.address, share.error)
+        self.index = VolumeIndex(state_dir / "index.sqlite")
+        locks = LocalLocks(state_dir / "locks")
+        service = VolumeService(config, shares, self.index, locks, 0o660)
+        notify.status("loading the volume index")
+        if self.index.fresh:
+            service.rebuild_index()
+        else:
+            service.load_index()
+        first = next((s.mount_point for s in shares if s.mounted), None)
+        secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
+                                new_install=not service.list_volumes())
+        service.file_mode = file_mode(secure)
+        self.snapshots = SnapshotService(service)  # registers its recovery steps
+        if self.with_libvirt:
+            await self._connect_libvirt(service)
+        notify.status("recovering interrupted operations")
+        await service.recover()
+        if service.live is not None and self.hypervisor is not None \
+                and self.hypervisor.conn is not None:
+            await service.live.reconcile()
+        self.service = service
+        return service
+
+    async def _connect_libvirt(self, service: VolumeService) -> None:
+        config = self.config
+        self.hypervisor = Hypervisor(config.libvirt.uri, config.daemon.workers,
+                                     config.libvirt.keepalive)
+        notify.status("connecting to libvirt")
+        service.live = LiveVolumes(config, service, self.hypervisor)
+        try:
+            await self.hypervisor.connect()
+        except HypervisorUnavailable as exc:
+            # without libvirt's word no step may change a volume a domain could use: those
+            # calls are refused until the connection is back, retried in the background
+            log.error("%s: changes to volumes are refused until libvirt answers", exc)
+            self.hypervisor.reconnect()
+
+    async def stop(self) -> None:
+        if self.hypervisor is not None:
+            await self.hypervisor.close()
+        if self.index is not None:
+            self.index.close()
+
+    async def serve(self) -> Api:
+        """Put the started services on the bus; the name is owned last, when all is there."""
+        assert self.service is not None and self.snapshots is not None
+        notify.status("connecting to the bus")
+        self.bus = await connect(self.config.daemon.bus)
+        if self.config.daemon.bus == "system":  # the installed policy must admit admin_group
+            for warning in policy.check_installed(self.config.daemon.admin_group):
+                log.warning("%s", warning)
+        authorizer = Authorizer(self.bus, self.config.daemon.admin_group)
+        api = Api(self.bus, self.service, self.snapshots, self.jobs, authorizer)
+        api.export_all()
+        await own_name(self.bus)
+        return api
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop_requested.set)
+        watchdog = notify.start_watchdog()
+        try:
+            service = await self.start()
+            api = await self.serve()
+        except HostvoldError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        mounted = len(service.mounted_shares())
+        summary = (f"{len(service.list_volumes())} volumes on {mounted}/{len(service.shares)} "
+                   f"shares, serving {BUS_NAME}")
+        log.info("hostvold %s ready: %s", __version__, summary)
+        notify.ready(summary)
+        self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))
+        await self.stop_requested.wait()
+        log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")
+        notify.stopping()
+        assert self.bus is not None
+        await self.bus.release_name(BUS_NAME)
+        await self.jobs.cancel_all()
+        self.bus.disconnect()
+        if watchdog is not None:
+            watchdog.cancel()
+        await self.stop()
+        del api
+        return 0
+
+
+    def _job_status(self, summary: str, names: set[str]) -> None:
+        """A STATUS= line for systemctl status whenever a job starts or ends."""
+        if "State" in names or not names:
+            running = sum(1 for job in self.jobs.jobs.values() if job.state == "running")
+            notify.status(f"{summary}; {running} job(s) running")
+
+
+def setup_logging(level: str) -> None:
+    """stderr, or the journal when systemd runs us; there, ``extra={"VOLUME_ID": ...}``
+    on a log call becomes a structured journal field."""
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM"):
+        from systemd.journal import JournalHandler
+        handler = JournalHandler(SYSLOG_IDENTIFIER="hostvold")
+        handler.setFormatter(logging.Formatter("%(message)s"))  # the journal adds the rest
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hostvold", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="configuration file (default /etc/hostvold/hostvold.conf)")
+    parser.add_argument("--version", action="version", version=f"hostvold {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"hostvold: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(config.daemon.log_level)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: dump stacks
+    return asyncio.run(Daemon(config).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Small file operations the volume code needs, done in-process (no helper processes)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+
+from hostvold.core.errors import Failed, NoSpace
+from hostvold.storage.atomic import fsync_dir
+from hostvold.storage.safefile import open_regular
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate real blocks with fallocate(2) mode 0.
+
+    Unlike ``posix_fallocate``, this never falls back to writing zeros: a filesystem that
+    cannot allocate says so, and we report it instead of spending minutes writing.
+    """
+    if _libc.fallocate(fd, 0, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"not enough free space to allocate {length} bytes")
+        if err == errno.EOPNOTSUPP:
+            raise Failed("the share's filesystem cannot preallocate (fallocate is not "
+                         "supported); create a sparse volume instead")
+        raise OSError(err, os.strerror(err))
+
+
+def create_raw(path: Path, size: int, thick: bool, mode: int) -> None:
+    """A new raw image: sparse (a hole of ``size`` bytes) or thick (every block allocated)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        if thick:
+            fallocate(fd, 0, size)
+        else:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
+def grow_raw(path: Path, size: int, thick: bool) -> None:
+    """Grow a raw image to ``size``; idempotent, so recovery can simply run it again."""
+    fd = open_regular(path, os.O_WRONLY)
+    try:
+        current = os.fstat(fd).st_size
+        if thick and size > current:
+            fallocate(fd, current, size - current)
+        elif size > current:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = open_regular(path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_enospc(exc: BaseException) -> bool:
+    text = str(getattr(exc, "stderr", "")) + str(exc)
+    return (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        "No space left on device" in text
+
+
+def copy_fd_to_new_file(fd: int, path: Path, mode: int) -> None:
+    """Copy the whole content of open file ``fd`` into a new file ``path`` (in-kernel where
+    the filesystems allow it), never moving ``fd``'s offset."""
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  mode)
+    try:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                done = os.copy_file_range(fd, out, size - offset, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+                done = os.pwrite(out, chunk, offset) if chunk else 0
+            if done == 0:
+                break
+            offset += done
+        os.fsync(out)
+    finally:
+        os.close(out)

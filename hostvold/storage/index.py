@@ -1,0 +1,88 @@
+"""The local volume index: a SQLite cache of the metadata files on the shares.
+
+It makes listing fast and survives restarts; it is never the source of truth. Deleting it
+is safe: the next start rebuilds it from the shares.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from hostvold.core.records import VolumeMeta
+
+_SCHEMA = 2
+
+
+class VolumeIndex:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self.fresh = version != _SCHEMA
+        if self.fresh:
+            self._db.executescript(f"""
+                DROP TABLE IF EXISTS volumes;
+                CREATE TABLE volumes (id TEXT PRIMARY KEY, share TEXT NOT NULL,
+                                      meta TEXT NOT NULL);
+                DROP TABLE IF EXISTS inflight;
+                CREATE TABLE inflight (id TEXT PRIMARY KEY, share TEXT NOT NULL);
+                PRAGMA user_version = {_SCHEMA};
+            """)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def load(self) -> list[VolumeMeta]:
+        rows = self._db.execute("SELECT meta FROM volumes").fetchall()
+        return [VolumeMeta.model_validate_json(meta) for (meta,) in rows]
+
+    def put(self, meta: VolumeMeta, inflight: bool = False) -> None:
+        """Store ``meta`` and, in the same transaction (one sync), whether an operation on
+        the volume is under way."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO volumes (id, share, meta) VALUES (?, ?, ?)",
+                             (meta.id, meta.share, meta.model_dump_json()))
+            if inflight:
+                self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
+                                 (meta.id, meta.share))
+            else:
+                self._db.execute("DELETE FROM inflight WHERE id = ?", (meta.id,))
+
+    def remove(self, volume_id: str) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+            self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
+
+    def mark_inflight(self, volume_id: str, share: str) -> None:
+        """Durably note that ``volume_id`` has an operation under way, before its metadata
+        file says so: a restart then re-reads that volume from its share, even if the
+        crash came before this index heard the rest."""
+        self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
+                         (volume_id, share))
+
+    def is_inflight(self, volume_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM inflight WHERE id = ?",
+                                (volume_id,)).fetchone() is not None
+
+    def clear_inflight(self, volume_id: str) -> None:
+        self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
+
+    def inflight(self) -> list[tuple[str, str]]:
+        return [(row[0], row[1]) for row in
+                self._db.execute("SELECT id, share FROM inflight ORDER BY id").fetchall()]
+
+    def replace_all(self, metas: Iterable[VolumeMeta]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM volumes")
+            self._db.execute("DELETE FROM inflight")
+            self._db.executemany(
+                "INSERT INTO volumes (id, share, meta) VALUES (?, ?, ?)",
+                ((m.id, m.share, m.model_dump_json()) for m in metas))
+        self.fresh = False

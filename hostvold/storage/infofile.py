@@ -1,0 +1,56 @@
+"""The info file: Cinder's JSON chain map, ``volume-<id>.info``.
+
+``{"active": <file the volume runs on>, <snapshot id>: <overlay made when it was taken>}``,
+bare file names, written pretty-printed (indent 1, keys sorted) as Cinder does, but
+atomically. A missing file means "no snapshots, the base file is active".
+"""
+
+from __future__ import annotations
+
+import json
+
+from hostvold.core.chainmap import SnapshotMap
+from hostvold.core.errors import InfoFileDamaged, UnsafeFile
+from hostvold.core.ids import valid_id
+from hostvold.core.layout import VolumeFiles
+from hostvold.storage.atomic import write_atomic
+from hostvold.storage.safefile import read_regular
+
+
+def read_info(files: VolumeFiles) -> SnapshotMap:
+    """The chain map of a volume; InfoFileDamaged when it cannot be trusted (a symbolic
+    link, a device, or names that are not the volume's own files)."""
+    try:
+        data = read_regular(files.info)
+    except FileNotFoundError:
+        return SnapshotMap(files.base_name)
+    except UnsafeFile as exc:
+        raise InfoFileDamaged(f"{exc.message}; run a repair") from None
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InfoFileDamaged(f"{files.info.name} is empty or truncated "
+                              f"({len(data)} bytes); run a repair") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("active"), str):
+        raise InfoFileDamaged(f"{files.info.name} has no \"active\" entry; run a repair")
+    snapshots = {}
+    for key, value in raw.items():
+        if key == "active":
+            continue
+        try:
+            snapshot_id = valid_id(key, "snapshot id")
+        except Exception:
+            raise InfoFileDamaged(f"{files.info.name}: {key!r} is not a snapshot id") from None
+        if not isinstance(value, str) or not files.is_image(value):
+            raise InfoFileDamaged(f"{files.info.name}: snapshot {key} names {value!r}, which is "
+                                  "not one of the volume's files")
+        snapshots[snapshot_id] = value
+    if not files.is_image(raw["active"]):
+        raise InfoFileDamaged(f"{files.info.name}: active file {raw['active']!r} is not one of "
+                              "the volume's files")
+    return SnapshotMap(raw["active"], snapshots)
+
+
+def write_info(files: VolumeFiles, chain_map: SnapshotMap, mode: int) -> None:
+    data = {"active": chain_map.active, **chain_map.snapshots}
+    write_atomic(files.info, json.dumps(data, indent=1, sort_keys=True).encode(), mode)

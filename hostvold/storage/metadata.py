@@ -1,0 +1,28 @@
+"""hostvold's per-volume metadata file: the share alone describes its volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from hostvold.core.errors import Failed
+from hostvold.core.records import VolumeMeta
+from hostvold.storage.atomic import write_atomic
+from hostvold.storage.safefile import read_regular
+
+
+def read_meta(path: Path) -> VolumeMeta:
+    """The metadata file: a regular file, never followed through a symbolic link (UnsafeFile).
+    It sits on shared storage: callers check the file names it records (see
+    :func:`hostvold.core.layout.record_problems`) before acting on them."""
+    try:
+        return VolumeMeta.model_validate_json(read_regular(path))
+    except ValidationError as exc:
+        raise Failed(f"metadata file {path} is invalid: {exc.errors()[0]['msg']}") from None
+
+
+def write_meta(path: Path, meta: VolumeMeta, mode: int) -> None:
+    data = json.dumps(meta.model_dump(), indent=1, sort_keys=True).encode() + b"\n"
+    write_atomic(path, data, mode)

@@ -1,0 +1,201 @@
+"""A thin, typed wrapper over one libvirt domain: the calls hostvold uses, named for what
+they do, each turning keyword arguments into libvirt flags. Blocking calls go through the
+hypervisor's thread pool. Disk XML is parsed into :class:`DiskInfo`.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import libvirt
+
+from hostvold.core.errors import DomainGone
+from hostvold.virt.hypervisor import Hypervisor
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    target: str
+    source: str | None
+    format: str | None
+    serial: str | None
+    alias: str | None
+    bus: str | None
+    chain: list[str] = field(default_factory=list)  # source first, then its backing files
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_type: int
+    cur: int
+    end: int
+
+
+def parse_disks(domain_xml: str) -> list[DiskInfo]:
+    """Every file disk of a live domain XML, with its backing chain as libvirt sees it."""
+    disks = []
+    for disk in ET.fromstring(domain_xml).iterfind("./devices/disk"):
+        target = disk.find("target")
+        if target is None or disk.get("device", "disk") != "disk":
+            continue
+        source = disk.find("source")
+        driver = disk.find("driver")
+        chain = []
+        node: ET.Element | None = disk
+        while node is not None:
+            src = node.find("source")
+            if src is None or src.get("file") is None:
+                break
+            chain.append(str(src.get("file")))
+            node = node.find("backingStore")
+        serial = disk.find("serial")
+        alias = disk.find("alias")
+        disks.append(DiskInfo(
+            target=str(target.get("dev")),
+            source=source.get("file") if source is not None else None,
+            format=driver.get("type") if driver is not None else None,
+            serial=serial.text if serial is not None else None,
+            alias=alias.get("name") if alias is not None else None,
+            bus=target.get("bus"), chain=chain))
+    return disks
+
+
+def with_disk_source(domain_xml: str, target: str, path: str, fmt: str) -> str:
+    """``domain_xml`` with disk ``target`` switched to ``path`` (a chain read from the file's
+    own headers when the domain starts: any recorded backing store is dropped)."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.iterfind("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") != target:
+            continue
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.attrib.clear()
+        source.set("file", path)
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", fmt)
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
+    return ET.tostring(root, encoding="unicode")
+
+
+def disk_xml(path: str, fmt: str, target: str, serial: str, bus: str = "scsi") -> str:
+    return (f"<disk type='file' device='disk'>"
+            f"<driver name='qemu' type={quoteattr(fmt)} cache='none'/>"
+            f"<source file={quoteattr(path)}/>"
+            f"<target dev={quoteattr(target)} bus={quoteattr(bus)}/>"
+            f"<serial>{escape(serial)}</serial></disk>")
+
+
+def snapshot_xml(target: str, overlay: str, other_targets: list[str]) -> str:
+    """External disk-only snapshot of one disk into a pre-made overlay; the others untouched."""
+    others = "".join(f"<disk name={quoteattr(t)} snapshot='no'/>" for t in other_targets)
+    return ("<domainsnapshot><disks>"
+            f"<disk name={quoteattr(target)} snapshot='external' type='file'>"
+            f"<driver type='qcow2'/><source file={quoteattr(overlay)}/></disk>"
+            f"{others}</disks></domainsnapshot>")
+
+
+class Guest:
+    def __init__(self, hypervisor: Hypervisor, domain: libvirt.virDomain) -> None:
+        self.hypervisor = hypervisor
+        self.domain = domain
+        self.name: str = domain.name()
+        self.uuid: str = domain.UUIDString()
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        return await self.hypervisor.call(method, *args)
+
+    async def disks(self) -> list[DiskInfo]:
+        """The disks QEMU has open now (live XML, with the live backing chains)."""
+        return parse_disks(await self._call(self.domain.XMLDesc, 0))
+
+    async def defined_disks(self) -> list[DiskInfo]:
+        """The disks the next start will open (the inactive definition)."""
+        return parse_disks(await self._call(self.domain.XMLDesc,
+                                            libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    async def has_managed_save(self) -> bool:
+        """A saved state that a start resumes, with the files it had open."""
+        return bool(await self._call(self.domain.hasManagedSaveImage, 0))
+
+    async def redefine_disk(self, target: str, path: str, fmt: str) -> None:
+        """Point the inactive definition's disk ``target`` at ``path``."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        xml = await self._call(self.domain.XMLDesc, flags)
+        await self.hypervisor.define(with_disk_source(xml, target, path, fmt))
+
+    async def disk(self, target: str) -> DiskInfo | None:
+        return next((d for d in await self.disks() if d.target == target), None)
+
+    async def is_running(self) -> bool:
+        """False when libvirt says the domain is off or gone; any other error is raised:
+        an unanswered question is not a "no"."""
+        try:
+            return bool(await self._call(self.domain.isActive))
+        except DomainGone:
+            return False
+
+    async def is_persistent(self) -> bool:
+        return bool(await self._call(self.domain.isPersistent))
+
+    async def _affect(self) -> int:
+        flags: int = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if await self.is_persistent():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        return flags
+
+    async def attach_disk(self, xml: str) -> None:
+        await self._call(self.domain.attachDeviceFlags, xml, await self._affect())
+
+    async def detach_disk(self, xml: str) -> None:
+        await self._call(self.domain.detachDeviceFlags, xml, await self._affect())
+
+    async def freeze(self) -> None:
+        """Freeze guest filesystems through the guest agent (HypervisorError without one)."""
+        await self._call(self.domain.fsFreeze)
+
+    async def thaw(self) -> None:
+        await self._call(self.domain.fsThaw)
+
+    async def snapshot_disk(self, target: str, overlay: str, other_targets: list[str]) -> None:
+        flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+        await self._call(self.domain.snapshotCreateXML,
+                         snapshot_xml(target, overlay, other_targets), flags)
+
+    async def commit(self, target: str, base: str, top: str | None, active: bool) -> None:
+        """blockCommit with relative backing names; ``active`` commits the active layer."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
+        if active:
+            flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+        await self._call(self.domain.blockCommit, target, base, top, 0, flags)
+
+    async def pull(self, target: str, base: str | None) -> None:
+        """blockRebase: copy everything above ``base`` into the active layer."""
+        await self._call(self.domain.blockRebase, target, base, 0,
+                         libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0)
+
+    async def job_info(self, target: str) -> JobInfo | None:
+        info = await self._call(self.domain.blockJobInfo, target, 0)
+        if not info:
+            return None
+        return JobInfo(int(info["type"]), int(info["cur"]), int(info["end"]))
+
+    async def pivot(self, target: str) -> None:
+        await self._call(self.domain.blockJobAbort, target,
+                         libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+
+    async def abort_job(self, target: str) -> None:
+        await self._call(self.domain.blockJobAbort, target, 0)
+
+    async def resize(self, target: str, size: int) -> None:
+        await self._call(self.domain.blockResize, target, size,
+                         libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
