@@ -22,7 +22,7 @@ async def measure(root: Path, count: int) -> tuple[float, float]:
     daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {root / 'state'}\n"),
                     with_libvirt=False)
     volumes = await daemon.start()
-    snapshots = daemon.snapshots
+    snapshots = daemon.ops
     assert snapshots is not None
     ids = [(await volumes.create_volume(size=64 << 20)).id for _ in range(count)]
     start = time.perf_counter()

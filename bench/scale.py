@@ -40,12 +40,12 @@ POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configurat
 async def populate(state_dir: Path, count: int) -> None:
     daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {state_dir}\n"), with_libvirt=False)
     volumes = await daemon.start()
-    assert daemon.snapshots is not None
+    assert daemon.ops is not None
     for start in range(0, count, 64):
         made = await asyncio.gather(*(volumes.create_volume(size=64 << 20)
                                       for _ in range(min(64, count - start))))
         for meta in made[::10]:
-            await daemon.snapshots.create_snapshot(meta.id)
+            await daemon.ops.create_snapshot(meta.id)
     await daemon.stop()
 
 

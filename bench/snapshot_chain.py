@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 from hostvold.core.config import parse_config
-from hostvold.ops.snapshots import SnapshotService
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
 from hostvold.server.daemon import Daemon
 from hostvold.storage.infofile import read_info
 
 MiB = 1 << 20
 
 
-async def build(volumes: VolumeService, snapshots: SnapshotService,
+async def build(volumes: Operations, snapshots: Operations,
                 depth: int) -> tuple[str, list[str]]:
     meta = await volumes.create_volume(size=64 * MiB)
     ids = [(await snapshots.create_snapshot(meta.id)).id for _ in range(depth)]
@@ -64,13 +63,13 @@ async def measure(root: Path, depths: list[int]) -> dict[int, dict[str, float]]:
     daemon = Daemon(parse_config(f"[daemon]\nstate_dir = {root / 'state'}\n"),
                     with_libvirt=False)
     volumes = await daemon.start()
-    assert daemon.snapshots is not None
-    snapshots = daemon.snapshots
+    assert daemon.ops is not None
+    snapshots = daemon.ops
     results: dict[int, dict[str, float]] = {}
     for depth in depths:
         row: dict[str, float] = {}
         volume_id, ids = await build(volumes, snapshots, depth)
-        files = volumes.files_of(volumes.get_volume(volume_id))
+        files = volumes.store.files_of(volumes.store.get_volume(volume_id))
 
         start = time.perf_counter()
         await snapshots.create_snapshot(volume_id)

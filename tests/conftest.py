@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 
 from hostvold.core.config import Config, parse_config
-from hostvold.ops.snapshots import SnapshotService
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
 from hostvold.server.daemon import Daemon
 
 pytest_plugins = ["tests.live_fixtures"]  # the TCG domain fixtures
@@ -143,11 +142,11 @@ class Host:
         return path
 
     @property
-    def snapshots(self) -> SnapshotService:
-        assert self.daemon is not None and self.daemon.snapshots is not None
-        return self.daemon.snapshots
+    def ops(self) -> Operations:
+        assert self.daemon is not None and self.daemon.ops is not None
+        return self.daemon.ops
 
-    async def start(self) -> VolumeService:
+    async def start(self) -> Operations:
         self.stop()
         self.daemon = Daemon(self.config, with_libvirt=False)
         return await self.daemon.start()
@@ -180,7 +179,7 @@ def host_factory(tmp_path: Path, ext4_image: Callable[..., Path]) -> Iterator[Ca
 
 
 @pytest.fixture
-async def service(host_factory: Callable[..., Host]) -> AsyncIterator[VolumeService]:
+async def service(host_factory: Callable[..., Host]) -> AsyncIterator[Operations]:
     """A started hostvold with one 256 MiB ext4 share."""
     host = host_factory(256)
     yield await host.start()

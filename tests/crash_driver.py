@@ -20,7 +20,7 @@ from hostvold.server.daemon import Daemon
 async def run(config_path: str, operation: str, args: dict[str, Any]) -> None:
     daemon = Daemon(load_config(Path(config_path)))
     volumes = await daemon.start()
-    snapshots = daemon.snapshots
+    snapshots = daemon.ops
     assert snapshots is not None
     volume = args.pop("volume", None)
     match operation:

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostvold.core.layout import VolumeFiles
-from hostvold.ops.snapshots import SnapshotService
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
 from hostvold.storage.infofile import read_info
 
 MiB = 1 << 20
@@ -50,20 +49,20 @@ def expected_reads(generation: int, newest: int = 12) -> list[str]:
 class Lab:
     """One volume whose snapshot k was taken right after generation k was written."""
 
-    volumes: VolumeService
-    snapshots: SnapshotService
+    volumes: Operations
+    snapshots: Operations
     volume_id: str
     generation_of: dict[str, int] = field(default_factory=dict)  # snapshot id -> generation
     current: int = 0
 
     @property
     def files(self) -> VolumeFiles:
-        return self.volumes.files_of(self.volumes.get_volume(self.volume_id))
+        return self.volumes.store.files_of(self.volumes.store.get_volume(self.volume_id))
 
     def active(self) -> tuple[Path, str]:
         files = self.files
         active = read_info(files).active
-        meta = self.volumes.get_volume(self.volume_id)
+        meta = self.volumes.store.get_volume(self.volume_id)
         return files.directory / active, meta.format if active == files.base_name else "qcow2"
 
     def write(self) -> None:
@@ -76,7 +75,7 @@ class Lab:
         self.generation_of[snap.id] = self.current
         return snap.id
 
-    def rebind(self, volumes: VolumeService, snapshots: SnapshotService) -> None:
+    def rebind(self, volumes: Operations, snapshots: Operations) -> None:
         """After a restart: the same volume through the new service objects."""
         self.volumes, self.snapshots = volumes, snapshots
 
@@ -89,7 +88,7 @@ class Lab:
         assert set(chain_map.snapshots) == set(alive)
         for sid, generation in alive.items():
             data = backing_of(files, chain_map.snapshots[sid])
-            fmt = self.volumes.get_volume(self.volume_id).format \
+            fmt = self.volumes.store.get_volume(self.volume_id).format \
                 if data == files.base_name else "qcow2"
             qemu_io(files.directory / data, fmt, expected_reads(generation), read_only=True)
         path, fmt = self.active()
@@ -107,11 +106,11 @@ def backing_of(files: VolumeFiles, name: str) -> str:
     return str(info["backing-filename"])
 
 
-def check_consistent(volumes: VolumeService, volume_id: str) -> None:
+def check_consistent(volumes: Operations, volume_id: str) -> None:
     """The info file equals the chain qemu-img reads; no file of the volume is an orphan;
     nothing is left in flight."""
-    meta = volumes.get_volume(volume_id)
-    files = volumes.files_of(meta)
+    meta = volumes.store.get_volume(volume_id)
+    files = volumes.store.files_of(meta)
     chain_map = read_info(files)
     fmt = meta.format if chain_map.active == files.base_name else "qcow2"
     layers = json.loads(subprocess.run(
@@ -130,7 +129,7 @@ def check_consistent(volumes: VolumeService, volume_id: str) -> None:
     assert set(meta.snapshots) == set(chain_map.snapshots)
 
 
-async def make_lab(volumes: VolumeService, snapshots: SnapshotService, count: int,
+async def make_lab(volumes: Operations, snapshots: Operations, count: int,
                    fmt: str = "raw") -> Lab:
     meta = await volumes.create_volume(size=SIZE, format=fmt)
     lab = Lab(volumes, snapshots, meta.id)

@@ -64,11 +64,11 @@ def crash_run(host: Host, operation: str, point: str, **args: Any) -> None:
 
 
 def files_of_id(host: Host, volume_id: str) -> list[str]:
-    assert host.daemon is not None and host.daemon.service is not None
+    assert host.daemon is not None and host.daemon.ops is not None
     names = []
-    for share in host.daemon.service.shares:
+    for share in host.daemon.ops.store.shares:
         names += [p.name for p in VolumeFiles.of(share.mount_point,
-                                                 host.daemon.service.naming,
+                                                 host.daemon.ops.store.naming,
                                                  volume_id).existing()]
     return names
 
@@ -87,8 +87,8 @@ async def test_crash_then_restart(tmp_path: Path, host_factory: Callable[..., Ho
                                   operation: str, variant: str, point: str) -> None:
     host = host_factory(256)
     await host.start()
-    assert host.daemon is not None and host.daemon.service is not None
-    lab = await make_lab(host.daemon.service, host.snapshots, 1 if variant == "only" else 3)
+    assert host.daemon is not None and host.daemon.ops is not None
+    lab = await make_lab(host.daemon.ops, host.ops, 1 if variant == "only" else 3)
     ids = sorted(lab.generation_of, key=lab.generation_of.__getitem__)
     target = {"newest": -1, "middle": 1, "oldest": 0, "only": 0}.get(variant, -1)
     new_volume = new_id()
@@ -118,17 +118,17 @@ async def test_crash_then_restart(tmp_path: Path, host_factory: Callable[..., Ho
                       id=new_volume)
 
     volumes = await host.start()  # recovery runs here
-    lab.rebind(volumes, host.snapshots)
+    lab.rebind(volumes, host.ops)
 
     if operation == "delete":
         with pytest.raises(NotFound):
-            volumes.get_volume(lab.volume_id)
+            volumes.store.get_volume(lab.volume_id)
         assert files_of_id(host, lab.volume_id) == []
         return
     if operation in ("create", "import", "clone", "create-from-snapshot"):
         # the caller never heard of success: the new volume is gone, wholly
         with pytest.raises(NotFound):
-            volumes.get_volume(new_volume)
+            volumes.store.get_volume(new_volume)
         assert files_of_id(host, new_volume) == []
     if operation == "create-snapshot":
         if new_snapshot in read_info(lab.files).snapshots:
@@ -139,7 +139,7 @@ async def test_crash_then_restart(tmp_path: Path, host_factory: Callable[..., Ho
         # recovery rolls a started delete forward; it never stops half way
         del lab.generation_of[ids[target]]
     if operation == "extend":
-        assert volumes.get_volume(lab.volume_id).size == 2 * SIZE
+        assert volumes.store.get_volume(lab.volume_id).size == 2 * SIZE
     if operation == "revert":
         path, fmt = lab.active()
         before, after = reads_as(path, fmt, lab.current), reads_as(path, fmt, 3)

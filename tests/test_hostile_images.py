@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hostvold.core.errors import HostvoldError
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
 from tests.conftest import Host
 
 pytestmark = pytest.mark.integration
@@ -106,15 +106,15 @@ def opened(path: Path) -> Iterator[int | None]:
         os.close(fd)
 
 
-def share_holds_marker(service: VolumeService, corpus: Corpus) -> list[str]:
-    mount = service.shares[0].mount_point
+def share_holds_marker(service: Operations, corpus: Corpus) -> list[str]:
+    mount = service.store.shares[0].mount_point
     return [p.name for p in mount.iterdir() if p.is_file() and corpus.found_in(p)]
 
 
 async def test_hostile_images_are_refused_or_taken_as_raw_bytes(
         host: Host, tmp_path: Path, corpus: Corpus) -> None:
-    assert host.daemon is not None and host.daemon.service is not None
-    service, snapshots = host.daemon.service, host.snapshots
+    assert host.daemon is not None and host.daemon.ops is not None
+    service, snapshots = host.daemon.ops, host.ops
     outcomes: dict[str, str] = {}
     for name, image in corpus.images.items():
         for declared in (None, "raw", "qcow2"):
@@ -147,7 +147,7 @@ async def test_hostile_images_are_refused_or_taken_as_raw_bytes(
                     os.close(fd)
                 assert not corpus.found_in(dest), key
                 from_snap = await snapshots.create_from_snapshot(meta.id, snap.id)
-                assert {clone.id, from_snap.id} <= {m.id for m in service.list_volumes()}
+                assert {clone.id, from_snap.id} <= {m.id for m in service.store.list_volumes()}
                 assert share_holds_marker(service, corpus) == [], key
     print("\n".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
     refused_always = ["backing-outside", "backing-json", "backing-relative", "backing-loop",

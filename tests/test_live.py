@@ -214,7 +214,7 @@ async def test_pivot_refused_is_retried_then_aborted() -> None:
     deleter = LiveDelete.__new__(LiveDelete)
     deleter.pivot_retries = config.libvirt.pivot_retries
     records = _Records()
-    deleter.volumes = records  # type: ignore[assignment]
+    deleter.store = records  # type: ignore[assignment]
     meta = VolumeMeta(id="x", size=1, format="raw", created="", state="in-use", share="s",
                       active="a", operation={"name": "live-delete-snapshot", "target": "sda",
                                              "step": "job"})

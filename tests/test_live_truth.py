@@ -360,7 +360,7 @@ async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
     host = host_factory(64)
     volumes = await host.start()
     meta = await volumes.create_volume(size=1 << 20)
-    files = volumes.files_of(meta)
+    files = volumes.store.files_of(meta)
     fake = _AgentDomain(str(files.base), meta.id)
 
     class FakeHypervisor(Hypervisor):
@@ -371,17 +371,17 @@ async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
             return [fake]
 
     hypervisor = FakeHypervisor("test:///default")
-    live = LiveVolumes(host.config, volumes, hypervisor)
+    live = LiveVolumes(host.config, volumes.store, hypervisor)
     overlay = files.overlay_name("5a5a5a5a-0000-4000-8000-00000000f00d")
     (files.directory / overlay).write_bytes(b"")
-    meta = volumes.record(files, meta.evolve(operation={
+    meta = volumes.store.record(files, meta.evolve(operation={
         "name": "live-create-snapshot", "snapshot": "5a5a5a5a-0000-4000-8000-00000000f00d",
         "overlay": overlay, "domain": "agent-domain", "target": "sdb", "step": "switch",
         "temporary": False}))
     await live._recover_create(files, meta)
     assert fake.thawed == 1
     assert not (files.directory / overlay).exists()
-    assert volumes.get_volume(meta.id).operation is None
+    assert volumes.store.get_volume(meta.id).operation is None
     hypervisor.executor.shutdown()
 
 

@@ -90,7 +90,7 @@ async def test_a_failed_share_leaves_the_others_working(
     good_line = host.shares_file.read_text()
     host.shares_file.write_text(f"{tmp_path}/absent.img -t ext4 -o loop\n" + good_line)
     service = await host.start()
-    bad, good = service.shares
+    bad, good = service.store.shares
     assert not bad.mounted and "after 3 attempts" in (bad.error or "")
     assert good.mounted
     meta = await service.create_volume(size=1 << 20)

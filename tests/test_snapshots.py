@@ -45,9 +45,9 @@ async def host(host_factory: Callable[..., Host]) -> AsyncIterator[Host]:
 
 
 def lab_on(host: Host) -> Callable[..., object]:
-    assert host.daemon is not None and host.daemon.service is not None
-    return lambda count, fmt="raw": make_lab(host.daemon.service,  # type: ignore[union-attr]
-                                             host.snapshots, count, fmt)
+    assert host.daemon is not None and host.daemon.ops is not None
+    return lambda count, fmt="raw": make_lab(host.daemon.ops,  # type: ignore[union-attr]
+                                             host.ops, count, fmt)
 
 
 async def test_create_snapshot_makes_a_relative_overlay(host: Host) -> None:
@@ -63,7 +63,7 @@ async def test_create_snapshot_makes_a_relative_overlay(host: Host) -> None:
     assert info["backing-filename-format"] == "raw"
     assert json.loads(files.info.read_text()) == {"active": overlay, sid: overlay}
     assert files.info.read_text().startswith('{\n "')  # Cinder's layout: indent 1, sorted
-    listed = lab.snapshots.list_snapshots(lab.volume_id)
+    listed = lab.snapshots.store.list_snapshots(lab.volume_id)
     assert [s.id for s in listed] == [sid] and listed[0].created
     lab.check_data()
     lab.check_consistent()
@@ -90,7 +90,7 @@ async def test_delete_in_every_order_keeps_every_point_in_time(host: Host, order
         lab.check_data()
         lab.check_consistent()
     assert read_info(lab.files).active == lab.files.base_name
-    assert lab.volumes.get_volume(lab.volume_id).format == fmt
+    assert lab.volumes.store.get_volume(lab.volume_id).format == fmt
 
 
 async def test_delete_only_snapshot_and_unknown(host: Host) -> None:
@@ -112,12 +112,12 @@ async def test_create_from_snapshot_clone_and_revert(host: Host) -> None:
     from_second = await lab.snapshots.create_from_snapshot(
         lab.volume_id, ids[1], size=SIZE + 4 * MiB, format="qcow2")
     assert from_second.size == SIZE + 4 * MiB and from_second.format == "qcow2"
-    path = volumes.files_of(from_second).base
+    path = volumes.store.files_of(from_second).base
     qemu_io(path, "qcow2", expected_reads(2), read_only=True)
-    assert not read_info(volumes.files_of(from_second)).snapshots
+    assert not read_info(volumes.store.files_of(from_second)).snapshots
 
     clone = await lab.snapshots.clone(lab.volume_id)
-    qemu_io(volumes.files_of(clone).base, "raw", expected_reads(4), read_only=True)
+    qemu_io(volumes.store.files_of(clone).base, "raw", expected_reads(4), read_only=True)
     assert set(read_info(lab.files).snapshots) == set(ids)  # no snapshot left behind
     lab.check_consistent()
 
@@ -140,7 +140,7 @@ async def test_extend_with_snapshots_keeps_data(host: Host) -> None:
     assert info["virtual-size"] == 2 * SIZE
     lab.check_data()
     sid = await lab.snapshot()  # the next overlay has the new size
-    assert lab.volumes.get_volume(lab.volume_id).size == 2 * SIZE
+    assert lab.volumes.store.get_volume(lab.volume_id).size == 2 * SIZE
     await lab.snapshots.delete_snapshot(lab.volume_id, sid)
     del lab.generation_of[sid]
     lab.check_data()
@@ -170,14 +170,14 @@ async def test_guest_rewritten_backing_stops_every_operation(host: Host) -> None
             await attempt()
     assert {p.name: p.stat().st_mtime_ns for p in files.existing()} == before
     assert not Path("/tmp/never-written").exists()
-    assert len(lab.volumes.list_volumes()) == 1
+    assert len(lab.volumes.store.list_volumes()) == 1
 
 
 async def test_cinder_laid_out_share_is_adopted(host_factory: Callable[..., Host]) -> None:
     """Files made the way Cinder makes them (no hostvold metadata) are adopted at start."""
     host = host_factory(256)
     service = await host.start()
-    mount = service.shares[0].mount_point
+    mount = service.store.shares[0].mount_point
     host.stop()
     volume_id, first, second = new_id(), new_id(), new_id()
     base = mount / f"volume-{volume_id}"
@@ -195,12 +195,12 @@ async def test_cinder_laid_out_share_is_adopted(host_factory: Callable[..., Host
     (host.state_dir / "index.sqlite").unlink()
 
     service = await host.start()
-    meta = service.get_volume(volume_id)
+    meta = service.store.get_volume(volume_id)
     assert meta.format == "raw" and meta.size == SIZE and not meta.problems
-    assert {s.id for s in host.snapshots.list_snapshots(volume_id)} == {first, second}
-    lab = Lab(service, host.snapshots, volume_id, {first: 1, second: 2}, current=3)
+    assert {s.id for s in host.ops.store.list_snapshots(volume_id)} == {first, second}
+    lab = Lab(service, host.ops, volume_id, {first: 1, second: 2}, current=3)
     lab.check_data()
-    await host.snapshots.delete_snapshot(volume_id, first)  # the oldest: a commit into V
+    await host.ops.delete_snapshot(volume_id, first)  # the oldest: a commit into V
     del lab.generation_of[first]
     lab.check_data()
     lab.check_consistent()
@@ -218,12 +218,12 @@ async def test_middle_delete_spawns_constant_qemu_img_processes(
     monkeypatch.setenv("PATH", f"{shim}:{os.environ['PATH']}")
     counts = {}
     for depth in (8, 256):
-        meta = await host.daemon.service.create_volume(size=MiB)  # type: ignore[union-attr]
-        ids = [(await host.snapshots.create_snapshot(meta.id)).id for _ in range(depth)]
+        meta = await host.daemon.ops.create_volume(size=MiB)  # type: ignore[union-attr]
+        ids = [(await host.ops.create_snapshot(meta.id)).id for _ in range(depth)]
         log.write_text("")
-        await host.snapshots.delete_snapshot(meta.id, ids[depth // 2])
+        await host.ops.delete_snapshot(meta.id, ids[depth // 2])
         counts[depth] = log.read_text().split()
-        check_consistent(host.daemon.service, meta.id)  # type: ignore[union-attr, arg-type]
+        check_consistent(host.daemon.ops, meta.id)  # type: ignore[union-attr, arg-type]
     print(f"qemu-img spawns for a middle delete: depth 8 {counts[8]}, depth 256 {counts[256]}")
     assert counts[8] == counts[256] == ["info", "commit", "rebase"]
 
@@ -237,7 +237,7 @@ async def test_stale_state_is_reported_and_repaired(host: Host) -> None:
     files.info.write_bytes(b"")
     with pytest.raises(InfoFileDamaged):
         await lab.snapshots.create_snapshot(lab.volume_id)
-    assert volumes.get_volume(lab.volume_id).problems
+    assert volumes.store.get_volume(lab.volume_id).problems
     with pytest.raises(NeedsRepair):
         await lab.snapshots.clone(lab.volume_id)
     done = await lab.snapshots.repair(lab.volume_id)

@@ -21,7 +21,7 @@ from hostvold.core.errors import (
     UnsafeFile,
     UnsafeImage,
 )
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
 from hostvold.storage.infofile import read_info
 from hostvold.storage.metadata import read_meta, write_meta
 from tests.conftest import Host
@@ -38,9 +38,9 @@ async def host(host_factory: Callable[..., Host]) -> AsyncIterator[Host]:
     host.stop()
 
 
-def service_of(host: Host) -> VolumeService:
-    assert host.daemon is not None and host.daemon.service is not None
-    return host.daemon.service
+def service_of(host: Host) -> Operations:
+    assert host.daemon is not None and host.daemon.ops is not None
+    return host.daemon.ops
 
 
 def snapshot_of_tree(*roots: Path) -> dict[str, tuple[str, int]]:
@@ -61,9 +61,9 @@ async def test_crafted_operation_record_changes_nothing(
     service = service_of(host)
     victim = await service.create_volume(size=MiB, format="qcow2")
     other = await service.create_volume(size=MiB, format="qcow2")
-    sid = (await host.snapshots.create_snapshot(victim.id)).id
-    await host.snapshots.create_snapshot(other.id)
-    files = service.files_of(victim)
+    sid = (await host.ops.create_snapshot(victim.id)).id
+    await host.ops.create_snapshot(other.id)
+    files = service.store.files_of(victim)
     qemu_io(files.directory / read_info(files).active, "qcow2", ["write -P 0x33 0 64k"])
     share = files.directory
     dotdot = share.parent.parent / "x"  # what ../../x names from the share's directory
@@ -73,7 +73,7 @@ async def test_crafted_operation_record_changes_nothing(
                    check=True)
     bad = {"dotdot": "../../x", "absolute": str(absolute),
            "other-volume": f"volume-{other.id}"}[kind]
-    meta = service.get_volume(victim.id)
+    meta = service.store.get_volume(victim.id)
     write_meta(files.meta, meta.evolve(operation={
         "name": "delete-snapshot", "snapshot": sid, "step": step, "top": bad,
         "base": bad if step != "commit" else files.base_name, "base_format": "qcow2",
@@ -87,16 +87,16 @@ async def test_crafted_operation_record_changes_nothing(
     del after[str(files.meta)]
     assert after == before
     assert dotdot.exists() and absolute.exists()
-    problems = service.get_volume(victim.id).problems
+    problems = service.store.get_volume(victim.id).problems
     assert problems and problems[0].startswith("UntrustedRecord:"), problems
     assert repr(bad) in problems[0]
-    assert service.get_volume(other.id).problems == []
+    assert service.store.get_volume(other.id).problems == []
     with pytest.raises((InvalidState, NeedsRepair)):  # no operation runs on it
-        service.require_available(victim.id)
+        service.store.require_available(victim.id)
     # a repair discards the record and rebuilds nothing it does not see on disk
-    done = await host.snapshots.repair(victim.id)
+    done = await host.ops.repair(victim.id)
     assert any("untrusted operation record" in line for line in done)
-    healed = service.get_volume(victim.id)
+    healed = service.store.get_volume(victim.id)
     assert healed.problems == [] and healed.operation is None
     assert snapshot_of_tree(absolute, dotdot) == {k: v for k, v in before.items()
                                                   if k in (str(absolute), str(dotdot))}
@@ -107,7 +107,7 @@ async def test_symlinks_and_devices_among_a_volumes_files_are_refused(
         host: Host, tmp_path: Path) -> None:
     service = service_of(host)
     meta = await service.create_volume(size=MiB)
-    files = service.files_of(meta)
+    files = service.store.files_of(meta)
     secret = tmp_path / "secret"
     secret.write_text("not the volume's\n")
     files.info.symlink_to(secret)
@@ -115,16 +115,16 @@ async def test_symlinks_and_devices_among_a_volumes_files_are_refused(
         read_info(files)
     with pytest.raises(InfoFileDamaged):
         await service.extend_volume(meta.id, size=2 * MiB)
-    assert "symbolic link" in service.get_volume(meta.id).problems[0]
+    assert "symbolic link" in service.store.get_volume(meta.id).problems[0]
     files.info.unlink()
-    service.record(files, meta)  # clear the recorded problem by hand for the next case
+    service.store.record(files, meta)  # clear the recorded problem by hand for the next case
     shutil.move(files.base, tmp_path / "moved")
     files.base.symlink_to(tmp_path / "moved")
     with pytest.raises(UnsafeFile):
         await service.extend_volume(meta.id, size=2 * MiB)
-    assert "symbolic link" in service.get_volume(meta.id).problems[0]
+    assert "symbolic link" in service.store.get_volume(meta.id).problems[0]
     assert (tmp_path / "moved").stat().st_size == MiB
-    service.record(files, meta)
+    service.store.record(files, meta)
     files.base.unlink()
     os.mkfifo(files.base)
     with pytest.raises(UnsafeFile):  # never opened: a FIFO would block the open
@@ -146,7 +146,7 @@ async def test_adopted_raw_volume_that_looks_like_qcow2(host: Host, tmp_path: Pa
     host file: listed as raw with a problem; confirming raw clears it; the data is intact."""
     service = service_of(host)
     meta = await service.create_volume(size=4 * MiB, format="raw")
-    files = service.files_of(meta)
+    files = service.store.files_of(meta)
     disguise = tmp_path / "disguise.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow",
                     "-F", "raw", str(disguise), "64M"], check=True)
@@ -160,27 +160,27 @@ async def test_adopted_raw_volume_that_looks_like_qcow2(host: Host, tmp_path: Pa
     host.stop()
     (host.state_dir / "index.sqlite").unlink()
     service = await host.start()
-    adopted = service.get_volume(meta.id)
+    adopted = service.store.get_volume(meta.id)
     assert adopted.format == "raw" and adopted.size == 4 * MiB
     assert len(adopted.problems) == 1
     problem = adopted.problems[0]
     assert problem.startswith("FormatUnconfirmed:") and "qcow2" in problem
     assert "virtual size 67108864" in problem and "/etc/shadow" in problem
     with pytest.raises(NeedsRepair):
-        await host.snapshots.create_snapshot(meta.id)
+        await host.ops.create_snapshot(meta.id)
     with pytest.raises(NeedsRepair, match="FormatUnconfirmed"):
-        await host.snapshots.repair(meta.id)  # an explicit --format is needed
+        await host.ops.repair(meta.id)  # an explicit --format is needed
     with pytest.raises(UnsafeImage):  # a backing file outside the volume: refused
-        await host.snapshots.repair(meta.id, "qcow2")
-    assert service.get_volume(meta.id).problems == [problem]
-    done = await host.snapshots.repair(meta.id, "raw")
+        await host.ops.repair(meta.id, "qcow2")
+    assert service.store.get_volume(meta.id).problems == [problem]
+    done = await host.ops.repair(meta.id, "raw")
     assert any("confirmed as raw" in line and "qcow2 v3 header" in line for line in done)
-    confirmed = service.get_volume(meta.id)
+    confirmed = service.store.get_volume(meta.id)
     assert confirmed.format == "raw" and confirmed.problems == []
     assert confirmed.size == 4 * MiB
     assert hashlib.sha256(files.base.read_bytes()).hexdigest() == data
-    snapshot = await host.snapshots.create_snapshot(meta.id)  # usable again, as raw
+    snapshot = await host.ops.create_snapshot(meta.id)  # usable again, as raw
     assert read_info(files).snapshots == {snapshot.id: f"volume-{meta.id}.{snapshot.id}"}
     host.stop()
     service = await host.start()  # the confirmation is durable
-    assert service.get_volume(meta.id).problems == []
+    assert service.store.get_volume(meta.id).problems == []

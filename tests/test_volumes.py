@@ -22,7 +22,7 @@ from hostvold.core.errors import (
     UnsafeImage,
 )
 from hostvold.core.ids import new_id
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
 from hostvold.storage.metadata import read_meta, write_meta
 from tests.conftest import Host, need
 
@@ -44,17 +44,17 @@ def compare(a: Path, a_fmt: str, b: Path, b_fmt: str) -> bool:
     return result.returncode == 0
 
 
-def volume_path(service: VolumeService, volume_id: str) -> Path:
-    meta = service.get_volume(volume_id)
-    share = next(s for s in service.shares if s.spec.address == meta.share)
+def volume_path(service: Operations, volume_id: str) -> Path:
+    meta = service.store.get_volume(volume_id)
+    share = next(s for s in service.store.shares if s.spec.address == meta.share)
     return share.mount_point / meta.active
 
 
-def share_files(service: VolumeService) -> dict[str, list[str]]:
+def share_files(service: Operations) -> dict[str, list[str]]:
     return {share.spec.address: sorted(
         name for name in os.listdir(share.mount_point)
         if name not in ("lost+found", ".cinderSecureEnvIndicator"))
-        for share in service.shares}
+        for share in service.store.shares}
 
 
 async def test_volumes_survive_restart_and_index_loss(host_factory: Callable[..., Host]) -> None:
@@ -63,18 +63,18 @@ async def test_volumes_survive_restart_and_index_loss(host_factory: Callable[...
     first = await service.create_volume(size=64 * MiB)
     second = await service.create_volume(size=32 * MiB, format="qcow2", id=new_id())
     expected = sorted([first, second], key=lambda m: m.id)
-    assert service.list_volumes() == expected
+    assert service.store.list_volumes() == expected
 
     service = await host.start()  # a restart: the index is loaded
-    assert service.list_volumes() == expected
+    assert service.store.list_volumes() == expected
 
     host.stop()
     (host.state_dir / "index.sqlite").unlink()
     for leftover in host.state_dir.glob("index.sqlite-*"):
         leftover.unlink()
     service = await host.start()  # the index is rebuilt from the share
-    assert service.list_volumes() == expected
-    assert service.get_volume(second.id).format == "qcow2"
+    assert service.store.list_volumes() == expected
+    assert service.store.get_volume(second.id).format == "qcow2"
     info = json.loads(subprocess.run(
         ["qemu-img", "info", "-f", "qcow2", "--output=json", str(volume_path(service, second.id))],
         check=True, capture_output=True, text=True).stdout)
@@ -89,8 +89,8 @@ async def test_too_large_volume_fails_with_no_space_and_leaves_nothing(
         await service.create_volume(size=2 * GiB)  # beyond 20 x 64 MiB on both shares
     with pytest.raises(NoSpace):
         await service.create_volume(size=100 * MiB, provisioning="thick")
-    assert share_files(service) == {s.spec.address: [] for s in service.shares}
-    assert service.list_volumes() == []
+    assert share_files(service) == {s.spec.address: [] for s in service.store.shares}
+    assert service.store.list_volumes() == []
 
 
 async def test_real_enospc_while_creating_leaves_nothing(
@@ -98,9 +98,9 @@ async def test_real_enospc_while_creating_leaves_nothing(
     """The share fills up under us (another writer): fallocate hits ENOSPC for real."""
     host = host_factory(64)
     service = await host.start()
-    share = service.shares[0]
+    share = service.store.shares[0]
     volume_id = new_id()
-    original = service._pick_share
+    original = service.store._pick_share
 
     def pick_then_fill(*args: object) -> object:
         chosen = original(*args)  # type: ignore[arg-type]
@@ -108,18 +108,18 @@ async def test_real_enospc_while_creating_leaves_nothing(
             os.posix_fallocate(filler.fileno(), 0, 40 * MiB)
         return chosen
 
-    service._pick_share = pick_then_fill  # type: ignore[method-assign]
+    service.store._pick_share = pick_then_fill  # type: ignore[method-assign]
     with pytest.raises(NoSpace):
         await service.create_volume(size=30 * MiB, provisioning="thick", id=volume_id)
     assert share_files(service)[share.spec.address] == ["other-writer"]
     with pytest.raises(NotFound):
-        service.get_volume(volume_id)
+        service.store.get_volume(volume_id)
 
 
 async def test_creation_picks_least_allocated_share(host_factory: Callable[..., Host]) -> None:
     host = host_factory(128, 128)
     service = await host.start()
-    first, second = service.shares
+    first, second = service.store.shares
     big = await service.create_volume(size=32 * MiB, provisioning="thick",
                                       share=first.spec.address)
     assert big.share == first.spec.address
@@ -152,7 +152,7 @@ async def test_thick_volume_is_allocated_without_writing_zeros(
 
 
 async def test_import_raw_and_qcow2_give_same_bytes_and_export_gives_them_back(
-        tmp_path: Path, service: VolumeService) -> None:
+        tmp_path: Path, service: Operations) -> None:
     source_raw = tmp_path / "image.raw"
     subprocess.run(["qemu-img", "create", "-f", "raw", str(source_raw), "8M"], check=True,
                    capture_output=True)
@@ -187,7 +187,7 @@ async def test_import_raw_and_qcow2_give_same_bytes_and_export_gives_them_back(
         await service.import_volume(source=str(source_raw), size=4 * MiB)
 
 
-async def test_import_refuses_unsafe_images(tmp_path: Path, service: VolumeService) -> None:
+async def test_import_refuses_unsafe_images(tmp_path: Path, service: Operations) -> None:
     with_backing = tmp_path / "backed.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw",
                     str(with_backing), "1M"], check=True, capture_output=True)
@@ -203,7 +203,7 @@ async def test_import_refuses_unsafe_images(tmp_path: Path, service: VolumeServi
         await service.import_volume(source=str(tmp_path / "absent.raw"))
     with pytest.raises(InvalidArgument):
         await service.import_volume(source="relative/path.raw")
-    assert service.list_volumes() == []
+    assert service.store.list_volumes() == []
 
 
 async def test_import_info_runs_under_configured_limits(
@@ -215,14 +215,14 @@ async def test_import_info_runs_under_configured_limits(
                    capture_output=True)
     with pytest.raises(QemuImgError, match="address-space=16777216"):
         await service.import_volume(source=str(source))
-    assert share_files(service) == {service.shares[0].spec.address: []}
+    assert share_files(service) == {service.store.shares[0].spec.address: []}
 
 
 async def test_delete_removes_every_file_of_the_volume_and_nothing_else(
-        service: VolumeService) -> None:
+        service: Operations) -> None:
     keep = await service.create_volume(size=MiB)
     gone = await service.create_volume(size=MiB, format="qcow2")
-    mount = service.shares[0].mount_point
+    mount = service.store.shares[0].mount_point
     base = f"volume-{gone.id}"
     strays = [f"{base}.{new_id()}", f"{base}.info", f".{base}.meta.1a2b3c4d.tmp"]
     for name in strays:
@@ -230,19 +230,19 @@ async def test_delete_removes_every_file_of_the_volume_and_nothing_else(
     (mount / "notes.txt").write_text("not a volume")
     (mount / f"volume-{gone.id}-lookalike").write_text("not this volume")
     await service.delete_volume(gone.id)
-    left = share_files(service)[service.shares[0].spec.address]
+    left = share_files(service)[service.store.shares[0].spec.address]
     assert left == sorted([f"volume-{keep.id}", f"volume-{keep.id}.meta", "notes.txt",
                            f"volume-{gone.id}-lookalike"])
     with pytest.raises(NotFound):
         await service.delete_volume(gone.id)
 
 
-async def test_delete_refuses_attached_volume(service: VolumeService) -> None:
+async def test_delete_refuses_attached_volume(service: Operations) -> None:
     meta = await service.create_volume(size=MiB)
     files_meta = volume_path(service, meta.id).with_name(f"volume-{meta.id}.meta")
     attached = meta.evolve(state="in-use", attachment={"domain": "vm1", "target": "vdb"})
     write_meta(files_meta, attached, 0o660)
-    service._volumes[meta.id] = attached
+    service.store.volumes[meta.id] = attached
     with pytest.raises(InvalidState, match="vm1"):
         await service.delete_volume(meta.id)
     assert volume_path(service, meta.id).exists()
@@ -250,7 +250,7 @@ async def test_delete_refuses_attached_volume(service: VolumeService) -> None:
 
 @pytest.mark.parametrize(("fmt", "provisioning"), [("raw", "thin"), ("raw", "thick"),
                                                    ("qcow2", "thin")])
-async def test_extend(service: VolumeService, fmt: str, provisioning: str) -> None:
+async def test_extend(service: Operations, fmt: str, provisioning: str) -> None:
     meta = await service.create_volume(size=8 * MiB, format=fmt, provisioning=provisioning)
     path = volume_path(service, meta.id)
     qemu_io(path, fmt, "write -P 0x5a 0 64k")
@@ -269,7 +269,7 @@ async def test_extend(service: VolumeService, fmt: str, provisioning: str) -> No
 
 async def test_file_modes_follow_secure_permissions(host_factory: Callable[..., Host]) -> None:
     secure = await host_factory(64).start()  # auto on a new install: secure, marker written
-    assert (secure.shares[0].mount_point / ".cinderSecureEnvIndicator").exists()
+    assert (secure.store.shares[0].mount_point / ".cinderSecureEnvIndicator").exists()
     meta = await secure.create_volume(size=MiB)
     assert volume_path(secure, meta.id).stat().st_mode & 0o777 == 0o660
     assert volume_path(secure, meta.id).with_name(
@@ -285,7 +285,7 @@ async def test_crafted_chain_stops_operations(tmp_path: Path,
     host = host_factory(64)
     service = await host.start()
     meta = await service.create_volume(size=MiB)
-    mount = service.shares[0].mount_point
+    mount = service.store.shares[0].mount_point
     snapshot = new_id()
     overlay = f"volume-{meta.id}.{snapshot}"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw",
@@ -302,10 +302,10 @@ async def test_crafted_chain_stops_operations(tmp_path: Path,
     with pytest.raises(BackingFileOutsideVolume):
         await service.extend_volume(meta.id, size=2 * MiB)
     assert not dest.exists() and not list(tmp_path.glob(".out.raw.*"))
-    assert service.get_volume(meta.id).size == MiB
+    assert service.store.get_volume(meta.id).size == MiB
 
 
-async def test_bad_ids_and_duplicates(service: VolumeService) -> None:
+async def test_bad_ids_and_duplicates(service: Operations) -> None:
     for bad in ("../../etc", "volume-1", "", "0A0A0A0A-0000-4000-8000-00000000000A/"):
         with pytest.raises(InvalidArgument):
             await service.create_volume(size=MiB, id=bad)
@@ -327,7 +327,7 @@ async def test_recovery_finishes_or_undoes_interrupted_operations(
     """State a crash leaves behind (intent written, work half done) is repaired at start."""
     host = host_factory(64)
     service = await host.start()
-    mount = service.shares[0].mount_point
+    mount = service.store.shares[0].mount_point
     creating = await service.create_volume(size=MiB)
     deleting = await service.create_volume(size=MiB)
     extending = await service.create_volume(size=MiB)
@@ -340,9 +340,9 @@ async def test_recovery_finishes_or_undoes_interrupted_operations(
     host.stop()
     (host.state_dir / "index.sqlite").unlink()
     service = await host.start()
-    assert [m.id for m in service.list_volumes()] == [extending.id]
-    assert service.get_volume(extending.id).size == 4 * MiB
-    assert service.get_volume(extending.id).operation is None
+    assert [m.id for m in service.store.list_volumes()] == [extending.id]
+    assert service.store.get_volume(extending.id).size == 4 * MiB
+    assert service.store.get_volume(extending.id).operation is None
     assert (mount / f"volume-{extending.id}").stat().st_size == 4 * MiB
-    assert share_files(service)[service.shares[0].spec.address] == [
+    assert share_files(service)[service.store.shares[0].spec.address] == [
         f"volume-{extending.id}", f"volume-{extending.id}.meta"]

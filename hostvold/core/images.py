@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+# the only formats hostvold lets qemu-img open, always named (-f), never probed
+Format = Literal["raw", "qcow2"]
 
 
 @dataclass(frozen=True)
@@ -21,3 +25,17 @@ class Qcow2Header:
 class Layer:
     name: str
     format: str
+
+
+def layer_format(layer: Layer) -> Format:
+    """The qemu-img format of a chain layer (only raw and qcow2 ever get this far)."""
+    return "raw" if layer.format == "raw" else "qcow2"
+
+
+FORMAT_UNCONFIRMED = "FormatUnconfirmed:"
+
+
+def format_problem(base_name: str, claim: str) -> str:
+    return (f"{FORMAT_UNCONFIRMED} {base_name} has no trusted format record and its first bytes "
+            f"look like {claim}; adopted as raw. Confirm with `hostvolctl repair VOLUME "
+            "--format raw` (keep it raw) or `--format qcow2`")

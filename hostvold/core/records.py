@@ -3,6 +3,7 @@ the file is :mod:`hostvold.storage.metadata`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -44,3 +45,19 @@ class VolumeMeta(BaseModel):
 
     def evolve(self, **changes: Any) -> VolumeMeta:
         return self.model_validate(self.model_dump() | changes)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    volume_id: str
+    file: str  # the overlay made when it was taken
+    created: str
+    quiesced: bool
+
+
+def snapshot_of(meta: VolumeMeta, overlay: str, snapshot_id: str) -> Snapshot:
+    """A snapshot as callers see it: the info file's overlay, the record's extras."""
+    extra = meta.snapshots.get(snapshot_id, {})
+    return Snapshot(snapshot_id, meta.id, overlay, str(extra.get("created", "")),
+                    bool(extra.get("quiesced", False)))

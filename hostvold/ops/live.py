@@ -1,5 +1,6 @@
-"""Volumes used by libvirt domains: who uses them (libvirt's word, never our record),
-attach and detach, live snapshot create and online extend. Live snapshot delete is in
+"""Use cases through libvirt for volumes a running domain uses: attach and detach, live
+snapshot create, online extend, and the reconcile after start and reconnect. Who uses a
+volume is :mod:`hostvold.ops.attachments`; live snapshot delete is
 :mod:`hostvold.ops.live_delete`.
 
 live-create-snapshot (S, overlay O)
@@ -19,21 +20,15 @@ live-extend (size N)
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
-
-import libvirt
 
 from hostvold.core import crash
 from hostvold.core.aio import uninterrupted
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.config import Config
 from hostvold.core.errors import (
-    DomainGone,
     Failed,
     HostvoldError,
     HypervisorError,
@@ -42,27 +37,22 @@ from hostvold.core.errors import (
     InvalidState,
     NeedsRepair,
 )
-from hostvold.core.ids import new_id, valid_id
-from hostvold.core.images import Layer
+from hostvold.core.ids import new_id
+from hostvold.core.images import Layer, layer_format
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.records import VolumeMeta, utc_now
-from hostvold.core.users import Use, Users
+from hostvold.core.users import Users
+from hostvold.ops.attachments import Attachments
 from hostvold.ops.live_delete import LiveDelete
-from hostvold.ops.volumes import VolumeService, layer_format
+from hostvold.ops.store import VolumeStore
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
-from hostvold.storage.files import fsync_file
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import qcow2_is_empty, validate_chain
-from hostvold.virt.guest import DiskInfo, Guest, disk_xml
-from hostvold.virt.hypervisor import DEVICE_REMOVED, Hypervisor
+from hostvold.virt.guest import Guest, disk_xml
+from hostvold.virt.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
-
-# lifecycle events after which the volumes of that domain are looked at again
-_WATCHED = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED,
-            libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_RESUMED,
-            DEVICE_REMOVED}
 
 
 class QuiesceFailed(Failed):
@@ -70,183 +60,46 @@ class QuiesceFailed(Failed):
 
 
 class LiveVolumes:
-    def __init__(self, config: Config, volumes: VolumeService, hypervisor: Hypervisor) -> None:
-        self.volumes = volumes
+    def __init__(self, config: Config, store: VolumeStore, hypervisor: Hypervisor) -> None:
+        self.store = store
         self.hypervisor = hypervisor
         self.quiesce = config.libvirt.quiesce
-        self.deleter = LiveDelete(volumes, hypervisor, self, config.libvirt.pivot_retries)
-        volumes.recoverers.update({"live-create-snapshot": self._recover_create,
-                                   "live-extend": self._recover_extend})
-        hypervisor.on_lifecycle.append(self._lifecycle)
+        self.attachments = Attachments(store, hypervisor)
+        self.deleter = LiveDelete(store, hypervisor, self.attachments,
+                                  config.libvirt.pivot_retries)
+        store.recoverers.update({"live-create-snapshot": self._recover_create,
+                                 "live-extend": self._recover_extend})
         hypervisor.on_reconnect.append(self.reconcile)
-        self._refreshing: set[asyncio.Task[None]] = set()
-
-    # ---- who uses a volume: libvirt's answer --------------------------------------------
-
-    async def users(self, files: VolumeFiles, volume_id: str) -> Users:
-        """Every domain whose live XML (running) or definition (shut off) names a file of
-        the volume, by serial or by path."""
-        uses: list[Use] = []
-        for domain in await self.hypervisor.all_domains():
-            try:
-                guest = Guest(self.hypervisor, domain)
-                running = await guest.is_running()
-                disks = await (guest.disks() if running else guest.defined_disks())
-                named = [d for d in disks if _names_volume(d, files, volume_id)]
-                saved = bool(named) and not running and await guest.has_managed_save()
-            except (DomainGone, libvirt.libvirtError):
-                continue  # undefined while we looked
-            uses += [Use(guest.name, d.target, d.source, running, saved) for d in named]
-        return Users(tuple(uses))
-
-    async def observe(self, meta: VolumeMeta) -> tuple[VolumeMeta, Users]:
-        """Under the volume's lock: ask libvirt who uses the volume and make the record
-        say the same (state and attachment), unless an operation of ours is under way."""
-        files = self.volumes.files_of(meta)
-        users = await self.users(files, meta.id)
-        running = users.running
-        if meta.operation is None and meta.state in ("available", "in-use"):
-            if running is not None:
-                attachment = {"domain": running.domain, "target": running.target}
-                if meta.state != "in-use" or meta.attachment != attachment:
-                    log.warning("volume %s is in use by domain %s (%s), as libvirt says",
-                                meta.id, running.domain, running.target,
-                                extra={"VOLUME_ID": meta.id, "DOMAIN": running.domain})
-                    meta = self.volumes.record(files, meta.evolve(state="in-use",
-                                                                  attachment=attachment))
-            elif meta.state == "in-use":
-                log.info("volume %s is no longer used by a running domain", meta.id,
-                         extra={"VOLUME_ID": meta.id})
-                meta = self.volumes.record(files, meta.evolve(state="available",
-                                                              attachment=None))
-        return meta, users
-
-    async def keep_definitions_in_step(self, files: VolumeFiles, volume_id: str) -> None:
-        """Point every shut-off domain's definition that names a file of the volume at the
-        active file, so its next start runs on the newest data."""
-        chain_map = read_info(files)
-        meta = self.volumes.get_volume(volume_id)
-        active = str(files.directory / chain_map.active)
-        fmt = meta.format if chain_map.active == files.base_name else "qcow2"
-        for use in (await self.users(files, volume_id)).stopped:
-            if use.source == active:
-                continue
-            guest = Guest(self.hypervisor, await self.hypervisor.lookup(use.domain))
-            await guest.redefine_disk(use.target, active, fmt)
-            log.info("definition of domain %s now names %s (was %s)", use.domain,
-                     chain_map.active, use.source,
-                     extra={"VOLUME_ID": volume_id, "DOMAIN": use.domain})
-
-    async def attachments(self) -> dict[str, tuple[Guest, DiskInfo]]:
-        """volume id -> (domain, disk) for every volume a running domain uses, found by
-        serial or by any file of its chain, whichever tool attached it."""
-        found: dict[str, tuple[Guest, DiskInfo]] = {}
-        for domain in await self.hypervisor.running_domains():
-            guest = Guest(self.hypervisor, domain)
-            try:
-                disks = await guest.disks()
-            except DomainGone:
-                continue
-            for disk in disks:
-                volume_id = self._volume_of(disk)
-                if volume_id is not None:
-                    found[volume_id] = (guest, disk)
-        return found
-
-    def _volume_of(self, disk: DiskInfo) -> str | None:
-        candidates: list[str | None] = [disk.serial] if disk.serial else []
-        candidates += [self.volumes.naming.volume_id_of_image(Path(p).name) for p in disk.chain]
-        for volume_id in candidates:
-            try:
-                meta = self.volumes.find(valid_id(volume_id) if volume_id else None)
-            except InvalidArgument:
-                continue
-            if meta is not None:
-                with contextlib.suppress(HostvoldError):
-                    if _names_volume(disk, self.volumes.files_of(meta), meta.id):
-                        return meta.id
-        return None
-
-    async def locate(self, meta: VolumeMeta) -> tuple[Guest, DiskInfo]:
-        """The running domain and disk of an attached volume."""
-        domain = (meta.attachment or {}).get("domain")
-        if domain:
-            try:
-                guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
-                if await guest.is_running():
-                    for disk in await guest.disks():
-                        if self._volume_of(disk) == meta.id:
-                            return guest, disk
-            except DomainGone:
-                pass
-        found = (await self.attachments()).get(meta.id)
-        if found is None:
-            raise InvalidState(f"volume {meta.id} is not attached to a running domain")
-        return found
-
-    # ---- events and reconciliation ---------------------------------------------------------
-
-    def _lifecycle(self, domain: str, event: int, detail: int) -> None:
-        if event in _WATCHED:
-            task = asyncio.get_running_loop().create_task(self._refresh_domain(domain, event))
-            self._refreshing.add(task)
-            task.add_done_callback(self._refreshing.discard)
-
-    async def _refresh_domain(self, domain: str, event: int) -> None:
-        """Look again at the volumes a domain used or uses, each under its lock (so a
-        volume whose domain vanished mid-operation is freed when that operation ends)."""
-        ids = {m.id for m in self.volumes.list_volumes()
-               if (m.attachment or {}).get("domain") == domain}
-        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
-            with contextlib.suppress(HypervisorError):
-                guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
-                ids |= {vid for d in await guest.disks() if (vid := self._volume_of(d))}
-        for volume_id in sorted(ids):
-            try:
-                async with self.volumes.locks.volume(volume_id):
-                    meta = self.volumes.find(volume_id)
-                    if meta is None:
-                        continue
-                    op = meta.operation or {}
-                    if op.get("domain") == domain and str(op.get("name")).startswith("live-") \
-                            and await self.running_guest(domain) is None:
-                        # its domain is gone and no task follows it any more: finish it now
-                        await self.volumes.recover_volume(meta)
-                        meta = self.volumes.get_volume(volume_id)
-                    await self.observe(meta)
-            except Exception as exc:
-                log.error("looking again at volume %s after an event of domain %s failed: %s",
-                          volume_id, domain, exc, exc_info=not isinstance(exc, HostvoldError))
 
     async def reconcile(self) -> None:
         """Make every volume's state and attachment match the running domains, then resume
         live operations (after start and after libvirt reconnects)."""
-        live = await self.attachments()
-        for meta in self.volumes.list_volumes():
+        live = await self.attachments.running_disks()
+        for meta in self.store.list_volumes():
             if meta.state not in ("available", "in-use") or meta.operation is not None:
                 continue
-            files = self.volumes.files_of(meta)
+            files = self.store.files_of(meta)
             if meta.id in live:
                 guest, disk = live[meta.id]
                 attachment = {"domain": guest.name, "target": disk.target}
                 if meta.state != "in-use" or meta.attachment != attachment:
-                    self.volumes.record(files, meta.evolve(state="in-use",
-                                                           attachment=attachment))
+                    self.store.record(files, meta.evolve(state="in-use",
+                                                         attachment=attachment))
             elif meta.state == "in-use":
-                self.volumes.record(files, meta.evolve(state="available", attachment=None))
-        for meta in self.volumes.list_volumes():
+                self.store.record(files, meta.evolve(state="available", attachment=None))
+        for meta in self.store.list_volumes():
             if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
-                    and not self.volumes.locks.busy(meta.id):  # a running task follows it
+                    and not self.store.locks.busy(meta.id):  # a running task follows it
                 try:
-                    async with self.volumes.locks.volume(meta.id):
-                        await self.volumes.recover_volume(meta)
-                        await self.observe(self.volumes.get_volume(meta.id))
+                    async with self.store.locks.volume(meta.id):
+                        await self.store.resume(meta)
+                        await self.attachments.observe(self.store.get_volume(meta.id))
                 except Exception as exc:
                     log.error("resuming the live operation of volume %s failed: %s", meta.id,
                               exc, exc_info=not isinstance(exc, HostvoldError))
-        for meta in self.volumes.list_volumes():
+        for meta in self.store.list_volumes():
             leftovers = [sid for sid, extra in meta.snapshots.items() if extra.get("temporary")]
-            if leftovers and meta.state == "in-use" and not self.volumes.locks.busy(meta.id):
+            if leftovers and meta.state == "in-use" and not self.store.locks.busy(meta.id):
                 try:
                     await self._merge_temporary(meta.id, leftovers)
                 except Exception:
@@ -254,75 +107,67 @@ class LiveVolumes:
 
     async def _merge_temporary(self, volume_id: str, leftovers: list[str]) -> None:
         """Merge the temporary snapshots an interrupted clone or export left behind."""
-        async with self.volumes.locks.volume(volume_id):
+        async with self.store.locks.volume(volume_id):
             for sid in leftovers:
                 log.warning("merging temporary snapshot %s of volume %s left by an "
                             "interrupted copy", sid, volume_id,
                             extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
-                current = self.volumes.get_volume(volume_id)
-                files = self.volumes.files_of(current)
-                chain_map, chain = self.volumes.validated_chain(files, current)
+                current = self.store.get_volume(volume_id)
+                files = self.store.files_of(current)
+                chain_map, chain = self.store.validated_chain(files, current)
                 await self.deleter.delete_snapshot(current, files, chain_map, chain, sid)
 
-    # ---- attach and detach ------------------------------------------------------------------
+    # ---- attach and detach ----------------------------------------------------------------
 
-    async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
-        volume_id = valid_id(volume_id, "volume id")
-        async with self.volumes.locks.volume(volume_id):
-            meta, users = await self.observe(self.volumes.get_volume(volume_id))
-            if users.running is not None:
-                raise InUse(f"volume {volume_id} is already attached to "
-                            f"{users.running.describe()}")
-            Users(tuple(u for u in users.uses if u.domain != domain)).refuse_any(
-                f"attach to {domain}", volume_id)
-            meta = self.volumes.require_available(volume_id)
-            files = self.volumes.files_of(meta)
-            _chain_map, chain = self.volumes.validated_chain(files, meta)
-            top = chain[0]
-            virtual = (await qemuimg.info(files.directory / top.name, layer_format(top),
-                                          self.volumes.limits)).virtual_size
-            if virtual > meta.size:
-                raise InvalidState(f"{top.name} claims {virtual} bytes, more than the "
-                                   f"volume's {meta.size}; refused")
-            guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
-            if not await guest.is_running():
-                raise InvalidState(f"domain {domain} is not running; hostvold plugs volumes "
-                                   "into running domains (start it, then attach)")
-            used = {d.target for d in await guest.disks()}
-            if target is None:
-                target = next(f"sd{c}" for c in "bcdefghijklmnopqrstuvwxyz"
-                              if f"sd{c}" not in used)
-            elif target in used:
-                raise InvalidArgument(f"target {target} is already used in domain {domain}")
-            await guest.attach_disk(disk_xml(str(files.directory / top.name), top.format,
-                                             target, volume_id))
-            log.info("attached volume %s to %s as %s", volume_id, domain, target,
-                     extra={"VOLUME_ID": volume_id, "DOMAIN": domain})
-            return self.volumes.record(files, meta.evolve(
-                state="in-use", attachment={"domain": domain, "target": target}))
+    async def attach(self, files: VolumeFiles, meta: VolumeMeta, users: Users, domain: str,
+                     target: str | None = None) -> VolumeMeta:
+        """Hot-plug the active file of an available volume into a running domain."""
+        if users.running is not None:
+            raise InUse(f"volume {meta.id} is already attached to {users.running.describe()}")
+        Users(tuple(u for u in users.uses if u.domain != domain)).refuse_any(
+            f"attach to {domain}", meta.id)
+        meta = self.store.require_available(meta.id)
+        _chain_map, chain = self.store.validated_chain(files, meta)
+        top = chain[0]
+        virtual = (await qemuimg.info(files.directory / top.name, layer_format(top),
+                                      self.store.limits)).virtual_size
+        if virtual > meta.size:
+            raise InvalidState(f"{top.name} claims {virtual} bytes, more than the "
+                               f"volume's {meta.size}; refused")
+        guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+        if not await guest.is_running():
+            raise InvalidState(f"domain {domain} is not running; hostvold plugs volumes "
+                               "into running domains (start it, then attach)")
+        used = {d.target for d in await guest.disks()}
+        if target is None:
+            target = next(f"sd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"sd{c}" not in used)
+        elif target in used:
+            raise InvalidArgument(f"target {target} is already used in domain {domain}")
+        await guest.attach_disk(disk_xml(str(files.directory / top.name), top.format, target,
+                                         meta.id))
+        log.info("attached volume %s to %s as %s", meta.id, domain, target,
+                 extra={"VOLUME_ID": meta.id, "DOMAIN": domain})
+        return self.store.record(files, meta.evolve(
+            state="in-use", attachment={"domain": domain, "target": target}))
 
-    async def detach(self, volume_id: str) -> VolumeMeta:
-        volume_id = valid_id(volume_id, "volume id")
-        async with self.volumes.locks.volume(volume_id):
-            meta, users = await self.observe(self.volumes.get_volume(volume_id))
-            if users.running is None:
-                named = "; ".join(f"the definition of {u.describe()} still names it (remove "
-                                  "it with virsh detach-disk --config)" for u in users.uses)
-                raise InvalidState(f"volume {volume_id} is not attached to a running domain"
-                                   + (f"; {named}" if named else ""))
-            if meta.operation is not None:
-                raise InvalidState(f"volume {volume_id} has an interrupted "
-                                   f"{meta.operation['name']}; retry it or restart hostvold "
-                                   "to finish it, then detach")
-            files = self.volumes.files_of(meta)
-            guest, disk = await self.locate(meta)
-            await guest.detach_disk(disk_xml(disk.source or "", disk.format or "raw",
-                                             disk.target, volume_id, disk.bus or "scsi"))
-            log.info("detached volume %s from %s", volume_id, guest.name,
-                     extra={"VOLUME_ID": volume_id, "DOMAIN": guest.name})
-            return self.volumes.record(files, meta.evolve(state="available", attachment=None))
+    async def detach(self, files: VolumeFiles, meta: VolumeMeta, users: Users) -> VolumeMeta:
+        """Unplug the volume from the running domain libvirt says uses it."""
+        if users.running is None:
+            named = "; ".join(f"the definition of {u.describe()} still names it (remove "
+                              "it with virsh detach-disk --config)" for u in users.uses)
+            raise InvalidState(f"volume {meta.id} is not attached to a running domain"
+                               + (f"; {named}" if named else ""))
+        if meta.operation is not None:
+            raise InvalidState(f"volume {meta.id} has an interrupted {meta.operation['name']}; "
+                               "retry it or restart hostvold to finish it, then detach")
+        guest, disk = await self.attachments.locate(meta)
+        await guest.detach_disk(disk_xml(disk.source or "", disk.format or "raw", disk.target,
+                                         meta.id, disk.bus or "scsi"))
+        log.info("detached volume %s from %s", meta.id, guest.name,
+                 extra={"VOLUME_ID": meta.id, "DOMAIN": guest.name})
+        return self.store.record(files, meta.evolve(state="available", attachment=None))
 
-    # ---- live snapshot create ---------------------------------------------------------------
+    # ---- live snapshot create -------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def point_in_time(self, meta: VolumeMeta, files: VolumeFiles,
@@ -340,13 +185,13 @@ class LiveVolumes:
             fmt = meta.format if new_map.active == files.base_name else "qcow2"
             new_chain = validate_chain(files, new_map.active, fmt)
             await uninterrupted(self.deleter.delete_snapshot(
-                self.volumes.get_volume(meta.id), files, new_map, new_chain, sid))
+                self.store.get_volume(meta.id), files, new_map, new_chain, sid))
 
     async def create_snapshot(self, meta: VolumeMeta, files: VolumeFiles, chain_map: SnapshotMap,
                               chain: list[Layer], sid: str,
                               temporary: bool = False) -> VolumeMeta:
         """Called under the volume's lock with a validated chain."""
-        guest, disk = await self.locate(meta)
+        guest, disk = await self.attachments.locate(meta)
         top = chain[0]
         if disk.source != str(files.directory / top.name):
             raise NeedsRepair(f"domain {guest.name} runs volume {meta.id} on {disk.source}, "
@@ -354,19 +199,16 @@ class LiveVolumes:
         overlay = files.overlay_name(sid)
         path = files.directory / overlay
         others = [d.target for d in await guest.disks() if d.target != disk.target]
-        meta = self.volumes.record(files, meta.evolve(operation={
+        meta = self.store.record(files, meta.evolve(operation={
             "name": "live-create-snapshot", "snapshot": sid, "overlay": overlay,
             "domain": guest.name, "target": disk.target, "step": "overlay",
             "temporary": temporary}))
         crash.point("live-create-snapshot:intent")
         try:
-            await qemuimg.create(path, "qcow2", meta.size, backing=top.name,
-                                 backing_fmt=layer_format(top))
-            os.chmod(path, self.volumes.file_mode)
-            await asyncio.to_thread(fsync_file, path)
+            await self.store.make_overlay(path, meta.size, top)
             crash.point("live-create-snapshot:overlay")
             op = dict(meta.operation or {}, step="switch")
-            meta = self.volumes.record(files, meta.evolve(operation=op))
+            meta = self.store.record(files, meta.evolve(operation=op))
             crash.point("live-create-snapshot:switch-recorded")
             quiesced = await self._switch(guest, disk.target, str(path), others)
             crash.point("live-create-snapshot:switched")
@@ -409,9 +251,9 @@ class LiveVolumes:
                        quiesced: bool, temporary: bool = False) -> VolumeMeta:
         chain_map = read_info(files)
         if chain_map.snapshots.get(sid) != overlay:
-            write_info(files, chain_map.with_snapshot(sid, overlay), self.volumes.file_mode)
+            write_info(files, chain_map.with_snapshot(sid, overlay), self.store.file_mode)
         crash.point("live-create-snapshot:info")
-        return self.volumes.record(files, meta.evolve(
+        return self.store.record(files, meta.evolve(
             active=overlay, operation=None,
             snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": quiesced,
                                                **({"temporary": True} if temporary else {})}}))
@@ -420,7 +262,7 @@ class LiveVolumes:
         op = meta.operation or {}
         sid, overlay = op["snapshot"], op["overlay"]
         path = files.directory / overlay
-        guest = await self.running_guest(op["domain"])  # HypervisorUnavailable: kept
+        guest = await self.attachments.running_guest(op["domain"])  # HypervisorUnavailable: kept
         if guest is not None:
             if op.get("step") == "switch":  # we may have died between freeze and thaw
                 try:
@@ -437,42 +279,28 @@ class LiveVolumes:
             self._finish_create(files, meta, sid, overlay, False, bool(op.get("temporary")))
         else:
             unlink_durable(path)
-            self.volumes.record(files, meta.evolve(operation=None))
+            self.store.record(files, meta.evolve(operation=None))
         if guest is None:
-            await self.keep_definitions_in_step(files, meta.id)
-
-    async def running_guest(self, domain: str) -> Guest | None:
-        """The domain if it runs; None only when libvirt says it is gone or off."""
-        try:
-            guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
-        except DomainGone:
-            return None
-        return guest if await guest.is_running() else None
+            await self.attachments.keep_definitions_in_step(files, meta.id)
 
     # ---- extend -----------------------------------------------------------------------------
 
     async def extend(self, meta: VolumeMeta, files: VolumeFiles, size: int) -> VolumeMeta:
-        guest, disk = await self.locate(meta)
-        meta = self.volumes.record(files, meta.evolve(operation={
+        guest, disk = await self.attachments.locate(meta)
+        meta = self.store.record(files, meta.evolve(operation={
             "name": "live-extend", "size": size, "domain": guest.name, "target": disk.target}))
         crash.point("live-extend:intent")
         await uninterrupted(guest.resize(disk.target, size))
-        return self.volumes.record(files, meta.evolve(size=size, operation=None))
+        return self.store.record(files, meta.evolve(size=size, operation=None))
 
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         op = meta.operation or {}
         size = int(op["size"])
-        guest = await self.running_guest(op["domain"])
+        guest = await self.attachments.running_guest(op["domain"])
         if guest is not None:
             await guest.resize(op["target"], size)
         else:
-            await self.volumes.grow(files, meta, size)
-        self.volumes.record(files, meta.evolve(size=size, operation=None))
+            await self.store.grow(files, meta, size)
+        self.store.record(files, meta.evolve(size=size, operation=None))
 
 
-def _names_volume(disk: DiskInfo, files: VolumeFiles, volume_id: str) -> bool:
-    """Whether a domain's disk is this volume: its serial, or a file of its chain."""
-    if disk.serial == volume_id:
-        return True
-    return any(Path(p).parent == files.directory and files.is_image(Path(p).name)
-               for p in disk.chain)

@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import libvirt
 
@@ -46,11 +46,12 @@ from hostvold.core import crash, progress
 from hostvold.core.aio import uninterrupted
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.errors import Failed, HypervisorError, NeedsRepair
-from hostvold.core.images import Layer
+from hostvold.core.images import Format, Layer, layer_format
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.planning import AMBIGUOUS_PIVOT, plan_delete
 from hostvold.core.records import VolumeMeta
-from hostvold.ops.volumes import VolumeService, layer_format
+from hostvold.ops.attachments import Attachments
+from hostvold.ops.store import VolumeStore
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.infofile import read_info, write_info
@@ -58,30 +59,27 @@ from hostvold.storage.qcow2 import validate_chain
 from hostvold.virt.guest import Guest
 from hostvold.virt.hypervisor import JOB_COMPLETED, JOB_READY, RECONNECTED, Hypervisor
 
-if TYPE_CHECKING:
-    from hostvold.ops.live import LiveVolumes
-
 log = logging.getLogger(__name__)
 
 
 
 
 class LiveDelete:
-    def __init__(self, volumes: VolumeService, hypervisor: Hypervisor, live: LiveVolumes,
+    def __init__(self, store: VolumeStore, hypervisor: Hypervisor, attachments: Attachments,
                  pivot_retries: int) -> None:
-        self.volumes = volumes
+        self.store = store
         self.hypervisor = hypervisor
-        self.live = live
+        self.attachments = attachments
         self.pivot_retries = pivot_retries
-        volumes.recoverers["live-delete-snapshot"] = self.resume
+        store.recoverers["live-delete-snapshot"] = self.resume
 
     async def delete_snapshot(self, meta: VolumeMeta, files: VolumeFiles,
                               chain_map: SnapshotMap, chain: list[Layer], sid: str) -> None:
-        guest, disk = await self.live.locate(meta)
+        guest, disk = await self.attachments.locate(meta)
         plan = plan_delete(chain, chain_map, sid)
         # one qemu-img for the whole chain; -U: the running QEMU holds the images' locks
         seen = await qemuimg.info_chain(files.directory / chain[0].name,
-                                        layer_format(chain[0]), self.volumes.limits,
+                                        layer_format(chain[0]), self.store.limits,
                                         force_share=True)
         allocated = {Path(layer.filename).name: layer.actual_size for layer in seen}
         if not plan.top_is_active:
@@ -95,7 +93,7 @@ class LiveDelete:
         if strategy == "pull":
             position = [layer.name for layer in chain].index(plan.base.name)
             below = chain[position + 1].name
-        meta = self.volumes.record(files, meta.evolve(operation={
+        meta = self.store.record(files, meta.evolve(operation={
             "name": "live-delete-snapshot", "snapshot": sid, "strategy": strategy,
             "top": plan.top.name, "base": plan.base.name, "below": below,
             "base_format": plan.base.format,
@@ -112,7 +110,7 @@ class LiveDelete:
         if op.get("step") == AMBIGUOUS_PIVOT:
             raise NeedsRepair(f"volume {meta.id}: {'; '.join(meta.problems)}")
         if guest is None:
-            guest = await self.live.running_guest(op["domain"])
+            guest = await self.attachments.running_guest(op["domain"])
         if guest is None:
             return await self._finish_offline(files, meta, op)
         gone = op["base"] if op["strategy"] == "pull" else op["top"]
@@ -121,21 +119,21 @@ class LiveDelete:
                 try:
                     meta = await self._run_job(guest, files, meta, op)
                 except Failed:
-                    if await self.live.running_guest(op["domain"]) is not None:
+                    if await self.attachments.running_guest(op["domain"]) is not None:
                         raise
-                    meta = self.volumes.get_volume(meta.id)  # the domain died under the job
+                    meta = self.store.get_volume(meta.id)  # the domain died under the job
                     return await self._finish_offline(files, meta, dict(meta.operation or {}))
                 op = dict(meta.operation or {})
             crash.point("live-delete-snapshot:job-done")
             # the connection may have been replaced while we waited: ask through the new one
-            guest = await self.live.running_guest(op["domain"])
+            guest = await self.attachments.running_guest(op["domain"])
             if guest is None:
                 return await self._finish_offline(files, meta, op)
             if gone in await self._live_chain(guest, op["target"]):
                 raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
                              "operation is kept and resumed at the next start")
             op["step"] = "finish"
-            meta = self.volumes.record(files, meta.evolve(operation=op))
+            meta = self.store.record(files, meta.evolve(operation=op))
             crash.point("live-delete-snapshot:finish-recorded")
         self._finish_delete(files, meta, op)
 
@@ -194,7 +192,7 @@ class LiveDelete:
         with the chain intact."""
         op = dict(meta.operation or {}, step="pivot")
         target = op["target"]
-        meta = self.volumes.record(files, meta.evolve(operation=op))
+        meta = self.store.record(files, meta.evolve(operation=op))
         crash.point("live-delete-snapshot:pivot-recorded")
         for attempt in range(self.pivot_retries + 1):
             try:
@@ -207,11 +205,11 @@ class LiveDelete:
                 if attempt < self.pivot_retries:
                     await asyncio.sleep(0.1 * (attempt + 1))  # back-off before a retry
                 continue
-            meta = self.volumes.record(files, meta.evolve(operation=dict(op, step="pivoted")))
+            meta = self.store.record(files, meta.evolve(operation=dict(op, step="pivoted")))
             crash.point("live-delete-snapshot:pivoted")
             return meta
         await guest.abort_job(target)
-        self.volumes.record(files, meta.evolve(operation=dict(op, step="job")))
+        self.store.record(files, meta.evolve(operation=dict(op, step="job")))
         raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
                      "the block job was aborted and the chain is unchanged")
 
@@ -227,8 +225,8 @@ class LiveDelete:
         if op["strategy"] == "pull" and op["base"] in await self._live_chain(guest,
                                                                               op["target"]):
             # a pull only adds to top what top already read through: the snapshot is intact
-            return self.volumes.record(files, meta.evolve(operation=None))
-        return self.volumes.record(files, meta.evolve(operation=dict(op, step="job")))
+            return self.store.record(files, meta.evolve(operation=None))
+        return self.store.record(files, meta.evolve(operation=dict(op, step="job")))
 
     async def _progress(self, guest: Guest, target: str) -> None:
         """Progress for the Job object between events; it decides nothing."""
@@ -251,11 +249,11 @@ class LiveDelete:
             new_map = chain_map.without(sid, active=base if op["strategy"] == "active-commit"
                                         else None)
             gone = top
-        write_info(files, new_map, self.volumes.file_mode)
+        write_info(files, new_map, self.store.file_mode)
         crash.point("live-delete-snapshot:info")
         unlink_durable(files.directory / gone)
         snapshots = {k: v for k, v in meta.snapshots.items() if k != sid}
-        self.volumes.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
+        self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
                                                operation=None, problems=[]))
 
     async def _finish_offline(self, files: VolumeFiles, meta: VolumeMeta,
@@ -264,7 +262,7 @@ class LiveDelete:
         proves about where the guest's newest writes are."""
         log.warning("domain %s is gone: finishing the delete of snapshot %s offline (step %s)",
                     op["domain"], op["snapshot"], op["step"], extra={"VOLUME_ID": meta.id})
-        meta = self.volumes.record(files, meta.evolve(state="available", attachment=None))
+        meta = self.store.record(files, meta.evolve(state="available", attachment=None))
         chain_map = read_info(files)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
         names = [layer.name for layer in validate_chain(files, chain_map.active, fmt)]
@@ -278,7 +276,7 @@ class LiveDelete:
             return
         else:
             await self._commit_offline(files, meta, op)
-        await self.live.keep_definitions_in_step(files, meta.id)
+        await self.attachments.keep_definitions_in_step(files, meta.id)
 
     async def _commit_offline(self, files: VolumeFiles, meta: VolumeMeta,
                               op: dict[str, Any]) -> None:
@@ -291,18 +289,18 @@ class LiveDelete:
                    "top": plan.top.name, "base": plan.base.name,
                    "base_format": plan.base.format,
                    "higher": plan.higher.name if plan.higher else None}
-        meta = self.volumes.record(files, meta.evolve(operation=offline, problems=[]))
-        await self.volumes.recoverers["delete-snapshot"](files, meta)
+        meta = self.store.record(files, meta.evolve(operation=offline, problems=[]))
+        await self.store.recoverers["delete-snapshot"](files, meta)
 
     async def _undecided_pivot(self, files: VolumeFiles, meta: VolumeMeta,
                                op: dict[str, Any]) -> None:
         """The pivot was asked for and the domain is gone: no guess."""
         top, base = files.directory / op["top"], files.directory / op["base"]
         difference = await qemuimg.compare(top, "qcow2", base, _fmt(op["base_format"]),
-                                           self.volumes.limits)
+                                           self.store.limits)
         if difference is None:  # the same bytes either way: nothing to choose
             self._finish_delete(files, meta, op)
-            await self.live.keep_definitions_in_step(files, meta.id)
+            await self.attachments.keep_definitions_in_step(files, meta.id)
             return
         problem = (f"{AMBIGUOUS_PIVOT}: hostvold stopped around the pivot of the live delete of "
                    f"snapshot {op['snapshot']} and domain {op['domain']} is gone; either "
@@ -310,16 +308,16 @@ class LiveDelete:
                    "guest's newest writes; every file is kept; see `hostvolctl repair` and "
                    "choose base or overlay")
         log.error("volume %s: %s", meta.id, problem, extra={"VOLUME_ID": meta.id})
-        self.volumes.record(files, meta.evolve(operation=dict(op, step=AMBIGUOUS_PIVOT),
+        self.store.record(files, meta.evolve(operation=dict(op, step=AMBIGUOUS_PIVOT),
                                                problems=[problem]))
 
     async def describe_ambiguity(self, files: VolumeFiles, meta: VolumeMeta) -> str:
         """What an operator needs to choose: where the two candidates differ."""
         op = meta.operation or {}
         top, base = files.directory / op["top"], files.directory / op["base"]
-        extents = await qemuimg.own_extents(top, "qcow2", self.volumes.limits)
+        extents = await qemuimg.own_extents(top, "qcow2", self.store.limits)
         difference = await qemuimg.compare(top, "qcow2", base, _fmt(op["base_format"]),
-                                           self.volumes.limits)
+                                           self.store.limits)
         shown = ", ".join(f"{start}+{length}" for start, length in extents[:8])
         more = f" and {len(extents) - 8} more" if len(extents) > 8 else ""
         return (f"the pivot of snapshot {op['snapshot']}'s delete is undecided: "
@@ -339,10 +337,10 @@ class LiveDelete:
         else:
             await self._commit_offline(files, meta, op)
             done = f"committed {op['top']} into {op['base']}; it holds the newest data"
-        await self.live.keep_definitions_in_step(files, meta.id)
+        await self.attachments.keep_definitions_in_step(files, meta.id)
         return done
 
 
-def _fmt(name: str) -> qemuimg.Format:
+def _fmt(name: str) -> Format:
     return "raw" if name == "raw" else "qcow2"
 

@@ -17,10 +17,11 @@ from hostvold import __version__
 from hostvold.core.config import Config, load_config
 from hostvold.core.errors import ConfigError, HostvoldError, HypervisorUnavailable
 from hostvold.core.shares import ShareSpec, parse_options, parse_shares_file
+from hostvold.ops.adoption import rebuild_index
 from hostvold.ops.jobs import JobRunner
 from hostvold.ops.live import LiveVolumes
-from hostvold.ops.snapshots import SnapshotService
-from hostvold.ops.volumes import VolumeService
+from hostvold.ops.operations import Operations
+from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
 from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.server.dbus_api import Api
@@ -56,13 +57,13 @@ class Daemon:
         self.with_libvirt = with_libvirt
         self.hypervisor: Hypervisor | None = None
         self.stop_requested = asyncio.Event()
-        self.service: VolumeService | None = None
+        self.store: VolumeStore | None = None
+        self.ops: Operations | None = None
         self.jobs = JobRunner()
         self.bus: MessageBus | None = None
-        self.snapshots: SnapshotService | None = None
         self.index: VolumeIndex | None = None
 
-    async def start(self) -> VolumeService:
+    async def start(self) -> Operations:
         config = self.config
         state_dir = config.daemon.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -77,33 +78,33 @@ class Daemon:
                 log.error("share %s unavailable: %s", share.spec.address, share.error)
         self.index = VolumeIndex(state_dir / "index.sqlite")
         locks = LocalLocks(state_dir / "locks")
-        service = VolumeService(config, shares, self.index, locks, 0o660)
+        store = VolumeStore(config, shares, self.index, locks, 0o660)
         notify.status("loading the volume index")
         if self.index.fresh:
-            service.rebuild_index()
+            rebuild_index(store)
         else:
-            service.load_index()
+            store.load_index()
         first = next((s.mount_point for s in shares if s.mounted), None)
         secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
-                                new_install=not service.list_volumes())
-        service.file_mode = file_mode(secure)
-        self.snapshots = SnapshotService(service)  # registers its recovery steps
+                                new_install=not store.list_volumes())
+        store.file_mode = file_mode(secure)
+        ops = Operations(store)  # the use cases register their recovery steps
         if self.with_libvirt:
-            await self._connect_libvirt(service)
+            await self._connect_libvirt(ops)
         notify.status("recovering interrupted operations")
-        await service.recover()
-        if service.live is not None and self.hypervisor is not None \
+        await ops.recover()
+        if ops.live is not None and self.hypervisor is not None \
                 and self.hypervisor.conn is not None:
-            await service.live.reconcile()
-        self.service = service
-        return service
+            await ops.live.reconcile()
+        self.store, self.ops = store, ops
+        return ops
 
-    async def _connect_libvirt(self, service: VolumeService) -> None:
+    async def _connect_libvirt(self, ops: Operations) -> None:
         config = self.config
         self.hypervisor = Hypervisor(config.libvirt.uri, config.daemon.workers,
                                      config.libvirt.keepalive)
         notify.status("connecting to libvirt")
-        service.live = LiveVolumes(config, service, self.hypervisor)
+        ops.live = LiveVolumes(config, ops.store, self.hypervisor)
         try:
             await self.hypervisor.connect()
         except HypervisorUnavailable as exc:
@@ -120,14 +121,14 @@ class Daemon:
 
     async def serve(self) -> Api:
         """Put the started services on the bus; the name is owned last, when all is there."""
-        assert self.service is not None and self.snapshots is not None
+        assert self.store is not None and self.ops is not None
         notify.status("connecting to the bus")
         self.bus = await connect(self.config.daemon.bus)
         if self.config.daemon.bus == "system":  # the installed policy must admit admin_group
             for warning in policy.check_installed(self.config.daemon.admin_group):
                 log.warning("%s", warning)
         authorizer = Authorizer(self.bus, self.config.daemon.admin_group)
-        api = Api(self.bus, self.service, self.snapshots, self.jobs, authorizer)
+        api = Api(self.bus, self.store, self.ops, self.jobs, authorizer)
         api.export_all()
         await own_name(self.bus)
         return api
@@ -138,13 +139,13 @@ class Daemon:
             loop.add_signal_handler(signum, self.stop_requested.set)
         watchdog = notify.start_watchdog()
         try:
-            service = await self.start()
+            store = (await self.start()).store
             api = await self.serve()
         except HostvoldError as exc:
             log.error("cannot start: %s", exc)
             return 1
-        mounted = len(service.mounted_shares())
-        summary = (f"{len(service.list_volumes())} volumes on {mounted}/{len(service.shares)} "
+        mounted = len(store.mounted_shares())
+        summary = (f"{len(store.list_volumes())} volumes on {mounted}/{len(store.shares)} "
                    f"shares, serving {BUS_NAME}")
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)

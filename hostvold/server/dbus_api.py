@@ -54,8 +54,8 @@ from hostvold.core.models import (
 )
 from hostvold.core.records import VolumeMeta
 from hostvold.ops.jobs import Job, JobRunner
-from hostvold.ops.snapshots import SnapshotService
-from hostvold.ops.volumes import VolumeService, open_source
+from hostvold.ops.operations import Operations
+from hostvold.ops.store import VolumeStore
 from hostvold.server.bus import (
     ERROR_PREFIX,
     ROOT_PATH,
@@ -66,7 +66,7 @@ from hostvold.server.bus import (
     received_fds,
 )
 from hostvold.storage.mounts import Share
-from hostvold.storage.safefile import check_caller_fd
+from hostvold.storage.safefile import check_caller_fd, open_source
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +139,11 @@ def _close(fd: int | None) -> None:
 class Api:
     """Owns the exported objects and keeps them in step with the services."""
 
-    def __init__(self, bus: MessageBus, volumes: VolumeService, snapshots: SnapshotService,
+    def __init__(self, bus: MessageBus, store: VolumeStore, ops: Operations,
                  jobs: JobRunner, authorizer: Authorizer) -> None:
         self.bus = bus
-        self.volumes = volumes
-        self.snapshots = snapshots
+        self.store = store
+        self.ops = ops
         self.jobs = jobs
         self.authorizer = authorizer
         self.started = time.monotonic()
@@ -153,7 +153,7 @@ class Api:
         self.snapshot_objects: dict[str, SnapshotInterface] = {}
         self.job_objects: dict[str, JobInterface] = {}
         self._usage_pending = False
-        volumes.change_listeners.append(self.sync_volume)
+        store.change_listeners.append(self.sync_volume)
         bus.add_message_handler(self._unknown_object)
         jobs.on_added.append(self._job_added)
         jobs.on_removed.append(self._job_removed)
@@ -177,26 +177,26 @@ class Api:
 
     def check_new_volume(self, volume_id: str | None, share: str | None) -> None:
         """What can be known about a new volume when the call arrives."""
-        if volume_id is not None and self.volumes.find(volume_id) is not None:
+        if volume_id is not None and self.store.find(volume_id) is not None:
             raise AlreadyExists(f"volume {volume_id} already exists")
         if share is not None and not any(share in (s.id, s.spec.address)
-                                         for s in self.volumes.shares):
+                                         for s in self.store.shares):
             raise NotFound(f"share {share!r} is not configured")
 
     def export_all(self) -> None:
         self.bus.export(ROOT_PATH, self.manager)
-        for share in self.volumes.shares:
+        for share in self.store.shares:
             interface = ShareInterface(self, share)
             self.share_objects[share.id] = interface
             self.bus.export(object_path("shares", share.id), interface)
-        for meta in self.volumes.list_volumes():
+        for meta in self.store.list_volumes():
             self.sync_volume(meta.id)
 
     # ---- keeping objects in step -------------------------------------------------------
 
     def sync_volume(self, volume_id: str) -> None:
         """Export, update or unexport one volume and its snapshots."""
-        meta = self.volumes.find(volume_id)
+        meta = self.store.find(volume_id)
         current = self.volume_objects.get(volume_id)
         if meta is None:
             if current is not None:
@@ -276,8 +276,8 @@ class Api:
         return record
 
     def health(self) -> str:
-        down = [s.spec.address for s in self.volumes.shares if not s.mounted]
-        sick = [m.id for m in self.volumes.list_volumes() if m.problems]
+        down = [s.spec.address for s in self.store.shares if not s.mounted]
+        sick = [m.id for m in self.store.list_volumes() if m.problems]
         if not down and not sick:
             return "ok"
         parts = []
@@ -304,7 +304,7 @@ class ManagerInterface(ServiceInterface):
         done = self.api.volume_path_result(objects)
 
         async def work() -> VolumeMeta:
-            return done(await self.api.volumes.create_volume(**values))
+            return done(await self.api.ops.create_volume(**values))
 
         return self.api.start_job("create-volume", objects, work, request.size)
 
@@ -334,7 +334,7 @@ class ManagerInterface(ServiceInterface):
 
         async def work() -> VolumeMeta:
             try:
-                return done(await self.api.volumes.import_volume(**values))
+                return done(await self.api.ops.import_volume(**values))
             finally:
                 _close(fd)
 
@@ -375,7 +375,7 @@ class ShareInterface(ServiceInterface):
         if not self.share.mounted:
             return {"Total": 0, "Free": 0, "Allocated": 0, "Provisioned": 0}
         st = os.statvfs(self.share.mount_point)
-        allocated, provisioned = self.api.volumes.usage(self.share)
+        allocated, provisioned = self.api.store.usage(self.share)
         return {"Total": st.f_frsize * st.f_blocks, "Free": st.f_frsize * st.f_bavail,
                 "Allocated": allocated, "Provisioned": provisioned}
 
@@ -429,7 +429,7 @@ class ShareInterface(ServiceInterface):
 
 
 def _volume_properties(meta: VolumeMeta, api: Api) -> dict[str, Any]:
-    share = next((s for s in api.volumes.shares if s.spec.address == meta.share), None)
+    share = next((s for s in api.store.shares if s.spec.address == meta.share), None)
     attachment = meta.attachment or {}
     return {
         "Id": meta.id, "Size": meta.size, "Format": meta.format,
@@ -469,7 +469,7 @@ class VolumeInterface(ServiceInterface):
     async def CreateSnapshot(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("CreateSnapshot")
         values = _options(options, {"id": STR})
-        snap = await self.api.snapshots.create_snapshot(self.meta.id, values.get("id"))
+        snap = await self.api.ops.create_snapshot(self.meta.id, values.get("id"))
         self.api.sync_volume(self.meta.id)
         return object_path("snapshots", snap.id)
 
@@ -485,7 +485,7 @@ class VolumeInterface(ServiceInterface):
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
-            return await self.api.volumes.extend_volume(volume_id, **values)
+            return await self.api.ops.extend_volume(volume_id, **values)
 
         return self.api.start_job("extend", [self.path], work)
 
@@ -501,7 +501,7 @@ class VolumeInterface(ServiceInterface):
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
-            return done(await self.api.snapshots.clone(volume_id, **values))
+            return done(await self.api.ops.clone(volume_id, **values))
 
         return self.api.start_job("clone", objects, work, self.meta.size)
 
@@ -531,7 +531,7 @@ class VolumeInterface(ServiceInterface):
 
         async def work() -> str:
             try:
-                return str(await self.api.volumes.export_volume(volume_id, **values) or "")
+                return str(await self.api.ops.export_volume(volume_id, **values) or "")
             finally:
                 _close(fd)
 
@@ -554,7 +554,7 @@ class VolumeInterface(ServiceInterface):
         volume_id = self.meta.id
 
         async def work() -> None:
-            await self.api.snapshots.revert(volume_id, sid)
+            await self.api.ops.revert(volume_id, sid)
 
         return self.api.start_job("revert", [self.path], work)
 
@@ -568,8 +568,7 @@ class VolumeInterface(ServiceInterface):
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
-            live = self.api.volumes.require_live()
-            return await live.attach(volume_id, domain, target)
+            return await self.api.ops.attach(volume_id, domain, target)
 
         return self.api.start_job("attach", [self.path], work)
 
@@ -581,7 +580,7 @@ class VolumeInterface(ServiceInterface):
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
-            return await self.api.volumes.require_live().detach(volume_id)
+            return await self.api.ops.detach(volume_id)
 
         return self.api.start_job("detach", [self.path], work)
 
@@ -596,7 +595,7 @@ class VolumeInterface(ServiceInterface):
                                    or choice.value not in ("base", "overlay")):
             raise InvalidArgument("option choice must be the string 'base' or 'overlay'")
         request: RepairVolume = RepairVolume.parse(**_options(options, {"format": STR}))
-        done = await self.api.snapshots.repair(self.meta.id, request.format,
+        done = await self.api.ops.repair(self.meta.id, request.format,
                                                choice.value if choice is not None else None)
         self.api.sync_volume(self.meta.id)
         return done
@@ -609,7 +608,7 @@ class VolumeInterface(ServiceInterface):
         volume_id = self.meta.id
 
         async def work() -> None:
-            await self.api.volumes.delete_volume(volume_id)
+            await self.api.ops.delete_volume(volume_id)
 
         return self.api.start_job("delete-volume", [self.path], work)
 
@@ -667,7 +666,7 @@ class SnapshotInterface(ServiceInterface):
         self.snapshot_id = snapshot_id
 
     def _extra(self) -> dict[str, Any]:
-        meta = self.api.volumes.find(self.volume_id)
+        meta = self.api.store.find(self.volume_id)
         return meta.snapshots.get(self.snapshot_id, {}) if meta else {}
 
     @dbus_method()
@@ -678,9 +677,9 @@ class SnapshotInterface(ServiceInterface):
         volume_id, sid = self.volume_id, self.snapshot_id
 
         async def work() -> None:
-            await self.api.snapshots.delete_snapshot(volume_id, sid)
+            await self.api.ops.delete_snapshot(volume_id, sid)
 
-        meta = self.api.volumes.get_volume(volume_id)
+        meta = self.api.store.get_volume(volume_id)
         return self.api.start_job("delete-snapshot", [object_path("volumes", volume_id),
                                                       object_path("snapshots", sid)],
                                   work, meta.size)
@@ -697,10 +696,10 @@ class SnapshotInterface(ServiceInterface):
         volume_id, sid = self.volume_id, self.snapshot_id
 
         async def work() -> VolumeMeta:
-            return done(await self.api.snapshots.create_from_snapshot(volume_id, sid,
+            return done(await self.api.ops.create_from_snapshot(volume_id, sid,
                                                                       **values))
 
-        meta = self.api.volumes.get_volume(volume_id)
+        meta = self.api.store.get_volume(volume_id)
         return self.api.start_job("create-volume-from-snapshot", objects, work, meta.size)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -713,10 +712,10 @@ class SnapshotInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def File(self) -> DBusStr:
-        meta = self.api.volumes.find(self.volume_id)
+        meta = self.api.store.find(self.volume_id)
         if meta is None:
             return ""
-        return f"{self.api.volumes.naming.base_name(meta.id)}.{self.snapshot_id}"
+        return f"{self.api.store.naming.base_name(meta.id)}.{self.snapshot_id}"
 
     @dbus_property(access=PropertyAccess.READ)
     def Created(self) -> DBusStr:

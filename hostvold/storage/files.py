@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from hostvold.core.errors import Failed, NoSpace
@@ -97,3 +98,8 @@ def copy_fd_to_new_file(fd: int, path: Path, mode: int) -> None:
         os.fsync(out)
     finally:
         os.close(out)
+
+
+def file_mtime(path: Path) -> str:
+    """A file's modification time as an ISO 8601 UTC string (for adopted records)."""
+    return datetime.fromtimestamp(path.lstat().st_mtime, UTC).isoformat(timespec="seconds")

@@ -18,6 +18,7 @@ from hostvold.core.errors import (
     ExternalDataFile,
     ForeignBackingFile,
     UnknownImageFeature,
+    UnsafeFile,
     UnsafeImage,
 )
 from hostvold.core.images import Layer, Qcow2Header
@@ -187,3 +188,41 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
                 f"{name}: backing format {header.backing_format!r} is not recorded as raw or "
                 f"qcow2; hostvold never lets qemu-img probe it")
         name, fmt = Path(header.backing_file).name, header.backing_format
+
+
+def standalone_qcow2(head: bytes, what: str) -> Qcow2Header:
+    return standalone_qcow2_header(parse_qcow2_header(head, what), what)
+
+
+def standalone_qcow2_header(header: Qcow2Header, what: str) -> Qcow2Header:
+    """Refuse a qcow2 image that could make qemu-img open anything but itself."""
+    if header.backing_file is not None:
+        raise UnsafeImage(f"{what} has a backing file {header.backing_file!r}; import a "
+                          "standalone image")
+    if header.data_file is not None or header.incompatible_features & 4:
+        raise ExternalDataFile(f"{what} uses an external data file "
+                               f"{header.data_file!r}; refused")
+    if header.incompatible_features & ~QCOW2_KNOWN_SAFE:
+        raise UnsafeImage(f"{what} uses unknown qcow2 features; refused")
+    return header
+
+
+def header_claim(path: Path) -> str | None:
+    """What the first bytes of a file claim to be, if they look like a qcow2 header."""
+    try:
+        header = read_qcow2_header(path)
+    except UnsafeFile:
+        return None
+    except (UnsafeImage, OSError):
+        try:
+            fd = open_regular(path)
+        except (UnsafeImage, OSError):
+            return None
+        try:
+            magic = os.pread(fd, 4, 0)
+        finally:
+            os.close(fd)
+        return "a qcow2 magic with a malformed header" if magic == QCOW2_MAGIC else None
+    backing = f", backing file {header.backing_file!r}" if header.backing_file else ""
+    data = f", external data file {header.data_file!r}" if header.data_file else ""
+    return f"a qcow2 v{header.version} header, virtual size {header.size} bytes{backing}{data}"

@@ -22,14 +22,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hostvold.core import progress
 from hostvold.core.errors import Failed, QemuImgError
+from hostvold.core.images import Format
 
-Format = Literal["raw", "qcow2"]
 ProgressCallback = Callable[[float], None]
 
 QEMU_IMG = "qemu-img"

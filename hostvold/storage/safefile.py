@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from hostvold.core.errors import InvalidArgument, UnsafeFile
+from hostvold.core.errors import AlreadyExists, InvalidArgument, NotFound, UnsafeFile
 
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 MAX_STATE_FILE = 1 << 20  # a metadata or info file is a few hundred bytes
@@ -105,3 +105,49 @@ def check_caller_fd(fd: object, option: str, *, write: bool) -> os.stat_result:
     if not write and mode not in (os.O_RDONLY, os.O_RDWR):
         raise InvalidArgument(f"option {option}: the file descriptor is not open for reading")
     return st
+
+
+def open_source(path: Path) -> int:
+    """Open an image path (root's ``source`` option): a regular file, no symbolic link, no
+    device or FIFO (checked before the open: opening those can block or have effects)."""
+    try:
+        require_regular(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                     | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise NotFound(f"image file {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"image file {path} is a symbolic link; give the file itself") \
+                from None
+        raise InvalidArgument(f"image file {path} cannot be opened: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafeFile(f"image file {path} is {kind(mode)}, not a regular file")
+    return fd
+
+
+def create_destination(dest: Path | None) -> int:
+    """A new file at root's ``destination``: exclusive, never through a symbolic link."""
+    assert dest is not None
+    try:
+        return os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file") \
+            from None
+    except FileNotFoundError:
+        raise NotFound(f"directory {dest.parent} does not exist") from None
+
+
+def remove_destination(dest: Path | None, fd: int) -> None:
+    """Remove the file a failed export created, if the name still points at it."""
+    assert dest is not None
+    st = os.fstat(fd)
+    try:
+        now = dest.lstat()
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+        dest.unlink()

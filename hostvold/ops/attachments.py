@@ -1,0 +1,200 @@
+"""Which domains use a volume, as libvirt says now (never our own record), and the record
+kept in line with it: a query under the volume's lock before any step that could change or
+remove its data, and lifecycle events that make hostvold look again.
+
+Only libvirt's "no such domain" (or "not running") counts as gone; an unanswered question
+(HypervisorUnavailable) is raised, never read as a "no".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import libvirt
+
+from hostvold.core.errors import (
+    DomainGone,
+    HostvoldError,
+    HypervisorError,
+    InvalidArgument,
+    InvalidState,
+)
+from hostvold.core.ids import valid_id
+from hostvold.core.layout import VolumeFiles
+from hostvold.core.records import VolumeMeta
+from hostvold.core.users import Use, Users
+from hostvold.ops.store import VolumeStore
+from hostvold.storage.infofile import read_info
+from hostvold.virt.guest import DiskInfo, Guest
+from hostvold.virt.hypervisor import DEVICE_REMOVED, Hypervisor
+
+log = logging.getLogger(__name__)
+
+# lifecycle events after which the volumes of that domain are looked at again
+_WATCHED = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED,
+            libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_RESUMED,
+            DEVICE_REMOVED}
+
+
+
+
+class Attachments:
+    def __init__(self, store: VolumeStore, hypervisor: Hypervisor) -> None:
+        self.store = store
+        self.hypervisor = hypervisor
+        hypervisor.on_lifecycle.append(self._lifecycle)
+        self._refreshing: set[asyncio.Task[None]] = set()
+
+    async def users(self, files: VolumeFiles, volume_id: str) -> Users:
+        """Every domain whose live XML (running) or definition (shut off) names a file of
+        the volume, by serial or by path."""
+        uses: list[Use] = []
+        for domain in await self.hypervisor.all_domains():
+            try:
+                guest = Guest(self.hypervisor, domain)
+                running = await guest.is_running()
+                disks = await (guest.disks() if running else guest.defined_disks())
+                named = [d for d in disks if _names_volume(d, files, volume_id)]
+                saved = bool(named) and not running and await guest.has_managed_save()
+            except (DomainGone, libvirt.libvirtError):
+                continue  # undefined while we looked
+            uses += [Use(guest.name, d.target, d.source, running, saved) for d in named]
+        return Users(tuple(uses))
+
+    async def observe(self, meta: VolumeMeta) -> tuple[VolumeMeta, Users]:
+        """Under the volume's lock: ask libvirt who uses the volume and make the record
+        say the same (state and attachment), unless an operation of ours is under way."""
+        files = self.store.files_of(meta)
+        users = await self.users(files, meta.id)
+        running = users.running
+        if meta.operation is None and meta.state in ("available", "in-use"):
+            if running is not None:
+                attachment = {"domain": running.domain, "target": running.target}
+                if meta.state != "in-use" or meta.attachment != attachment:
+                    log.warning("volume %s is in use by domain %s (%s), as libvirt says",
+                                meta.id, running.domain, running.target,
+                                extra={"VOLUME_ID": meta.id, "DOMAIN": running.domain})
+                    meta = self.store.record(files, meta.evolve(state="in-use",
+                                                                  attachment=attachment))
+            elif meta.state == "in-use":
+                log.info("volume %s is no longer used by a running domain", meta.id,
+                         extra={"VOLUME_ID": meta.id})
+                meta = self.store.record(files, meta.evolve(state="available",
+                                                              attachment=None))
+        return meta, users
+
+    async def keep_definitions_in_step(self, files: VolumeFiles, volume_id: str) -> None:
+        """Point every shut-off domain's definition that names a file of the volume at the
+        active file, so its next start runs on the newest data."""
+        chain_map = read_info(files)
+        meta = self.store.get_volume(volume_id)
+        active = str(files.directory / chain_map.active)
+        fmt = meta.format if chain_map.active == files.base_name else "qcow2"
+        for use in (await self.users(files, volume_id)).stopped:
+            if use.source == active:
+                continue
+            guest = Guest(self.hypervisor, await self.hypervisor.lookup(use.domain))
+            await guest.redefine_disk(use.target, active, fmt)
+            log.info("definition of domain %s now names %s (was %s)", use.domain,
+                     chain_map.active, use.source,
+                     extra={"VOLUME_ID": volume_id, "DOMAIN": use.domain})
+
+    async def running_disks(self) -> dict[str, tuple[Guest, DiskInfo]]:
+        """volume id -> (domain, disk) for every volume a running domain uses, found by
+        serial or by any file of its chain, whichever tool attached it."""
+        found: dict[str, tuple[Guest, DiskInfo]] = {}
+        for domain in await self.hypervisor.running_domains():
+            guest = Guest(self.hypervisor, domain)
+            try:
+                disks = await guest.disks()
+            except DomainGone:
+                continue
+            for disk in disks:
+                volume_id = self._volume_of(disk)
+                if volume_id is not None:
+                    found[volume_id] = (guest, disk)
+        return found
+
+    def _volume_of(self, disk: DiskInfo) -> str | None:
+        candidates: list[str | None] = [disk.serial] if disk.serial else []
+        candidates += [self.store.naming.volume_id_of_image(Path(p).name) for p in disk.chain]
+        for volume_id in candidates:
+            try:
+                meta = self.store.find(valid_id(volume_id) if volume_id else None)
+            except InvalidArgument:
+                continue
+            if meta is not None:
+                with contextlib.suppress(HostvoldError):
+                    if _names_volume(disk, self.store.files_of(meta), meta.id):
+                        return meta.id
+        return None
+
+    async def locate(self, meta: VolumeMeta) -> tuple[Guest, DiskInfo]:
+        """The running domain and disk of an attached volume."""
+        domain = (meta.attachment or {}).get("domain")
+        if domain:
+            try:
+                guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+                if await guest.is_running():
+                    for disk in await guest.disks():
+                        if self._volume_of(disk) == meta.id:
+                            return guest, disk
+            except DomainGone:
+                pass
+        found = (await self.running_disks()).get(meta.id)
+        if found is None:
+            raise InvalidState(f"volume {meta.id} is not attached to a running domain")
+        return found
+
+    async def running_guest(self, domain: str) -> Guest | None:
+        """The domain if it runs; None only when libvirt says it is gone or off."""
+        try:
+            guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+        except DomainGone:
+            return None
+        return guest if await guest.is_running() else None
+
+    # ---- events ---------------------------------------------------------------------
+
+    def _lifecycle(self, domain: str, event: int, detail: int) -> None:
+        if event in _WATCHED:
+            task = asyncio.get_running_loop().create_task(self._refresh_domain(domain, event))
+            self._refreshing.add(task)
+            task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh_domain(self, domain: str, event: int) -> None:
+        """Look again at the volumes a domain used or uses, each under its lock (so a
+        volume whose domain vanished mid-operation is freed when that operation ends)."""
+        ids = {m.id for m in self.store.list_volumes()
+               if (m.attachment or {}).get("domain") == domain}
+        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
+            with contextlib.suppress(HypervisorError):
+                guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
+                ids |= {vid for d in await guest.disks() if (vid := self._volume_of(d))}
+        for volume_id in sorted(ids):
+            try:
+                async with self.store.locks.volume(volume_id):
+                    meta = self.store.find(volume_id)
+                    if meta is None:
+                        continue
+                    op = meta.operation or {}
+                    if op.get("domain") == domain and str(op.get("name")).startswith("live-") \
+                            and await self.running_guest(domain) is None:
+                        # its domain is gone and no task follows it any more: finish it now
+                        await self.store.resume(meta)
+                        meta = self.store.get_volume(volume_id)
+                    await self.observe(meta)
+            except Exception as exc:
+                log.error("looking again at volume %s after an event of domain %s failed: %s",
+                          volume_id, domain, exc, exc_info=not isinstance(exc, HostvoldError))
+
+
+def _names_volume(disk: DiskInfo, files: VolumeFiles, volume_id: str) -> bool:
+    """Whether a domain's disk is this volume: its serial, or a file of its chain."""
+    if disk.serial == volume_id:
+        return True
+    return any(Path(p).parent == files.directory and files.is_image(Path(p).name)
+               for p in disk.chain)

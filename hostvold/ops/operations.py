@@ -1,0 +1,308 @@
+"""Every change a caller can ask for, in one thin layer: it checks the ids, takes the
+volume's lock, asks libvirt who uses the volume (never trusting our own record), and sends
+the work offline (qemu-img) or live (libvirt). The use cases underneath know nothing of
+each other; only this layer decides between them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from hostvold.core.errors import (
+    AlreadyExists,
+    HostvoldError,
+    HypervisorUnavailable,
+    InvalidArgument,
+    InvalidState,
+    NeedsRepair,
+    NotFound,
+)
+from hostvold.core.ids import new_id, valid_id
+from hostvold.core.images import Format, Layer
+from hostvold.core.layout import VolumeFiles, record_problems
+from hostvold.core.models import ExportVolume, ExtendVolume
+from hostvold.core.planning import AMBIGUOUS_PIVOT, snapshot_data
+from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of
+from hostvold.core.users import NOBODY, Users
+from hostvold.ops.copies import CopyOps
+from hostvold.ops.live import LiveVolumes
+from hostvold.ops.repair import RepairOps
+from hostvold.ops.snapshots import SnapshotOps
+from hostvold.ops.store import VolumeStore
+from hostvold.ops.volumes import VolumeOps
+from hostvold.storage.safefile import check_caller_fd, create_destination, remove_destination
+
+log = logging.getLogger(__name__)
+
+
+class Operations:
+    def __init__(self, store: VolumeStore) -> None:
+        self.store = store
+        self.volumes = VolumeOps(store)
+        self.snapshots = SnapshotOps(store)
+        self.copies = CopyOps(store)
+        self.repairs = RepairOps(store)
+        self.live: LiveVolumes | None = None  # set when hostvold runs with libvirt
+
+    # ---- libvirt's word -----------------------------------------------------------------
+
+    async def _observe(self, volume_id: str) -> tuple[VolumeMeta, VolumeFiles, Users]:
+        """Under the lock: the volume as libvirt says it is used now, its record in line."""
+        meta = self.store.get_volume(volume_id)
+        users = NOBODY
+        if self.live is not None:
+            meta, users = await self.live.attachments.observe(meta)
+        return meta, self.store.files_of(meta), users
+
+    async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
+        if self.live is not None:
+            await self.live.attachments.keep_definitions_in_step(files, volume_id)
+
+    def _require_live(self) -> LiveVolumes:
+        if self.live is None:
+            raise HypervisorUnavailable("hostvold runs without libvirt: attached volumes "
+                                        "cannot be changed")
+        return self.live
+
+    @contextlib.asynccontextmanager
+    async def _frozen_top(self, files: VolumeFiles, meta: VolumeMeta) -> AsyncIterator[Layer]:
+        """The layer to copy the current content from: the active file of a detached
+        volume, or a temporary point in time of an attached one (merged away after)."""
+        chain_map, chain = self.store.validated_chain(files, meta)
+        if meta.state == "in-use":
+            async with self._require_live().point_in_time(meta, files, chain_map,
+                                                          chain) as frozen:
+                yield frozen
+        else:
+            yield chain[0]
+
+    # ---- volumes -------------------------------------------------------------------------
+
+    async def create_volume(self, **options: Any) -> VolumeMeta:
+        return await self.volumes.create_volume(**options)
+
+    async def import_volume(self, **options: Any) -> VolumeMeta:
+        return await self.volumes.import_volume(**options)
+
+    async def delete_volume(self, volume_id: str) -> None:
+        volume_id = valid_id(volume_id, "volume id")
+        async with self.store.locks.volume(volume_id):
+            meta, files, users = await self._observe(volume_id)
+            users.refuse_any("delete", volume_id)
+            if meta.attachment or meta.state == "in-use":
+                raise InvalidState(f"volume {volume_id} is attached to "
+                                   f"{(meta.attachment or {}).get('domain', 'a domain')}; "
+                                   "detach it first")
+            await self.volumes.delete(files, meta)
+
+    async def extend_volume(self, volume_id: str, **options: Any) -> VolumeMeta:
+        volume_id = valid_id(volume_id, "volume id")
+        request: ExtendVolume = ExtendVolume.parse(**options)
+        async with self.store.locks.volume(volume_id):
+            _meta, files, users = await self._observe(volume_id)
+            meta = self.store.require_idle(volume_id)
+            if meta.state != "in-use":
+                users.refuse_live("extend", volume_id)
+            self.volumes.check_growth(meta, request.size)
+            self.store.validated_chain(files, meta)
+            if meta.state == "in-use":
+                return await self._require_live().extend(meta, files, request.size)
+            return await self.volumes.extend(files, meta, request.size)
+
+    async def export_volume(self, volume_id: str, **options: Any) -> Path | None:
+        """Flatten the volume's active chain into a standalone image: into ``fd``, a file
+        the caller created (truncated and written in place; the caller removes it if the
+        export fails), or for root into a new file at ``destination`` (created exclusively,
+        never through a symbolic link, removed again on failure)."""
+        volume_id = valid_id(volume_id, "volume id")
+        request: ExportVolume = ExportVolume.parse(**options)
+        dest = request.destination
+        if request.fd is not None:
+            check_caller_fd(request.fd, "fd", write=True)
+        elif dest is not None:
+            if not dest.parent.is_dir():
+                raise NotFound(f"directory {dest.parent} does not exist")
+            if dest.exists() or dest.is_symlink():
+                raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
+        async with self.store.locks.volume(volume_id):
+            await self._observe(volume_id)
+            meta = self.store.require_idle(volume_id)
+            files = self.store.files_of(meta)
+            fd = request.fd if request.fd is not None else create_destination(dest)
+            try:
+                async with self._frozen_top(files, meta) as top:
+                    await self.volumes.export_layer(files, top, fd, request.format)
+            except BaseException:
+                if request.fd is None:
+                    remove_destination(dest, fd)
+                raise
+            finally:
+                if request.fd is None:
+                    os.close(fd)
+        log.info("exported volume %s to %s", volume_id, dest or "the caller's file",
+                 extra={"VOLUME_ID": volume_id})
+        return dest
+
+    async def clone(self, volume_id: str, **options: Any) -> VolumeMeta:
+        """A new standalone volume with the current content; leaves no snapshot behind."""
+        volume_id = valid_id(volume_id, "volume id")
+        async with self.store.locks.volume(volume_id):
+            await self._observe(volume_id)
+            meta = self.store.require_idle(volume_id)
+            files = self.store.files_of(meta)
+            async with self._frozen_top(files, meta) as top:
+                return await self.copies.copy_out(files, top, meta.size, "clone", options)
+
+    # ---- snapshots -----------------------------------------------------------------------
+
+    async def create_snapshot(self, volume_id: str, snapshot_id: str | None = None) -> Snapshot:
+        volume_id = valid_id(volume_id, "volume id")
+        sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
+        async with self.store.locks.volume(volume_id):
+            _meta, files, users = await self._observe(volume_id)
+            meta = self.store.require_idle(volume_id)
+            chain_map, chain = self.store.validated_chain(files, meta)
+            overlay = files.overlay_name(sid)
+            if sid in chain_map.snapshots or os.path.lexists(files.directory / overlay):
+                raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
+            if meta.state == "in-use":
+                meta = await self._require_live().create_snapshot(meta, files, chain_map,
+                                                                  chain, sid)
+                how = "attached volume"
+            else:
+                users.refuse_live("take an offline snapshot of", volume_id)
+                meta = await self.snapshots.create(files, meta, chain_map, chain, sid)
+                await self._follow_definitions(files, volume_id)
+                how = "volume"
+            log.info("created snapshot %s of %s %s", sid, how, volume_id,
+                     extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
+            return snapshot_of(meta, overlay, sid)
+
+    async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
+        volume_id = valid_id(volume_id, "volume id")
+        sid = valid_id(snapshot_id, "snapshot id")
+        async with self.store.locks.volume(volume_id):
+            op = self.store.get_volume(volume_id).operation or {}
+            if op.get("name") in ("delete-snapshot", "live-delete-snapshot") \
+                    and op.get("snapshot") == sid:
+                return await self._resume(self.store.get_volume(volume_id))  # a retry
+            _meta, files, users = await self._observe(volume_id)
+            meta = self.store.require_idle(volume_id)
+            chain_map, chain = self.store.validated_chain(files, meta)
+            if meta.state == "in-use":
+                if sid not in chain_map.snapshots:
+                    raise NotFound(f"snapshot {sid} does not exist")
+                await self._require_live().deleter.delete_snapshot(meta, files, chain_map,
+                                                                   chain, sid)
+            else:
+                users.refuse_live("delete a snapshot of", volume_id)
+                await self.snapshots.delete(files, meta, chain_map, chain, sid)
+                await self._follow_definitions(files, volume_id)
+            log.info("deleted snapshot %s of volume %s", sid, volume_id,
+                     extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
+
+    async def revert(self, volume_id: str, snapshot_id: str) -> None:
+        """Throw away what was written since the newest snapshot (detached volumes)."""
+        volume_id = valid_id(volume_id, "volume id")
+        sid = valid_id(snapshot_id, "snapshot id")
+        async with self.store.locks.volume(volume_id):
+            _meta, files, users = await self._observe(volume_id)
+            users.refuse_live("revert", volume_id)
+            meta = self.store.require_available(volume_id)
+            chain_map, chain = self.store.validated_chain(files, meta)
+            await self.snapshots.revert(files, meta, chain_map, chain, sid)
+            log.info("reverted volume %s to snapshot %s", volume_id, sid,
+                     extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
+
+    async def create_from_snapshot(self, volume_id: str, snapshot_id: str,
+                                   **options: Any) -> VolumeMeta:
+        """A new standalone volume holding the snapshot's point in time."""
+        volume_id = valid_id(volume_id, "volume id")
+        sid = valid_id(snapshot_id, "snapshot id")
+        async with self.store.locks.volume(volume_id):
+            await self._observe(volume_id)
+            meta = self.store.require_available(volume_id)
+            files = self.store.files_of(meta)
+            chain_map, chain = self.store.validated_chain(files, meta)
+            source = snapshot_data(chain, chain_map, sid)
+            size = await self.copies.source_size(files, source)
+            return await self.copies.copy_out(files, source, size, "create-from-snapshot",
+                                              options)
+
+    # ---- attachment and health -----------------------------------------------------------
+
+    async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
+        volume_id = valid_id(volume_id, "volume id")
+        live = self._require_live()
+        async with self.store.locks.volume(volume_id):
+            meta, files, users = await self._observe(volume_id)
+            return await live.attach(files, meta, users, domain, target)
+
+    async def detach(self, volume_id: str) -> VolumeMeta:
+        volume_id = valid_id(volume_id, "volume id")
+        live = self._require_live()
+        async with self.store.locks.volume(volume_id):
+            meta, files, users = await self._observe(volume_id)
+            return await live.detach(files, meta, users)
+
+    def check(self, volume_id: str) -> list[str]:
+        return self.repairs.check(volume_id)
+
+    async def repair(self, volume_id: str, fmt: Format | None = None,
+                     choice: str | None = None) -> list[str]:
+        """Make the info file describe the chain the files form, losing no data still
+        present. ``fmt``: the operator confirms the base file's format. An undecided pivot
+        is shown, and settled only by the operator's ``choice`` (``base`` or ``overlay``).
+        Returns what was done."""
+        volume_id = valid_id(volume_id, "volume id")
+        async with self.store.locks.volume(volume_id):
+            meta, files, users = await self._observe(volume_id)
+            users.refuse_live("repair", volume_id)
+            if (meta.operation or {}).get("step") == AMBIGUOUS_PIVOT:
+                deleter = self._require_live().deleter
+                if choice is None:
+                    raise NeedsRepair(await deleter.describe_ambiguity(files, meta))
+                return [await deleter.resolve_ambiguity(files, meta, choice)]
+            if choice is not None:
+                raise InvalidArgument(f"volume {volume_id} has no undecided pivot to choose "
+                                      "for; repair it without a choice")
+            done = []
+            if meta.operation is not None and record_problems(files, meta.operation,
+                                                              meta.active):
+                # a record naming foreign files is never acted on; the chain on disk is
+                # rebuilt from the image headers, as for any other damage
+                meta = meta.evolve(operation=None)
+                done.append("discarded the untrusted operation record of the metadata file")
+            if meta.state != "available" or meta.operation is not None:
+                raise InvalidState(f"volume {volume_id} is busy; repair needs an idle volume")
+            return done + self.repairs.repair(files, meta, fmt)
+
+    # ---- recovery ------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """At start: finish or undo every operation a crash interrupted."""
+        await self.store.reread_inflight()
+        for meta in list(self.store.volumes.values()):
+            if meta.state in ("creating", "deleting") or meta.operation:
+                try:
+                    await self._resume(meta)
+                except Exception as exc:  # one volume's trouble must not stop the others
+                    log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
+                              exc_info=not isinstance(exc, HostvoldError),
+                              extra={"VOLUME_ID": meta.id})
+
+    async def _resume(self, meta: VolumeMeta) -> None:
+        """One volume's interrupted operation, finished or undone. An offline step waits
+        while a domain runs on the volume; definitions follow the chain afterwards."""
+        name = str((meta.operation or {}).get("name", ""))
+        if self.live is not None and meta.operation and not name.startswith("live-"):
+            users = await self.live.attachments.users(self.store.files_of(meta), meta.id)
+            users.refuse_live(f"finish {name} on", meta.id)
+        await self.store.resume(meta)
+        if self.store.find(meta.id) is not None and meta.operation:
+            await self._follow_definitions(self.store.files_of(meta), meta.id)

@@ -1,0 +1,363 @@
+"""The volume store: the one place that owns volume state.
+
+It holds the in-memory map of volumes (loaded from the index, a cache of the shares), reads
+and writes each volume's records (metadata file, info file, chain), takes the per-volume
+locks, names the files, validates the chain, and keeps the registry of recovery steps. The
+use cases, offline (:mod:`hostvold.ops.volumes`, :mod:`hostvold.ops.snapshots`) and live
+(:mod:`hostvold.ops.live`), build on it and never on each other.
+
+Every multi-step operation records its intent before its first side effect: first a row in
+the local index's ``inflight`` table (so a restart knows which volumes to re-read), then
+the volume's metadata file on the share (the truth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from hostvold.core import crash
+from hostvold.core.chainmap import SnapshotMap
+from hostvold.core.config import Config
+from hostvold.core.errors import (
+    AlreadyExists,
+    Failed,
+    HostvoldError,
+    InfoFileDamaged,
+    InvalidState,
+    NeedsRepair,
+    NoSpace,
+    NotFound,
+    UnsafeFile,
+    UntrustedRecord,
+)
+from hostvold.core.ids import valid_id
+from hostvold.core.images import Format, Layer
+from hostvold.core.layout import Naming, VolumeFiles, record_problems
+from hostvold.core.planning import chain_problems
+from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of, utc_now
+from hostvold.core.shares import Candidate, Placement, choose_share
+from hostvold.storage import qemuimg
+from hostvold.storage.atomic import unlink_durable
+from hostvold.storage.files import fsync_file, grow_raw, is_enospc
+from hostvold.storage.index import VolumeIndex
+from hostvold.storage.infofile import read_info
+from hostvold.storage.locks import LocalLocks
+from hostvold.storage.metadata import read_meta, write_meta
+from hostvold.storage.mounts import Share, capacity
+from hostvold.storage.qcow2 import validate_chain
+from hostvold.storage.qemuimg import Limits
+from hostvold.storage.safefile import require_regular
+
+log = logging.getLogger(__name__)
+
+Recoverer = Callable[[VolumeFiles, VolumeMeta], Awaitable[None]]
+
+
+class VolumeStore:
+    def __init__(self, config: Config, shares: list[Share], index: VolumeIndex,
+                 locks: LocalLocks, file_mode: int) -> None:
+        self.config = config
+        self.shares = shares
+        self.index = index
+        self.locks = locks
+        self.file_mode = file_mode
+        self.naming = Naming(config.volumes.volume_name_template)
+        self.limits = Limits(config.limits.qemu_img_cpu_seconds,
+                             config.limits.qemu_img_address_space)
+        self.placement = Placement(config.volumes.reserved_percentage,
+                                   config.volumes.max_over_subscription_ratio)
+        self.volumes: dict[str, VolumeMeta] = {}
+        # operation name -> the step that finishes or undoes it after a crash
+        self.recoverers: dict[str, Recoverer] = {}
+        # told the id of every volume whose record changed (the D-Bus objects follow)
+        self.change_listeners: list[Callable[[str], None]] = []
+
+    # ---- what is there ----------------------------------------------------------------
+
+    def load_index(self) -> None:
+        self.volumes = {meta.id: meta for meta in self.index.load()}
+
+    def list_volumes(self) -> list[VolumeMeta]:
+        return sorted(self.volumes.values(), key=lambda meta: meta.id)
+
+    def find(self, volume_id: str | None) -> VolumeMeta | None:
+        """The volume with this (already valid) id, or None: for lookups that may miss."""
+        return self.volumes.get(volume_id) if volume_id else None
+
+    def get_volume(self, volume_id: str) -> VolumeMeta:
+        volume_id = valid_id(volume_id, "volume id")
+        try:
+            return self.volumes[volume_id]
+        except KeyError:
+            raise NotFound(f"volume {volume_id} does not exist") from None
+
+    def mounted_shares(self) -> list[Share]:
+        return [share for share in self.shares if share.mounted]
+
+    def usage(self, share: Share) -> tuple[int, int]:
+        """(allocated, provisioned) bytes of the volumes on ``share``."""
+        allocated = 0
+        with os.scandir(share.mount_point) as entries:
+            for entry in entries:
+                if self.naming.volume_id_of_image(entry.name) is None:
+                    continue
+                allocated += entry.stat(follow_symlinks=False).st_size
+        provisioned = sum(m.size for m in self.volumes.values() if m.share == share.spec.address)
+        return allocated, provisioned
+
+    def share_of(self, meta: VolumeMeta) -> Share:
+        for share in self.shares:
+            if share.spec.address == meta.share:
+                share.require()
+                return share
+        raise NotFound(f"share {meta.share} of volume {meta.id} is not configured")
+
+    def files_of(self, meta: VolumeMeta) -> VolumeFiles:
+        return VolumeFiles.of(self.share_of(meta).mount_point, self.naming, meta.id)
+
+    def list_snapshots(self, volume_id: str) -> list[Snapshot]:
+        meta = self.get_volume(volume_id)
+        chain_map = read_info(self.files_of(meta))
+        return sorted((snapshot_of(meta, chain_map.snapshots[sid], sid)
+                       for sid in chain_map.snapshots), key=lambda s: (s.created, s.id))
+
+    def read_meta(self, share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
+        """A metadata file as it is on the share, or None (logged) when it is unusable."""
+        try:
+            meta = read_meta(path)
+        except (HostvoldError, OSError) as exc:
+            log.error("skipping unreadable metadata %s: %s", path, exc)
+            return None
+        if meta.id != volume_id:
+            log.error("skipping %s: it describes volume %s", path, meta.id)
+            return None
+        return meta.evolve(share=share.spec.address) if meta.share != share.spec.address \
+            else meta
+
+    # ---- what a use case may act on ---------------------------------------------------------
+
+    def require_idle(self, volume_id: str) -> VolumeMeta:
+        """An available or attached volume with no operation under way and no problem."""
+        meta = self.get_volume(volume_id)
+        if meta.state == "in-use":
+            if meta.operation is not None:
+                raise InvalidState(f"volume {volume_id} has an interrupted "
+                                   f"{meta.operation['name']} that must finish first")
+            if meta.problems:
+                raise NeedsRepair(f"volume {volume_id} needs a repair: "
+                                  f"{'; '.join(meta.problems)}")
+            return meta
+        return self.require_available(volume_id)
+
+    def require_available(self, volume_id: str) -> VolumeMeta:
+        meta = self.get_volume(volume_id)
+        if meta.state != "available":
+            raise InvalidState(f"volume {volume_id} is {meta.state}; this needs an "
+                               "available (detached, idle) volume")
+        if meta.operation is not None:
+            raise InvalidState(f"volume {volume_id} has an interrupted {meta.operation['name']} "
+                               "that must finish first (it is resumed at the next start)")
+        if meta.problems:
+            raise NeedsRepair(f"volume {volume_id} needs a repair: {'; '.join(meta.problems)}")
+        return meta
+
+    def validated_chain(self, files: VolumeFiles,
+                        meta: VolumeMeta) -> tuple[SnapshotMap, list[Layer]]:
+        """The info file and the chain from its active file down, checked against each other.
+
+        No process is spawned: the chain is read from the image headers. A mismatch (a
+        damaged info file, a missing or foreign layer) is recorded on the volume as a health
+        problem and raised as NeedsRepair; nothing else is done.
+        """
+        try:
+            chain_map = read_info(files)
+            top_format = meta.format if chain_map.active == files.base_name else "qcow2"
+            chain = validate_chain(files, chain_map.active, top_format)
+        except (InfoFileDamaged, UnsafeFile) as exc:  # a symlink, a device: a named problem
+            self.record(files, meta.evolve(problems=[exc.message]))
+            raise
+        except FileNotFoundError as exc:
+            missing = Path(str(exc.filename)).name
+            problems = [f"{missing}, a file of the chain, is missing"]
+        else:
+            problems = chain_problems(files, chain, chain_map)
+        if problems:
+            self.record(files, meta.evolve(problems=problems))
+            raise NeedsRepair(f"volume {meta.id} needs a repair: {'; '.join(problems)}")
+        return chain_map, chain
+
+    # ---- changing files and records ---------------------------------------------------------
+
+    async def make_overlay(self, path: Path, size: int, backing: Layer) -> None:
+        """An empty qcow2 overlay on ``backing``: relative name, format given, the chain
+        below not opened (``-u``), mode set, data durable."""
+        await qemuimg.create(path, "qcow2", size, backing=backing.name,
+                             backing_fmt="raw" if backing.format == "raw" else "qcow2")
+        os.chmod(path, self.file_mode)
+        await asyncio.to_thread(fsync_file, path)
+
+    async def grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
+        """Grow the active file to ``size`` offline (idempotent)."""
+        top = self.validated_chain(files, meta)[1][0]
+        path = files.directory / top.name
+        if top.format == "raw":
+            await asyncio.to_thread(grow_raw, path, size, meta.provisioning == "thick")
+        else:
+            info = await qemuimg.info(path, "qcow2", self.limits)
+            if info.virtual_size < size:
+                await qemuimg.resize(path, "qcow2", size, limits=self.limits, preallocation=(
+                    "falloc" if meta.provisioning == "thick" else None))
+
+    def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
+        """Persist ``meta``: an in-flight note in the index first when an operation is under
+        way, then the metadata file on the share (atomically), then the index and memory."""
+        busy = meta.operation is not None or meta.state in ("creating", "deleting")
+        if busy and not self.index.is_inflight(meta.id):
+            self.index.mark_inflight(meta.id, meta.share)
+        write_meta(files.meta, meta, self.file_mode)
+        self.index.put(meta, inflight=busy)
+        self.volumes[meta.id] = meta
+        self._changed(meta.id)
+        return meta
+
+    def forget(self, volume_id: str) -> None:
+        self.index.remove(volume_id)
+        self.volumes.pop(volume_id, None)
+        self._changed(volume_id)
+
+    def _changed(self, volume_id: str) -> None:
+        for listener in self.change_listeners:
+            try:
+                listener(volume_id)
+            except Exception:
+                log.exception("change listener failed for volume %s", volume_id)
+
+    async def create_new(self, volume_id: str, size: int, fmt: Format, thin: bool,
+                         share_name: str | None, make: Callable[[Path], Awaitable[None]], *,
+                         operation: str, space_needed: int = 0) -> VolumeMeta:
+        """Create a volume whose image ``make`` writes; undone completely on any failure.
+
+        ``create``/``import``/``clone``/``create-from-snapshot``: ``intent`` (metadata
+        ``state=creating`` written) -> ``made`` (image written) -> done. Recovery: the
+        caller never heard of success, so every file of the new volume is removed."""
+        async with self.locks.volume(volume_id):
+            self._require_new(volume_id)
+            share = self._pick_share(size, thin, share_name, space_needed)
+            files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
+            meta = VolumeMeta(id=volume_id, size=size, format=fmt,
+                              provisioning="thin" if thin else "thick", created=utc_now(),
+                              state="creating", share=share.spec.address,
+                              active=files.base_name, operation={"name": operation})
+            try:
+                self.record(files, meta)  # the durable intent, before the image exists
+                crash.point(f"{operation}:intent")
+                await make(files.base)
+                require_regular(files.base)  # chmod follows links: never someone else's
+                os.chmod(files.base, self.file_mode)
+                crash.point(f"{operation}:made")
+                meta = self.record(files, meta.evolve(state="available", operation=None))
+            except BaseException as exc:
+                await asyncio.to_thread(remove_volume_files, files)
+                self.forget(volume_id)
+                if is_enospc(exc) and not isinstance(exc, NoSpace):
+                    raise NoSpace(f"share {share.spec.address} ran out of space while "
+                                  f"creating volume {volume_id}") from None
+                raise
+            log.info("created volume %s (%d bytes, %s, %s) on %s", volume_id, size, fmt,
+                     meta.provisioning, share.spec.address, extra={"VOLUME_ID": volume_id})
+            return meta
+
+    def _pick_share(self, size: int, thin: bool, share_name: str | None,
+                    space_needed: int) -> Share:
+        shares = self.mounted_shares()
+        if share_name is not None:
+            shares = [s for s in self.shares if share_name in (s.id, s.spec.address)]
+            if not shares:
+                raise NotFound(f"share {share_name!r} is not configured")
+            shares[0].require()
+        candidates = []
+        for share in shares:
+            allocated, provisioned = self.usage(share)
+            candidates.append(Candidate(share.spec, capacity(share, allocated, provisioned)))
+        chosen = choose_share(candidates, size, not thin, self.placement)
+        if space_needed > chosen.capacity.free:
+            raise NoSpace(f"share {chosen.spec.address} has {chosen.capacity.free} bytes free; "
+                          f"{space_needed} are needed")
+        return next(s for s in shares if s.spec == chosen.spec)
+
+    def _require_new(self, volume_id: str) -> None:
+        if volume_id in self.volumes:
+            raise AlreadyExists(f"volume {volume_id} already exists")
+        for share in self.mounted_shares():  # three lookups, not a scan of the share
+            files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
+            if any(os.path.lexists(path) for path in (files.base, files.info, files.meta)):
+                raise AlreadyExists(f"files of volume {volume_id} already exist on "
+                                    f"{share.spec.address}")
+
+    # ---- recovery -------------------------------------------------------------------------
+
+    async def resume(self, meta: VolumeMeta) -> None:
+        """Finish or undo the interrupted operation of one volume, by its registered step.
+
+        A volume left ``creating`` or ``deleting`` is removed; a record that names files
+        which are not the volume's own is never acted on (a named problem instead)."""
+        try:
+            files = self.files_of(meta)
+        except HostvoldError:
+            return  # its share is down; recovered when it comes back
+        remove_temp_files(files)
+        if meta.state in ("creating", "deleting"):
+            log.warning("recovery: removing volume %s left in state %s", meta.id, meta.state)
+            await asyncio.to_thread(remove_volume_files, files)
+            self.forget(meta.id)
+            return
+        assert meta.operation is not None
+        untrusted = record_problems(files, meta.operation, meta.active)
+        if untrusted:  # the record names files that are not the volume's: touch nothing
+            if set(untrusted) - set(meta.problems):
+                self.record(files, meta.evolve(problems=[*meta.problems, *untrusted]))
+            log.error("recovery: volume %s: %s", meta.id, "; ".join(untrusted),
+                      extra={"VOLUME_ID": meta.id})
+            raise UntrustedRecord(f"volume {meta.id}: {'; '.join(untrusted)}")
+        name = str(meta.operation.get("name"))
+        recoverer = self.recoverers.get(name)
+        if recoverer is None:
+            raise Failed(f"unknown interrupted operation {name!r}")
+        log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
+                    extra={"VOLUME_ID": meta.id})
+        await recoverer(files, meta)
+
+    async def reread_inflight(self) -> None:
+        """At start: the volumes the index says were mid-operation, re-read from their
+        shares (the truth); a volume whose metadata file never came to be is removed."""
+        for volume_id, share_address in self.index.inflight():
+            share = next((s for s in self.shares if s.spec.address == share_address), None)
+            if share is None or not share.mounted:
+                continue  # its share is down; recovered when it comes back
+            files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
+            if files.meta.exists() or files.meta.is_symlink():
+                meta = self.read_meta(share, files.meta, volume_id)
+                if meta is not None:
+                    self.volumes[volume_id] = meta
+            else:  # the crash came before the metadata file was written, or after delete
+                await asyncio.to_thread(remove_volume_files, files)
+                self.forget(volume_id)
+
+
+def remove_volume_files(files: VolumeFiles) -> None:
+    """Remove every file of the volume, the metadata file last, and nothing else."""
+    for path in files.existing():
+        if path != files.meta:
+            unlink_durable(path)
+    unlink_durable(files.meta)
+
+
+def remove_temp_files(files: VolumeFiles) -> None:
+    """Leftovers of interrupted atomic writes: never the only copy of anything."""
+    for path in files.existing():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            unlink_durable(path)
