@@ -185,12 +185,15 @@ class _FakeGuest:
         self.pivots = 0
         self.aborted = False
 
-    async def pivot(self, target: str) -> None:
+    def block(self, target: str) -> _FakeGuest:
+        return self
+
+    async def pivot(self) -> None:
         self.pivots += 1
         raise HypervisorError("block copy still active: disk not ready for pivot yet",
                               libvirt.VIR_ERR_BLOCK_COPY_ACTIVE)
 
-    async def abort_job(self, target: str) -> None:
+    async def abort_job(self) -> None:
         self.aborted = True
 
 

@@ -33,10 +33,6 @@ class AlreadyExists(HostvoldError):
     name = "AlreadyExists"
 
 
-class Busy(HostvoldError):
-    name = "Busy"
-
-
 class InvalidState(HostvoldError):
     name = "InvalidState"
 

@@ -47,6 +47,7 @@ from hostvold.ops.live_delete import LiveDelete
 from hostvold.ops.store import VolumeStore
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
+from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import qcow2_is_empty, validate_chain
 from hostvold.virt.guest import Guest, disk_xml
@@ -205,7 +206,7 @@ class LiveVolumes:
             "temporary": temporary}))
         crash.point("live-create-snapshot:intent")
         try:
-            await self.store.make_overlay(path, meta.size, top)
+            await make_overlay(path, meta.size, top, self.store.file_mode)
             crash.point("live-create-snapshot:overlay")
             op = dict(meta.operation or {}, step="switch")
             meta = self.store.record(files, meta.evolve(operation=op))
@@ -290,7 +291,7 @@ class LiveVolumes:
         meta = self.store.record(files, meta.evolve(operation={
             "name": "live-extend", "size": size, "domain": guest.name, "target": disk.target}))
         crash.point("live-extend:intent")
-        await uninterrupted(guest.resize(disk.target, size))
+        await uninterrupted(guest.block(disk.target).resize(size))
         return self.store.record(files, meta.evolve(size=size, operation=None))
 
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
@@ -298,9 +299,10 @@ class LiveVolumes:
         size = int(op["size"])
         guest = await self.attachments.running_guest(op["domain"])
         if guest is not None:
-            await guest.resize(op["target"], size)
-        else:
-            await self.store.grow(files, meta, size)
-        self.store.record(files, meta.evolve(size=size, operation=None))
+            await guest.block(op["target"]).resize(size)
+            self.store.record(files, meta.evolve(size=size, operation=None))
+        else:  # the domain is gone: the offline extend, through the recovery registry
+            offline = meta.evolve(operation={"name": "extend", "size": size})
+            await self.store.recoverers["extend"](files, self.store.record(files, offline))
 
 

@@ -44,6 +44,7 @@ import libvirt
 
 from hostvold.core import crash, progress
 from hostvold.core.aio import uninterrupted
+from hostvold.core.backoff import backoff
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.errors import Failed, HypervisorError, NeedsRepair
 from hostvold.core.images import Format, Layer, layer_format
@@ -147,16 +148,16 @@ class LiveDelete:
         Returns the record as the job left it (``pivoted`` after a pivot)."""
         directory, target, strategy = files.directory, op["target"], op["strategy"]
         with self.hypervisor.block_job_events(guest.uuid, target) as events:
-            running = await guest.job_info(target)
+            device = guest.block(target)
+            running = await device.job_info()
             if running is None:
+                base = str(directory / op["base"])
                 if strategy == "commit":
-                    await guest.commit(target, str(directory / op["base"]),
-                                       str(directory / op["top"]), active=False)
+                    await device.commit(base, str(directory / op["top"]), active=False)
                 elif strategy == "active-commit":
-                    await guest.commit(target, str(directory / op["base"]), None, active=True)
+                    await device.commit(base, None, active=True)
                 else:
-                    await guest.pull(target, str(directory / op["below"]) if op["below"]
-                                     else None)
+                    await device.pull(str(directory / op["below"]) if op["below"] else None)
                 crash.point("live-delete-snapshot:job-started")
             ticker = asyncio.get_running_loop().create_task(self._progress(guest, target))
             try:
@@ -169,7 +170,7 @@ class LiveDelete:
                     event = await events.get()
                     if event.status == RECONNECTED:  # libvirtd restarted: look again
                         guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
-                        info = await guest.job_info(target)
+                        info = await guest.block(target).job_info()
                         if info is None:
                             return meta  # ended while we were away; the caller checks
                         ready = bool(info.end and info.cur == info.end)
@@ -194,21 +195,22 @@ class LiveDelete:
         target = op["target"]
         meta = self.store.record(files, meta.evolve(operation=op))
         crash.point("live-delete-snapshot:pivot-recorded")
+        pauses = backoff(0.1, 1.0)
         for attempt in range(self.pivot_retries + 1):
             try:
-                await guest.pivot(target)
+                await guest.block(target).pivot()
             except HypervisorError as exc:
                 if exc.code != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
                     raise
                 log.warning("pivot of %s %s refused (attempt %d): %s", guest.name, target,
                             attempt + 1, exc.message)
                 if attempt < self.pivot_retries:
-                    await asyncio.sleep(0.1 * (attempt + 1))  # back-off before a retry
+                    await asyncio.sleep(next(pauses))
                 continue
             meta = self.store.record(files, meta.evolve(operation=dict(op, step="pivoted")))
             crash.point("live-delete-snapshot:pivoted")
             return meta
-        await guest.abort_job(target)
+        await guest.block(target).abort_job()
         self.store.record(files, meta.evolve(operation=dict(op, step="job")))
         raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
                      "the block job was aborted and the chain is unchanged")
@@ -219,7 +221,7 @@ class LiveDelete:
         if op.get("step") == "pivoted":
             return meta  # the guest writes into base now: only the bookkeeping is left
         with contextlib.suppress(HypervisorError):
-            await guest.abort_job(op["target"])
+            await guest.block(op["target"]).abort_job()
         log.warning("block job of %s %s aborted (cancelled)", guest.name, op["target"],
                     extra={"DOMAIN": guest.name, "VOLUME_ID": meta.id})
         if op["strategy"] == "pull" and op["base"] in await self._live_chain(guest,
@@ -232,7 +234,7 @@ class LiveDelete:
         """Progress for the Job object between events; it decides nothing."""
         while True:
             with contextlib.suppress(HypervisorError):
-                info = await guest.job_info(target)
+                info = await guest.block(target).job_info()
                 if info is not None and info.end:
                     progress.report(info.cur / info.end)
             await asyncio.sleep(0.5)

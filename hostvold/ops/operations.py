@@ -33,6 +33,7 @@ from hostvold.ops.copies import CopyOps
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.repair import RepairOps
 from hostvold.ops.snapshots import SnapshotOps
+from hostvold.ops.startup import reread_inflight
 from hostvold.ops.store import VolumeStore
 from hostvold.ops.volumes import VolumeOps
 from hostvold.storage.safefile import check_caller_fd, create_destination, remove_destination
@@ -286,7 +287,7 @@ class Operations:
 
     async def recover(self) -> None:
         """At start: finish or undo every operation a crash interrupted."""
-        await self.store.reread_inflight()
+        await reread_inflight(self.store)
         for meta in list(self.store.volumes.values()):
             if meta.state in ("creating", "deleting") or meta.operation:
                 try:

@@ -44,6 +44,7 @@ from hostvold.core.records import VolumeMeta, utc_now
 from hostvold.ops.store import VolumeStore
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir, unlink_durable
+from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class SnapshotOps:
             "name": "create-snapshot", "snapshot": sid, "overlay": overlay, "step": "overlay"}))
         crash.point("create-snapshot:intent")
         try:
-            await store.make_overlay(files.directory / overlay, meta.size, chain[0])
+            await make_overlay(files.directory / overlay, meta.size, chain[0], store.file_mode)
             crash.point("create-snapshot:overlay")
             write_info(files, chain_map.with_snapshot(sid, overlay), store.file_mode)
             crash.point("create-snapshot:info")
@@ -152,7 +153,7 @@ class SnapshotOps:
         target = files.directory / overlay.name
         tmp = temp_name(target)
         try:
-            await store.make_overlay(tmp, meta.size, backing)
+            await make_overlay(tmp, meta.size, backing, store.file_mode)
             crash.point("revert:overlay")
             os.replace(tmp, target)
             await asyncio.to_thread(fsync_dir, files.directory)

@@ -40,13 +40,12 @@ from hostvold.core.layout import Naming, VolumeFiles, record_problems
 from hostvold.core.planning import chain_problems
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of, utc_now
 from hostvold.core.shares import Candidate, Placement, choose_share
-from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
-from hostvold.storage.files import fsync_file, grow_raw, is_enospc
+from hostvold.storage.files import is_enospc
 from hostvold.storage.index import VolumeIndex
 from hostvold.storage.infofile import read_info
 from hostvold.storage.locks import LocalLocks
-from hostvold.storage.metadata import read_meta, write_meta
+from hostvold.storage.metadata import write_meta
 from hostvold.storage.mounts import Share, capacity
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.qemuimg import Limits
@@ -77,9 +76,6 @@ class VolumeStore:
         self.change_listeners: list[Callable[[str], None]] = []
 
     # ---- what is there ----------------------------------------------------------------
-
-    def load_index(self) -> None:
-        self.volumes = {meta.id: meta for meta in self.index.load()}
 
     def list_volumes(self) -> list[VolumeMeta]:
         return sorted(self.volumes.values(), key=lambda meta: meta.id)
@@ -124,19 +120,6 @@ class VolumeStore:
         chain_map = read_info(self.files_of(meta))
         return sorted((snapshot_of(meta, chain_map.snapshots[sid], sid)
                        for sid in chain_map.snapshots), key=lambda s: (s.created, s.id))
-
-    def read_meta(self, share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
-        """A metadata file as it is on the share, or None (logged) when it is unusable."""
-        try:
-            meta = read_meta(path)
-        except (HostvoldError, OSError) as exc:
-            log.error("skipping unreadable metadata %s: %s", path, exc)
-            return None
-        if meta.id != volume_id:
-            log.error("skipping %s: it describes volume %s", path, meta.id)
-            return None
-        return meta.evolve(share=share.spec.address) if meta.share != share.spec.address \
-            else meta
 
     # ---- what a use case may act on ---------------------------------------------------------
 
@@ -191,26 +174,6 @@ class VolumeStore:
         return chain_map, chain
 
     # ---- changing files and records ---------------------------------------------------------
-
-    async def make_overlay(self, path: Path, size: int, backing: Layer) -> None:
-        """An empty qcow2 overlay on ``backing``: relative name, format given, the chain
-        below not opened (``-u``), mode set, data durable."""
-        await qemuimg.create(path, "qcow2", size, backing=backing.name,
-                             backing_fmt="raw" if backing.format == "raw" else "qcow2")
-        os.chmod(path, self.file_mode)
-        await asyncio.to_thread(fsync_file, path)
-
-    async def grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
-        """Grow the active file to ``size`` offline (idempotent)."""
-        top = self.validated_chain(files, meta)[1][0]
-        path = files.directory / top.name
-        if top.format == "raw":
-            await asyncio.to_thread(grow_raw, path, size, meta.provisioning == "thick")
-        else:
-            info = await qemuimg.info(path, "qcow2", self.limits)
-            if info.virtual_size < size:
-                await qemuimg.resize(path, "qcow2", size, limits=self.limits, preallocation=(
-                    "falloc" if meta.provisioning == "thick" else None))
 
     def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
         """Persist ``meta``: an in-flight note in the index first when an operation is under
@@ -330,23 +293,6 @@ class VolumeStore:
         log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
                     extra={"VOLUME_ID": meta.id})
         await recoverer(files, meta)
-
-    async def reread_inflight(self) -> None:
-        """At start: the volumes the index says were mid-operation, re-read from their
-        shares (the truth); a volume whose metadata file never came to be is removed."""
-        for volume_id, share_address in self.index.inflight():
-            share = next((s for s in self.shares if s.spec.address == share_address), None)
-            if share is None or not share.mounted:
-                continue  # its share is down; recovered when it comes back
-            files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
-            if files.meta.exists() or files.meta.is_symlink():
-                meta = self.read_meta(share, files.meta, volume_id)
-                if meta is not None:
-                    self.volumes[volume_id] = meta
-            else:  # the crash came before the metadata file was written, or after delete
-                await asyncio.to_thread(remove_volume_files, files)
-                self.forget(volume_id)
-
 
 def remove_volume_files(files: VolumeFiles) -> None:
     """Remove every file of the volume, the metadata file last, and nothing else."""

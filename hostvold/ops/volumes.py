@@ -29,7 +29,13 @@ from hostvold.core.models import MAX_SIZE, CreateVolume, ImportVolume
 from hostvold.core.records import VolumeMeta
 from hostvold.ops.store import VolumeStore, remove_volume_files
 from hostvold.storage import qemuimg
-from hostvold.storage.files import copy_fd_to_new_file, create_raw, fsync_file, is_enospc
+from hostvold.storage.files import (
+    copy_fd_to_new_file,
+    create_raw,
+    fsync_file,
+    grow_raw,
+    is_enospc,
+)
 from hostvold.storage.mounts import capacity
 from hostvold.storage.qcow2 import (
     QCOW2_MAGIC,
@@ -164,7 +170,7 @@ class VolumeOps:
         store.record(files, meta.evolve(operation={"name": "extend", "size": size}))
         crash.point("extend:intent")
         try:
-            await store.grow(files, meta, size)
+            await self._grow(files, meta, size)
         except BaseException:
             store.record(files, meta)
             raise
@@ -174,8 +180,20 @@ class VolumeOps:
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         assert meta.operation is not None
         size = int(meta.operation["size"])
-        await self.store.grow(files, meta, size)
+        await self._grow(files, meta, size)
         self.store.record(files, meta.evolve(size=size, operation=None))
+
+    async def _grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
+        """Grow the active file to ``size`` offline (idempotent)."""
+        top = self.store.validated_chain(files, meta)[1][0]
+        path = files.directory / top.name
+        if top.format == "raw":
+            await asyncio.to_thread(grow_raw, path, size, meta.provisioning == "thick")
+        else:
+            info = await qemuimg.info(path, "qcow2", self.store.limits)
+            if info.virtual_size < size:
+                await qemuimg.resize(path, "qcow2", size, limits=self.store.limits, preallocation=(
+                    "falloc" if meta.provisioning == "thick" else None))
 
     async def export_layer(self, files: VolumeFiles, top: Layer, fd: int, fmt: Format) -> None:
         """Flatten ``top`` and what lies below it into the open file ``fd``."""

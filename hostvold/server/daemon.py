@@ -17,10 +17,10 @@ from hostvold import __version__
 from hostvold.core.config import Config, load_config
 from hostvold.core.errors import ConfigError, HostvoldError, HypervisorUnavailable
 from hostvold.core.shares import ShareSpec, parse_options, parse_shares_file
-from hostvold.ops.adoption import rebuild_index
 from hostvold.ops.jobs import JobRunner
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.operations import Operations
+from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
 from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
@@ -83,7 +83,7 @@ class Daemon:
         if self.index.fresh:
             rebuild_index(store)
         else:
-            store.load_index()
+            load_index(store)
         first = next((s.mount_point for s in shares if s.mounted), None)
         secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
                                 new_install=not store.list_volumes())

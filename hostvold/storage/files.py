@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -10,6 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from hostvold.core.errors import Failed, NoSpace
+from hostvold.core.images import Layer
+from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir
 from hostvold.storage.safefile import open_regular
 
@@ -103,3 +106,12 @@ def copy_fd_to_new_file(fd: int, path: Path, mode: int) -> None:
 def file_mtime(path: Path) -> str:
     """A file's modification time as an ISO 8601 UTC string (for adopted records)."""
     return datetime.fromtimestamp(path.lstat().st_mtime, UTC).isoformat(timespec="seconds")
+
+
+async def make_overlay(path: Path, size: int, backing: Layer, mode: int) -> None:
+    """An empty qcow2 overlay on ``backing``: relative name, format given, the chain
+    below not opened (``-u``), mode set, data durable."""
+    await qemuimg.create(path, "qcow2", size, backing=backing.name,
+                         backing_fmt="raw" if backing.format == "raw" else "qcow2")
+    os.chmod(path, mode)
+    await asyncio.to_thread(fsync_file, path)

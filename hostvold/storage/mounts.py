@@ -9,12 +9,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostvold.core.backoff import backoff
 from hostvold.core.errors import StorageUnavailable
 from hostvold.core.shares import Capacity, ShareSpec
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAY = 1.0  # seconds between mount attempts (a retry back-off, not a poll)
+RETRY_DELAY = 1.0  # seconds before the first retry of a mount (then longer)
 
 
 @dataclass
@@ -76,6 +77,7 @@ async def ensure_mounted(share: Share, attempts: int) -> Share:
         argv += ["-o", share.spec.options]
     argv += [share.spec.address, str(share.mount_point)]
     error = ""
+    pauses = backoff(RETRY_DELAY, 8 * RETRY_DELAY)
     for attempt in range(1, attempts + 1):
         code, error = await _run_mount(argv)
         if code == 0 or share.mount_point in mounted_points():
@@ -85,7 +87,7 @@ async def ensure_mounted(share: Share, attempts: int) -> Share:
         log.warning("mount of %s failed (attempt %d of %d): %s",
                     share.spec.address, attempt, attempts, error)
         if attempt < attempts:
-            await asyncio.sleep(RETRY_DELAY)
+            await asyncio.sleep(next(pauses))
     share.mounted, share.error = False, f"mount failed after {attempts} attempts: {error}"
     return share
 

@@ -68,14 +68,6 @@ class Measure(BaseModel):
     fully_allocated: int = Field(alias="fully-allocated")
 
 
-class CheckResult(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
-
-    check_errors: int = Field(default=0, alias="check-errors")
-    corruptions: int = 0
-    leaks: int = 0
-
-
 async def run(argv: list[str], *, timeout: float | None = None,
               on_progress: ProgressCallback | None = None,
               context: str = "", ok_codes: tuple[int, ...] = (0,),
@@ -238,15 +230,6 @@ async def measure(src: Path, src_fmt: Format, out_fmt: Format, limits: Limits,
                     context=_limits_text(limits), pass_fds=pass_fds)
     result = _parse(Measure, out, argv)
     assert isinstance(result, Measure)
-    return result
-
-
-async def check(path: Path, fmt: Format, limits: Limits) -> CheckResult:
-    """Consistency check. Exit status 2 (corruptions) and 3 (leaks) still carry a report."""
-    argv = [QEMU_IMG, "check", "-f", fmt, "--output=json", str(path)]
-    out = await run(limits.prefix() + argv, timeout=limits.cpu_seconds * 2, ok_codes=(0, 2, 3))
-    result = _parse(CheckResult, out, argv)
-    assert isinstance(result, CheckResult)
     return result
 
 

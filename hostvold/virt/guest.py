@@ -171,31 +171,47 @@ class Guest:
         await self._call(self.domain.snapshotCreateXML,
                          snapshot_xml(target, overlay, other_targets), flags)
 
-    async def commit(self, target: str, base: str, top: str | None, active: bool) -> None:
+    def block(self, target: str) -> BlockDevice:
+        """The disk ``target`` of this domain, for block jobs and resize."""
+        return BlockDevice(self, target)
+
+
+class BlockDevice:
+    """One disk of a domain, by target: its block jobs and its size."""
+
+    def __init__(self, guest: Guest, target: str) -> None:
+        self.guest = guest
+        self.target = target
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        return await self.guest.hypervisor.call(method, self.target, *args)
+
+    async def commit(self, base: str, top: str | None, active: bool) -> None:
         """blockCommit with relative backing names; ``active`` commits the active layer."""
         flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE
         if active:
             flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
-        await self._call(self.domain.blockCommit, target, base, top, 0, flags)
+        await self._call(self.guest.domain.blockCommit, base, top, 0, flags)
 
-    async def pull(self, target: str, base: str | None) -> None:
+    async def pull(self, base: str | None) -> None:
         """blockRebase: copy everything above ``base`` into the active layer."""
-        await self._call(self.domain.blockRebase, target, base, 0,
+        await self._call(self.guest.domain.blockRebase, base, 0,
                          libvirt.VIR_DOMAIN_BLOCK_REBASE_RELATIVE if base else 0)
 
-    async def job_info(self, target: str) -> JobInfo | None:
-        info = await self._call(self.domain.blockJobInfo, target, 0)
+    async def job_info(self) -> JobInfo | None:
+        info = await self._call(self.guest.domain.blockJobInfo, 0)
         if not info:
             return None
         return JobInfo(int(info["type"]), int(info["cur"]), int(info["end"]))
 
-    async def pivot(self, target: str) -> None:
-        await self._call(self.domain.blockJobAbort, target,
+    async def pivot(self) -> None:
+        await self._call(self.guest.domain.blockJobAbort,
                          libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
 
-    async def abort_job(self, target: str) -> None:
-        await self._call(self.domain.blockJobAbort, target, 0)
+    async def abort_job(self) -> None:
+        """Abort the block job; libvirt waits until it has ended."""
+        await self._call(self.guest.domain.blockJobAbort, 0)
 
-    async def resize(self, target: str, size: int) -> None:
-        await self._call(self.domain.blockResize, target, size,
+    async def resize(self, size: int) -> None:
+        await self._call(self.guest.domain.blockResize, size,
                          libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)

@@ -23,6 +23,7 @@ import libvirt
 import libvirtaio
 
 from hostvold.core.aio import uninterrupted
+from hostvold.core.backoff import backoff
 from hostvold.core.errors import DomainGone, HypervisorError, HypervisorUnavailable, InvalidState
 
 log = logging.getLogger(__name__)
@@ -224,16 +225,16 @@ class Hypervisor:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        delay = 0.2
+        pauses = backoff(0.2, 10.0)
         try:
             while not self._closing:
                 try:
                     await self.connect()
                     break
                 except HypervisorUnavailable as exc:
-                    log.warning("%s; retrying in %.1f s", exc, delay)
-                    await asyncio.sleep(delay)  # back-off between attempts
-                    delay = min(delay * 2, 10.0)
+                    pause = next(pauses)
+                    log.warning("%s; retrying in %.1f s", exc, pause)
+                    await asyncio.sleep(pause)
             for (domain_uuid, disk), queues in self._queues.items():
                 for queue in queues:  # whoever waits for a job looks at it again
                     queue.put_nowait(BlockJobEvent(domain_uuid, disk, 0, RECONNECTED,

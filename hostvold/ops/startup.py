@@ -1,21 +1,24 @@
-"""Building the index from the shares alone: hostvold's metadata files as they are, and
-volumes laid out by Cinder (no metadata file yet), which are adopted."""
+"""What the daemon does with the shares at start: the index loaded, or rebuilt from the
+shares alone (hostvold's metadata files as they are, volumes laid out by Cinder adopted),
+and the volumes caught mid-operation re-read from their shares before recovery."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
 
 from hostvold.core.chainmap import SnapshotMap
-from hostvold.core.errors import InfoFileDamaged, UnsafeImage
+from hostvold.core.errors import HostvoldError, InfoFileDamaged, UnsafeImage
 from hostvold.core.images import format_problem
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.planning import chain_problems
 from hostvold.core.records import VolumeMeta
-from hostvold.ops.store import VolumeStore
+from hostvold.ops.store import VolumeStore, remove_volume_files
 from hostvold.storage.files import file_mtime
 from hostvold.storage.infofile import read_info
+from hostvold.storage.metadata import read_meta as read_meta_file
 from hostvold.storage.metadata import write_meta
 from hostvold.storage.mounts import Share
 from hostvold.storage.qcow2 import header_claim, read_qcow2_header, validate_chain
@@ -33,7 +36,7 @@ def rebuild_index(store: VolumeStore) -> None:
         for name in sorted(names):
             volume_id = store.naming.volume_id_of_meta(name)
             if volume_id is not None:
-                meta = store.read_meta(share, share.mount_point / name, volume_id)
+                meta = read_meta(share, share.mount_point / name, volume_id)
             elif (volume_id := store.naming.volume_id_of_base(name)) is not None and \
                     f"{name}.meta" not in names:
                 meta = adopt(store, VolumeFiles.of(share.mount_point, store.naming, volume_id),
@@ -106,3 +109,38 @@ def _recorded_base_format(files: VolumeFiles, present: set[str]) -> str | None:
         if header.backing_file == files.base_name and header.backing_format in ("raw", "qcow2"):
             return header.backing_format
     return None
+
+
+def load_index(store: VolumeStore) -> None:
+    store.volumes = {meta.id: meta for meta in store.index.load()}
+
+
+def read_meta(share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
+    """A metadata file as it is on the share, or None (logged) when it is unusable."""
+    try:
+        meta = read_meta_file(path)
+    except (HostvoldError, OSError) as exc:
+        log.error("skipping unreadable metadata %s: %s", path, exc)
+        return None
+    if meta.id != volume_id:
+        log.error("skipping %s: it describes volume %s", path, meta.id)
+        return None
+    return meta.evolve(share=share.spec.address) if meta.share != share.spec.address \
+        else meta
+
+
+async def reread_inflight(store: VolumeStore) -> None:
+    """At start: the volumes the index says were mid-operation, re-read from their
+    shares (the truth); a volume whose metadata file never came to be is removed."""
+    for volume_id, share_address in store.index.inflight():
+        share = next((s for s in store.shares if s.spec.address == share_address), None)
+        if share is None or not share.mounted:
+            continue  # its share is down; recovered when it comes back
+        files = VolumeFiles.of(share.mount_point, store.naming, volume_id)
+        if files.meta.exists() or files.meta.is_symlink():
+            meta = read_meta(share, files.meta, volume_id)
+            if meta is not None:
+                store.volumes[volume_id] = meta
+        else:  # the crash came before the metadata file was written, or after delete
+            await asyncio.to_thread(remove_volume_files, files)
+            store.forget(volume_id)
