@@ -38,10 +38,8 @@ class ManagerInterface(ServiceInterface):
     @dbus_method()
     @named_errors
     async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
-        await self.api.authorizer.require_admin("CreateVolume")
-        values = read_options(options, CREATE_OPTIONS)
-        request: CreateVolume = CreateVolume.parse(**values)
-        self.api.check_new_volume(request.id, request.share)
+        values, request = await self.api.admit_new_volume(
+            "CreateVolume", options, CREATE_OPTIONS, CreateVolume.parse)
 
         async def make() -> VolumeMeta:
             return await self.api.volumes.create_volume(**values)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_fast import Message, MessageType
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.core.errors import AlreadyExists, NotFound
@@ -24,6 +24,7 @@ from hostvold.ops.jobs import Job, JobRunner
 from hostvold.ops.snapshots import SnapshotService
 from hostvold.ops.volumes import VolumeService
 from hostvold.server.bus import ERROR_PREFIX, ROOT_PATH, Authorizer, object_path, parse_path
+from hostvold.server.calls import Accepted, read_options
 from hostvold.server.job import JobInterface
 from hostvold.server.manager import ManagerInterface
 from hostvold.server.share import ShareInterface
@@ -70,6 +71,18 @@ class Api:
             return None
         return Message.new_error(message, f"{ERROR_PREFIX}NotFound",
                                  f"no object {message.path} (it does not exist or is gone)")
+
+    async def admit_new_volume(self, action: str, options: dict[str, Variant],
+                               accepted: Accepted, parse: Callable[..., Any],
+                               ) -> tuple[dict[str, Any], Any]:
+        """A call that makes a new volume, checked when it arrives: the caller may change
+        volumes, the options are of their types and make a valid request (``parse``), the
+        id is free and the share configured. The options' values and the request."""
+        await self.authorizer.require_admin(action)
+        values = read_options(options, accepted)
+        request = parse(**values)
+        self.check_new_volume(request.id, request.share)
+        return values, request
 
     def check_new_volume(self, volume_id: str | None, share: str | None) -> None:
         """What can be known about a new volume when the call arrives."""

@@ -46,10 +46,8 @@ class SnapshotInterface(ServiceInterface):
     @dbus_method()
     @named_errors
     async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
-        await self.api.authorizer.require_admin("Snapshot.CreateVolume")
-        values = read_options(options, NEW_VOLUME)
-        request: CopyVolume = CopyVolume.parse(**values)
-        self.api.check_new_volume(request.id, request.share)
+        values, _ = await self.api.admit_new_volume(
+            "Snapshot.CreateVolume", options, NEW_VOLUME, CopyVolume.parse)
         volume_id, sid = self.volume_id, self.snapshot_id
 
         async def make() -> VolumeMeta:

@@ -163,10 +163,8 @@ class VolumeInterface(VolumeProperties):
     @dbus_method()
     @named_errors
     async def Clone(self, options: DBusDict) -> DBusObjectPath:
-        await self._admin("Clone")
-        values = read_options(options, NEW_VOLUME)
-        request: CopyVolume = CopyVolume.parse(**values)
-        self.api.check_new_volume(request.id, request.share)
+        values, _ = await self.api.admit_new_volume(
+            "Volume.Clone", options, NEW_VOLUME, CopyVolume.parse)
         volume_id = self.meta.id
 
         async def make() -> VolumeMeta:
