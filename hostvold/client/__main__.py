@@ -2,6 +2,6 @@
 
 import sys
 
-from hostvold.client.cli import main
+from hostvold.client.main import main
 
 sys.exit(main())

@@ -60,11 +60,20 @@ def object_path(kind: str, object_id: str) -> str:
     return f"{ROOT_PATH}/{kind}/{object_id.replace('-', '_')}"
 
 
+def parse_path(path: str) -> tuple[str, str] | None:
+    """The kind and id of ``/org/hostvold1/<kind>/<id>`` ('_' -> '-'); None for any other
+    path. The one place an object path is read back."""
+    parts = path.split("/")
+    if len(parts) != 5 or parts[:3] != ["", "org", "hostvold1"] or not parts[4]:
+        return None
+    return parts[3], parts[4].replace("_", "-")
+
+
 def id_from_path(path: str, kind: str) -> str:
-    prefix = f"{ROOT_PATH}/{kind}/"
-    if not path.startswith(prefix):
+    parsed = parse_path(path)
+    if parsed is None or parsed[0] != kind:
         raise ValueError(f"{path} is not a {kind} object path")
-    return path[len(prefix):].replace("_", "-")
+    return parsed[1]
 
 
 def dbus_error(exc: HostvoldError) -> DBusError:

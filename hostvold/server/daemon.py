@@ -24,7 +24,7 @@ from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
 from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
-from hostvold.server.dbus_api import Api
+from hostvold.server.objects import Api
 from hostvold.storage.index import VolumeIndex
 from hostvold.storage.locks import LocalLocks
 from hostvold.storage.mounts import Share, ensure_mounted

@@ -1,0 +1,196 @@
+"""hostvolctl's connection to hostvold: the bus, calls, job watching, and the one mapping
+of failures (D-Bus errors, an unreachable bus, a daemon that left) to a sentence and an
+exit code (:class:`CliError`, caught in :func:`hostvold.client.main.main`).
+
+The client knows the daemon by its bus name and object paths only; it imports nothing of
+the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from hostvold.client.output import draw_progress, plain
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED, EXIT_CONFIG = 1, 2, 3, 4, 78
+EXIT_CODES = """Exit codes: 0 success; 1 the operation failed (the message names the error); 2 usage
+error; 3 hostvold is not running or the bus cannot be reached; 4 permission denied;
+78 invalid configuration file (check-config)."""
+
+BUS_NAME = "org.hostvold1"
+ROOT_PATH = "/org/hostvold1"
+PREFIX = "org.hostvold1."
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---- object paths ----------------------------------------------------------------------
+
+def object_path(kind: str, object_id: str) -> str:
+    """``/org/hostvold1/<kind>/<id>``, the id made a valid path element ('-' -> '_')."""
+    return f"{ROOT_PATH}/{kind}/{object_id.replace('-', '_')}"
+
+
+def object_id(path: str) -> str:
+    """The id an object path names (its last element, '_' -> '-')."""
+    return path.rsplit("/", 1)[1].replace("_", "-")
+
+
+def resolve(kind: str, value: str) -> str:
+    """A volume/snapshot/job given as an id or an object path, as an object path."""
+    return value if value.startswith("/") else object_path(kind, value)
+
+
+# ---- failures --------------------------------------------------------------------------
+
+def _error(name: str, text: str, bus: str) -> CliError:
+    if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
+                "org.freedesktop.DBus.Error.NameHasNoOwner"):
+        return CliError(f"hostvold is not running (nobody owns {BUS_NAME} on the {bus} bus)",
+                        EXIT_NOT_RUNNING)
+    if name in ("org.freedesktop.DBus.Error.AccessDenied", f"{PREFIX}Error.NotAuthorized"):
+        return CliError(f"permission denied: {text.split(';')[0]} (changing volumes needs root "
+                        "or membership of the hostvold admin group)", EXIT_DENIED)
+    if name in ("org.freedesktop.DBus.Error.UnknownObject",
+                "org.freedesktop.DBus.Error.UnknownInterface"):
+        return CliError(f"NotFound: {text}")
+    short = name.removeprefix(f"{PREFIX}Error.")
+    return CliError(f"{short}: {text}")
+
+
+def os_error(verb: str, path: str, exc: OSError) -> CliError:
+    """A file the client itself could not open or create, for the caller: denied (exit 4)
+    or failed (exit 1)."""
+    code = EXIT_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else EXIT_FAILED
+    return CliError(f"cannot {verb} {path}: {exc.strerror}", code)
+
+
+def with_fd_indexes(body: list[Any]) -> tuple[list[Any], list[int]]:
+    """Options given as ``Variant("h", fd)`` travel in the message's descriptor list; the
+    body carries their indexes there."""
+    if not body or not isinstance(body[0], dict):
+        return body, []
+    fds: list[int] = []
+    options = {}
+    for key, value in body[0].items():
+        if isinstance(value, Variant) and value.signature == "h":
+            fds.append(value.value)
+            value = Variant("h", len(fds) - 1)
+        options[key] = value
+    return [options, *body[1:]], fds
+
+
+class Client:
+    def __init__(self, bus: MessageBus, address: str) -> None:
+        self.bus = bus
+        self.address = address
+        self.handlers: list[Callable[[Message], None]] = []
+        bus.add_message_handler(self._dispatch)
+
+    @classmethod
+    async def connect(cls, address: str) -> Client:
+        try:
+            if address == "system":
+                bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+            else:
+                bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM,
+                                 negotiate_unix_fd=True)
+            return cls(await bus.connect(), address)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot reach the D-Bus {address} bus ({exc}); is hostvold "
+                           "running?", EXIT_NOT_RUNNING) from None
+
+    def _dispatch(self, message: Message) -> None:
+        if message.message_type == MessageType.SIGNAL:
+            for handler in self.handlers:
+                handler(message)
+
+    async def call(self, path: str, interface: str, member: str, signature: str = "",
+                   body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
+        body, fds = with_fd_indexes(body or [])
+        reply = await self.bus.call(Message(destination=destination, path=path,
+                                            interface=interface, member=member,
+                                            signature=signature, body=body or [],
+                                            unix_fds=fds))
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            raise _error(reply.error_name or "", str(reply.body[0]) if reply.body else "",
+                         self.address)
+        return list(reply.body)
+
+    async def objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        (managed,) = await self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager",
+                                     "GetManagedObjects")
+        return {str(path): {iface: plain(props) for iface, props in ifaces.items()}
+                for path, ifaces in managed.items()}
+
+    async def properties(self, path: str, interface: str) -> dict[str, Any]:
+        (props,) = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
+                                   [interface])
+        return dict(plain(props))
+
+    async def watch_jobs(self) -> None:
+        """Subscribe to job signals, and to the daemon leaving the bus, before any call,
+        so none can be missed."""
+        for rule in (f"type='signal',sender='{BUS_NAME}',path_namespace='{ROOT_PATH}/jobs'",
+                     "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+                     f"arg0='{BUS_NAME}'"):
+            await self.call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                            [rule], destination="org.freedesktop.DBus")
+
+    async def run_job(self, path: str, member: str, options: dict[str, Variant],
+                      interface: str, show_progress: bool) -> dict[str, Any]:
+        """Call a job-returning method and wait for the job's Completed signal."""
+        await self.watch_jobs()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[bool, str, str]] = loop.create_future()
+        job_path: list[str] = []
+        early: dict[str, tuple[bool, str, str]] = {}
+
+        def on_signal(message: Message) -> None:
+            if (message.member == "NameOwnerChanged" and message.body[0] == BUS_NAME
+                    and not message.body[2] and not done.done()):
+                done.set_exception(CliError(
+                    "hostvold stopped while the job ran; it finishes or undoes the operation "
+                    "when it starts again", EXIT_NOT_RUNNING))
+            elif message.member == "Completed":
+                result = (bool(message.body[0]), str(message.body[1]), str(message.body[2]))
+                if job_path and message.path == job_path[0]:
+                    if not done.done():
+                        done.set_result(result)
+                else:
+                    early[str(message.path)] = result
+            elif (show_progress and message.member == "PropertiesChanged" and job_path
+                  and message.path == job_path[0]):
+                changed = plain(message.body[1])
+                if "Progress" in changed:
+                    draw_progress(float(changed["Progress"]), float(changed.get("Rate", 0)))
+
+        self.handlers.append(on_signal)
+        (job,) = await self.call(path, f"{PREFIX}{interface}", member, "a{sv}", [options])
+        job_path.append(str(job))
+        if str(job) in early:
+            done.set_result(early[str(job)])
+        else:
+            props = await self.properties(str(job), f"{PREFIX}Job")
+            if props["State"] != "running" and not done.done():
+                error = props["Error"]
+                done.set_result((props["State"] == "completed", error[0], error[1]))
+        success, error_name, message = await done
+        if show_progress:
+            sys.stderr.write("\n")
+        props = await self.properties(str(job), f"{PREFIX}Job")
+        if not success:
+            raise _error(error_name, message, self.address)
+        return {"job": str(job), **props}

@@ -1,0 +1,146 @@
+"""hostvolctl: the command-line client. It talks to hostvold over D-Bus only.
+
+The parser, and :func:`main`, the one error boundary: every failure raised as a
+:class:`~hostvold.client.connection.CliError` becomes a sentence on stderr and an exit code
+(see :data:`~hostvold.client.connection.EXIT_CODES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hostvold import __version__
+from hostvold.client import commands
+from hostvold.client.connection import EXIT_CODES, EXIT_CONFIG, Client, CliError
+from hostvold.core.config import load_config
+from hostvold.core.errors import ConfigError
+from hostvold.core.units import parse_size
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hostvolctl", description="hostvold client",
+                                     epilog=EXIT_CODES)
+    parser.add_argument("--version", action="version", version=f"hostvolctl {__version__}")
+    parser.add_argument("--bus", default=os.environ.get("HOSTVOLD_BUS", "system"),
+                        help="system (default) or a D-Bus address; env HOSTVOLD_BUS")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="print the job path instead of waiting for the job")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[..., Any], help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    add("status", commands.cmd_status, "daemon status and health")
+    add("shares", commands.cmd_shares, "shares and their capacity")
+    add("volumes", commands.cmd_volumes, "list volumes")
+    add("show", commands.cmd_show, "one volume's properties").add_argument("volume")
+    add("snapshots", commands.cmd_snapshots, "list snapshots").add_argument("volume", nargs="?")
+    add("jobs", commands.cmd_jobs, "list jobs")
+    job = add("job", commands.cmd_job, "one job's properties")
+    job.add_argument("job")
+    job.add_argument("--cancel", action="store_true")
+    create = add("create", commands.cmd_create, "create a volume")
+    create.add_argument("size", type=size_arg, help="size with unit: 10G, 512M")
+    create.add_argument("--format", choices=["raw", "qcow2"])
+    create.add_argument("--thick", action="store_true")
+    create.add_argument("--thin", action="store_true")
+    create.add_argument("--id")
+    create.add_argument("--share")
+    imp = add("import", commands.cmd_import, "create a volume from an image file")
+    imp.add_argument("path")
+    imp.add_argument("--source-format", choices=["raw", "qcow2"])
+    imp.add_argument("--format", choices=["raw", "qcow2"])
+    imp.add_argument("--size", type=size_arg)
+    imp.add_argument("--id")
+    imp.add_argument("--share")
+    add("delete", commands.cmd_delete, "delete a volume and all its files").add_argument("volume")
+    extend = add("extend", commands.cmd_extend, "grow a volume")
+    extend.add_argument("volume")
+    extend.add_argument("size", type=size_arg)
+    export = add("export", commands.cmd_export, "write a volume to a standalone image file")
+    export.add_argument("volume")
+    export.add_argument("destination")
+    export.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    clone = add("clone", commands.cmd_clone, "a new volume with a volume's current content")
+    clone.add_argument("volume")
+    for command in (clone,):
+        command.add_argument("--id")
+        command.add_argument("--size", type=size_arg)
+        command.add_argument("--format", choices=["raw", "qcow2"])
+        command.add_argument("--share")
+    revert = add("revert", commands.cmd_revert, "go back to the newest snapshot")
+    revert.add_argument("volume")
+    revert.add_argument("snapshot")
+    repair = add("repair", commands.cmd_repair, "rebuild a damaged chain map; confirm a format; "
+                 "settle an undecided pivot")
+    repair.add_argument("volume")
+    repair.add_argument("--choose", choices=("base", "overlay"),
+                        help="which file holds the newest data after an undecided pivot "
+                             "(repair without it shows where they differ)")
+    repair.add_argument("--format", choices=["raw", "qcow2"],
+                        help="confirm the base file's format (a volume adopted without "
+                             "trusted metadata is raw until confirmed; `show` prints what "
+                             "its header says)")
+    attach = add("attach", commands.cmd_attach, "hot-plug a volume into a running domain")
+    attach.add_argument("volume")
+    attach.add_argument("domain")
+    attach.add_argument("--target", help="disk target, e.g. sdb (default: the next free)")
+    add("detach", commands.cmd_detach, "unplug a volume from its domain").add_argument("volume")
+    snapshot = add("snapshot", commands.cmd_snapshot, "snapshot create|delete|create-volume")
+    snapshot.add_argument("action", choices=["create", "delete", "create-volume"])
+    snapshot.add_argument("target", help="the volume (create) or the snapshot")
+    snapshot.add_argument("--id")
+    snapshot.add_argument("--size", type=size_arg)
+    snapshot.add_argument("--format", choices=["raw", "qcow2"])
+    snapshot.add_argument("--share")
+    check = sub.add_parser("check-config", help="validate a configuration file (offline)")
+    check.add_argument("path", type=Path, nargs="?", default=None)
+    return parser
+
+
+async def run(args: argparse.Namespace) -> None:
+    client = await Client.connect(args.bus)
+    try:
+        await args.func(client, args)
+    finally:
+        client.bus.disconnect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            load_config(args.path)
+        except ConfigError as exc:
+            print(f"hostvolctl: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"{args.path or 'the default configuration'}: valid")
+        return 0
+    try:  # the one error boundary: every failure becomes a sentence and an exit code
+        asyncio.run(run(args))
+    except CliError as exc:
+        print(f"hostvolctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

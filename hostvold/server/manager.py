@@ -1,0 +1,99 @@
+"""``org.hostvold1.Manager`` at ``/org/hostvold1``: new volumes, the daemon's status."""
+
+# no "from __future__ import annotations": dbus-fast reads the Annotated signatures
+import asyncio
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from dbus_fast import PropertyAccess, Variant
+from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+
+from hostvold import __version__
+from hostvold.core.errors import NotAuthorized
+from hostvold.core.models import CreateVolume, ImportVolume
+from hostvold.core.records import VolumeMeta
+from hostvold.server.calls import (
+    CREATE_OPTIONS,
+    IMPORT_OPTIONS,
+    close_fd,
+    keep_fd,
+    named_errors,
+    read_options,
+)
+from hostvold.storage.safefile import check_caller_fd, open_source
+
+if TYPE_CHECKING:
+    from hostvold.server.objects import Api
+
+
+class ManagerInterface(ServiceInterface):
+    def __init__(self, api: "Api") -> None:
+        super().__init__("org.hostvold1.Manager")
+        self.api = api
+
+    @dbus_method()
+    @named_errors
+    async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
+        values, request = await self.api.admit_new_volume(
+            "CreateVolume", options, CREATE_OPTIONS, CreateVolume.parse)
+
+        async def make() -> VolumeMeta:
+            return await self.api.ops.create_volume(**values)
+
+        return self.api.start_volume_job("create-volume", [], make, request.size)
+
+    @dbus_method()
+    @named_errors
+    async def ImportVolume(self, options: DBusDict) -> DBusObjectPath:
+        """The image is option ``fd`` (opened by the caller, for reading); the ``source``
+        path form is for root only: the daemon never opens a path for other callers."""
+        uid = await self.api.authorizer.require_admin("ImportVolume")
+        values = read_options(options, IMPORT_OPTIONS)
+        if "source" in values and uid != 0:
+            raise NotAuthorized("option source (a path the daemon opens) is accepted from "
+                                "root only; pass the image as a file descriptor (option fd)")
+        request: ImportVolume = ImportVolume.parse(**values)
+        self.api.check_new_volume(request.id, request.share)
+        if request.fd is not None:
+            size = check_caller_fd(request.fd, "fd", write=False).st_size
+            fd = keep_fd(request.fd)
+        else:
+            assert request.source is not None
+            fd = await asyncio.to_thread(open_source, request.source)
+            size = os.fstat(fd).st_size
+            del values["source"]
+        values["fd"] = fd
+
+        async def make() -> VolumeMeta:
+            try:
+                return await self.api.ops.import_volume(**values)
+            finally:
+                close_fd(fd)
+
+        return self.api.start_volume_job("import-volume", [], make, size)
+
+    @dbus_method()
+    def Status(self) -> DBusDict:
+        api = self.api
+        running = sum(1 for job in api.jobs.jobs.values() if job.state == "running")
+        return {
+            "version": Variant("s", __version__),
+            "host": Variant("s", socket.gethostname()),
+            "uptime": Variant("t", int(time.monotonic() - api.started)),
+            "volumes": Variant("u", len(api.volume_objects)),
+            "snapshots": Variant("u", len(api.snapshot_objects)),
+            "shares": Variant("u", len(api.share_objects)),
+            "jobs-running": Variant("u", running),
+            "health": Variant("s", api.health()),
+        }
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> DBusStr:
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Health(self) -> DBusStr:
+        return self.api.health()

@@ -1,0 +1,204 @@
+"""The D-Bus API (SPEC section 9): the registry of exported objects.
+
+:class:`Api` exports the Manager, Share, Volume, Snapshot and Job objects (one module per
+interface: :mod:`.manager`, :mod:`.share`, :mod:`.volume`, :mod:`.snapshot`, :mod:`.job`)
+and keeps them in step with the services: after every change the affected objects are
+exported, unexported or announce their changed properties, so clients never poll.
+Property getters read cached state only (``GetManagedObjects`` calls every getter of
+every object). Long operations return a Job object at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from hostvold.core.errors import AlreadyExists, NotFound
+from hostvold.core.records import VolumeMeta
+from hostvold.ops.jobs import Job, JobRunner
+from hostvold.ops.operations import Operations
+from hostvold.ops.store import VolumeStore
+from hostvold.server.bus import ERROR_PREFIX, ROOT_PATH, Authorizer, object_path, parse_path
+from hostvold.server.calls import Accepted, read_options
+from hostvold.server.job import JobInterface
+from hostvold.server.manager import ManagerInterface
+from hostvold.server.share import ShareInterface
+from hostvold.server.snapshot import SnapshotInterface
+from hostvold.server.volume import VolumeInterface
+
+USAGE_DELAY = 0.2  # seconds a burst of changes has to end before the shares are measured
+
+
+class Api:
+    """Owns the exported objects and keeps them in step with the services."""
+
+    def __init__(self, bus: MessageBus, store: VolumeStore, ops: Operations,
+                 jobs: JobRunner, authorizer: Authorizer) -> None:
+        self.bus = bus
+        self.store = store
+        self.ops = ops
+        self.jobs = jobs
+        self.authorizer = authorizer
+        self.started = time.monotonic()
+        self.manager = ManagerInterface(self)
+        self.share_objects: dict[str, ShareInterface] = {}
+        self.volume_objects: dict[str, VolumeInterface] = {}
+        self.snapshot_objects: dict[str, SnapshotInterface] = {}
+        self.job_objects: dict[str, JobInterface] = {}
+        self._usage_pending = False
+        store.change_listeners.append(self.sync_volume)
+        bus.add_message_handler(self._unknown_object)
+        jobs.on_added.append(self._job_added)
+        jobs.on_removed.append(self._job_removed)
+        jobs.listeners.append(self._job_changed)
+
+    def _unknown_object(self, message: Message) -> Message | None:
+        """A call of one of our methods on an object that does not exist: NotFound."""
+        if (message.message_type != MessageType.METHOD_CALL
+                or not (message.interface or "").startswith("org.hostvold1.")
+                or message.path == ROOT_PATH):
+            return None
+        kinds: dict[str, dict[str, Any]] = {
+            "shares": self.share_objects, "volumes": self.volume_objects,
+            "snapshots": self.snapshot_objects, "jobs": self.job_objects}
+        kind, object_id = parse_path(message.path or "") or ("", "")
+        if object_id in kinds.get(kind, {}):
+            return None
+        return Message.new_error(message, f"{ERROR_PREFIX}NotFound",
+                                 f"no object {message.path} (it does not exist or is gone)")
+
+    async def admit_new_volume(self, action: str, options: dict[str, Variant],
+                               accepted: Accepted, parse: Callable[..., Any],
+                               ) -> tuple[dict[str, Any], Any]:
+        """A call that makes a new volume, checked when it arrives: the caller may change
+        volumes, the options are of their types and make a valid request (``parse``), the
+        id is free and the share configured. The options' values and the request."""
+        await self.authorizer.require_admin(action)
+        values = read_options(options, accepted)
+        request = parse(**values)
+        self.check_new_volume(request.id, request.share)
+        return values, request
+
+    def check_new_volume(self, volume_id: str | None, share: str | None) -> None:
+        """What can be known about a new volume when the call arrives."""
+        if volume_id is not None and self.store.find(volume_id) is not None:
+            raise AlreadyExists(f"volume {volume_id} already exists")
+        if share is not None and not any(share in (s.id, s.spec.address)
+                                         for s in self.store.shares):
+            raise NotFound(f"share {share!r} is not configured")
+
+    def export_all(self) -> None:
+        self.bus.export(ROOT_PATH, self.manager)
+        for share in self.store.shares:
+            interface = ShareInterface(self, share)
+            self.share_objects[share.id] = interface
+            self.bus.export(object_path("shares", share.id), interface)
+        for meta in self.store.list_volumes():
+            self.sync_volume(meta.id)
+
+    # ---- keeping objects in step -------------------------------------------------------
+
+    def sync_volume(self, volume_id: str) -> None:
+        """Export, update or unexport one volume and its snapshots."""
+        meta = self.store.find(volume_id)
+        current = self.volume_objects.get(volume_id)
+        if meta is None:
+            if current is not None:
+                for sid in list(current.meta.snapshots):
+                    self._drop_snapshot(sid)
+                self.bus.unexport(object_path("volumes", volume_id))
+                del self.volume_objects[volume_id]
+            self._share_usage_changed()
+            return
+        exported = set(current.meta.snapshots) if current is not None else set()
+        if current is None:
+            current = VolumeInterface(self, meta)
+            self.volume_objects[volume_id] = current
+            self.bus.export(object_path("volumes", volume_id), current)
+        else:
+            current.update(meta)
+        for sid in exported - set(meta.snapshots):
+            self._drop_snapshot(sid)
+        for sid in meta.snapshots:
+            if sid not in self.snapshot_objects:
+                snap = SnapshotInterface(self, volume_id, sid)
+                self.snapshot_objects[sid] = snap
+                self.bus.export(object_path("snapshots", sid), snap)
+        self._share_usage_changed()
+
+    def _drop_snapshot(self, sid: str) -> None:
+        if self.snapshot_objects.pop(sid, None) is not None:
+            self.bus.unexport(object_path("snapshots", sid))
+
+    def _share_usage_changed(self) -> None:
+        """Re-measure the shares once, soon: one scan of each share for a burst of
+        changes, not one per change (a share may hold thousands of volumes)."""
+        if self._usage_pending:
+            return
+        self._usage_pending = True
+
+        def refresh() -> None:
+            self._usage_pending = False
+            for share in self.share_objects.values():
+                share.refresh()
+
+        asyncio.get_running_loop().call_later(USAGE_DELAY, refresh)
+
+    def _job_added(self, job: Job) -> None:
+        interface = JobInterface(self, job)
+        self.job_objects[job.id] = interface
+        self.bus.export(object_path("jobs", job.id), interface)
+
+    def _job_removed(self, job: Job) -> None:
+        if self.job_objects.pop(job.id, None) is not None:
+            self.bus.unexport(object_path("jobs", job.id))
+
+    def _job_changed(self, job: Job, names: set[str]) -> None:
+        interface = self.job_objects.get(job.id)
+        if interface is None:
+            return
+        if job.state != "running":
+            for path in job.objects:  # the objects the job touched are up to date first
+                kind, object_id = parse_path(path) or ("", "")
+                if kind == "volumes":
+                    self.sync_volume(object_id)
+        interface.announce(names)
+
+    # ---- what the objects ask of the registry ------------------------------------------
+
+    def start_job(self, operation: str, objects: list[str], work: Callable[[], Awaitable[Any]],
+                  bytes_total: int = 0) -> str:
+        job = self.jobs.start(operation, objects, work, bytes_total)
+        return object_path("jobs", job.id)
+
+    def start_volume_job(self, operation: str, sources: list[str],
+                         make: Callable[[], Awaitable[VolumeMeta]], bytes_total: int) -> str:
+        """A job that makes a new volume; the new volume's path joins the job's objects
+        (after ``sources``) when the job ends."""
+        objects = list(sources)
+
+        async def work() -> VolumeMeta:
+            meta = await make()
+            self.sync_volume(meta.id)
+            objects.append(object_path("volumes", meta.id))
+            return meta
+
+        return self.start_job(operation, objects, work, bytes_total)
+
+    def health(self) -> str:
+        down = [s.spec.address for s in self.store.shares if not s.mounted]
+        sick = [m.id for m in self.store.list_volumes() if m.problems]
+        if not down and not sick:
+            return "ok"
+        parts = []
+        if down:
+            parts.append(f"{len(down)} share(s) unavailable")
+        if sick:
+            parts.append(f"{len(sick)} volume(s) need a repair")
+        return "degraded: " + ", ".join(parts)
+

@@ -1,0 +1,280 @@
+"""``org.hostvold1.Volume`` at ``/org/hostvold1/volumes/<id>``: one volume.
+
+:class:`VolumeProperties` holds what the getters read (a cache made from the volume's
+metadata whenever :class:`.objects.Api` syncs the volume); :class:`VolumeInterface` adds
+the methods. Every change but CreateSnapshot and Repair runs as a job.
+"""
+
+# no "from __future__ import annotations": dbus-fast reads the Annotated signatures
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from dbus_fast import PropertyAccess
+from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr, DBusUInt64
+from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
+
+from hostvold.core.errors import AlreadyExists, InvalidArgument, NotAuthorized, NotFound
+from hostvold.core.models import (
+    AttachVolume,
+    CopyVolume,
+    ExportVolume,
+    ExtendVolume,
+    RepairVolume,
+    RevertVolume,
+)
+from hostvold.core.records import VolumeMeta
+from hostvold.server.bus import id_from_path, object_path
+from hostvold.server.calls import (
+    EXPORT_OPTIONS,
+    INT,
+    NEW_VOLUME,
+    NO_OPTIONS,
+    STR,
+    ObjectPaths,
+    Pair,
+    Strings,
+    announce_changes,
+    close_fd,
+    keep_fd,
+    named_errors,
+    read_options,
+)
+from hostvold.storage.safefile import check_caller_fd
+
+if TYPE_CHECKING:
+    from hostvold.server.objects import Api
+
+
+def _volume_properties(meta: VolumeMeta, api: "Api") -> dict[str, Any]:
+    share = next((s for s in api.store.shares if s.spec.address == meta.share), None)
+    attachment = meta.attachment or {}
+    return {
+        "Id": meta.id, "Size": meta.size, "Format": meta.format,
+        "Provisioning": meta.provisioning, "Created": meta.created,
+        "Share": object_path("shares", share.id) if share else "/",
+        "ActiveFile": meta.active, "State": meta.state,
+        "Attachment": (attachment.get("domain", ""), attachment.get("target", "")),
+        "Snapshots": [object_path("snapshots", sid) for sid in sorted(
+            meta.snapshots, key=lambda sid: (meta.snapshots[sid].get("created", ""), sid))],
+        "Problems": list(meta.problems),
+    }
+
+
+class VolumeProperties(ServiceInterface):
+    """The Volume interface's properties, read from the cache :meth:`update` keeps."""
+
+    def __init__(self, api: "Api", meta: VolumeMeta) -> None:
+        super().__init__("org.hostvold1.Volume")
+        self.api = api
+        self.meta = meta
+        self.props = _volume_properties(meta, api)
+
+    @property
+    def path(self) -> str:
+        return object_path("volumes", self.meta.id)
+
+    def update(self, meta: VolumeMeta) -> None:
+        before = self.props
+        self.meta, self.props = meta, _volume_properties(meta, self.api)
+        announce_changes(self, before, self.props)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Id(self) -> DBusStr:
+        return str(self.props["Id"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Size(self) -> DBusUInt64:
+        return int(self.props["Size"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Format(self) -> DBusStr:
+        return str(self.props["Format"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Provisioning(self) -> DBusStr:
+        return str(self.props["Provisioning"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> DBusStr:
+        return str(self.props["Created"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Share(self) -> DBusObjectPath:
+        return str(self.props["Share"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActiveFile(self) -> DBusStr:
+        return str(self.props["ActiveFile"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> DBusStr:
+        return str(self.props["State"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Attachment(self) -> Pair:
+        domain, target = self.props["Attachment"]
+        return (str(domain), str(target))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Snapshots(self) -> ObjectPaths:
+        return list(self.props["Snapshots"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Problems(self) -> Strings:
+        return list(self.props["Problems"])
+
+
+class VolumeInterface(VolumeProperties):
+    """The Volume interface's methods; each checks its caller and options at once."""
+
+    async def _admin(self, action: str) -> int:
+        return await self.api.authorizer.require_admin(f"Volume.{action}")
+
+    def _job(self, operation: str, work: Callable[[], Awaitable[Any]],
+             bytes_total: int = 0) -> str:
+        return self.api.start_job(operation, [self.path], work, bytes_total)
+
+    @dbus_method()
+    @named_errors
+    async def CreateSnapshot(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("CreateSnapshot")
+        values = read_options(options, {"id": STR})
+        snap = await self.api.ops.create_snapshot(self.meta.id, values.get("id"))
+        self.api.sync_volume(self.meta.id)
+        return object_path("snapshots", snap.id)
+
+    @dbus_method()
+    @named_errors
+    async def Extend(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Extend")
+        values = read_options(options, {"size": INT})
+        request: ExtendVolume = ExtendVolume.parse(**values)
+        if request.size <= self.meta.size:
+            raise InvalidArgument(f"option size: the new size {request.size} must be larger "
+                                  f"than the current {self.meta.size} bytes")
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            return await self.api.ops.extend_volume(volume_id, **values)
+
+        return self._job("extend", work)
+
+    @dbus_method()
+    @named_errors
+    async def Clone(self, options: DBusDict) -> DBusObjectPath:
+        values, _ = await self.api.admit_new_volume(
+            "Volume.Clone", options, NEW_VOLUME, CopyVolume.parse)
+        volume_id = self.meta.id
+
+        async def make() -> VolumeMeta:
+            return await self.api.ops.clone(volume_id, **values)
+
+        return self.api.start_volume_job("clone", [self.path], make, self.meta.size)
+
+    @dbus_method()
+    @named_errors
+    async def Export(self, options: DBusDict) -> DBusObjectPath:
+        """Into option ``fd``, a new file the caller created and opened for writing (so it
+        has the caller's owner and umask); the ``destination`` path form is root's only."""
+        uid = await self._admin("Export")
+        values = read_options(options, EXPORT_OPTIONS)
+        if "destination" in values and uid != 0:
+            raise NotAuthorized("option destination (a file the daemon creates) is accepted "
+                                "from root only; pass a file descriptor of a file you "
+                                "created (option fd)")
+        request: ExportVolume = ExportVolume.parse(**values)
+        if request.destination is not None:
+            if not request.destination.parent.is_dir():
+                raise NotFound(f"directory {request.destination.parent} does not exist")
+            if os.path.lexists(request.destination):
+                raise AlreadyExists(f"{request.destination} already exists; hostvold never "
+                                    "overwrites a file")
+        if request.fd is not None:
+            check_caller_fd(request.fd, "fd", write=True)
+        fd = keep_fd(request.fd)
+        values["fd"] = fd
+        volume_id = self.meta.id
+
+        async def work() -> str:
+            try:
+                return str(await self.api.ops.export_volume(volume_id, **values) or "")
+            finally:
+                close_fd(fd)
+
+        return self._job("export", work, self.meta.size)
+
+    @dbus_method()
+    @named_errors
+    async def Revert(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Revert")
+        values = read_options(options, {"snapshot": frozenset("so")})
+        snapshot = str(values.get("snapshot", ""))
+        if snapshot.startswith("/"):
+            try:
+                snapshot = id_from_path(snapshot, "snapshots")
+            except ValueError as exc:
+                raise InvalidArgument(f"option snapshot: {exc}") from None
+        sid = RevertVolume.parse(snapshot=snapshot).snapshot
+        if sid not in self.meta.snapshots:
+            raise NotFound(f"snapshot {sid} of volume {self.meta.id} does not exist")
+        volume_id = self.meta.id
+
+        async def work() -> None:
+            await self.api.ops.revert(volume_id, sid)
+
+        return self._job("revert", work)
+
+    @dbus_method()
+    @named_errors
+    async def Attach(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Attach")
+        request: AttachVolume = AttachVolume.parse(
+            **read_options(options, {"domain": STR, "target": STR}))
+        domain, target = request.domain, request.target
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            return await self.api.ops.attach(volume_id, domain, target)
+
+        return self._job("attach", work)
+
+    @dbus_method()
+    @named_errors
+    async def Detach(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Detach")
+        read_options(options, NO_OPTIONS)
+        volume_id = self.meta.id
+
+        async def work() -> VolumeMeta:
+            return await self.api.ops.detach(volume_id)
+
+        return self._job("detach", work)
+
+    @dbus_method()
+    @named_errors
+    async def Repair(self, options: DBusDict) -> Strings:
+        """Option ``format`` (raw|qcow2) confirms the base file's format; ``choice``
+        (base|overlay) settles an undecided pivot."""
+        await self._admin("Repair")
+        choice = options.pop("choice", None)
+        if choice is not None and (choice.signature != "s"
+                                   or choice.value not in ("base", "overlay")):
+            raise InvalidArgument("option choice must be the string 'base' or 'overlay'")
+        request: RepairVolume = RepairVolume.parse(**read_options(options, {"format": STR}))
+        done = await self.api.ops.repair(self.meta.id, request.format,
+                                               choice.value if choice is not None else None)
+        self.api.sync_volume(self.meta.id)
+        return done
+
+    @dbus_method()
+    @named_errors
+    async def Delete(self, options: DBusDict) -> DBusObjectPath:
+        await self._admin("Delete")
+        read_options(options, NO_OPTIONS)
+        volume_id = self.meta.id
+
+        async def work() -> None:
+            await self.api.ops.delete_volume(volume_id)
+
+        return self._job("delete-volume", work)
