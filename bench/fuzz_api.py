@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,8 +94,11 @@ OPTIONS: dict[str, dict[str, str]] = {  # each method's own options and their D-
     "Export": {"fd": "h", "destination": "s", "format": "s"}, "Revert": {"snapshot": "o"},
     "Attach": {"domain": "s", "target": "s"}, "Repair": {"format": "s"},
 }
+# "index-N": a bare index N; with no descriptor in the message it is no descriptor at all
+# (the daemon must not take it for one of its own open files)
 FD_KINDS = ["directory", "socket", "pipe-read", "pipe-write", "dev-null", "own-file-ro",
-            "own-file-wo", "etc-passwd-ro", "etc-shadow-path", "bad-index"]
+            "own-file-wo", "etc-passwd-ro", "etc-shadow-path",
+            *(f"index-{n}" for n in (0, 3, 5, 7, 9, 11, 13, 17))]
 
 
 def typed(signature: str, ids: list[str]) -> st.SearchStrategy[Any]:
@@ -168,6 +172,10 @@ def call_strategy(ids: list[str]) -> st.SearchStrategy[Call]:
     return st.sampled_from(pairs).flatmap(build)
 
 
+class DaemonBroken(Exception):
+    """The daemon stopped answering what every reader may ask: stop fuzzing, report it."""
+
+
 class Fuzzer:
     def __init__(self, bus: MessageBus, fds: Fds) -> None:
         self.bus = bus
@@ -183,7 +191,10 @@ class Fuzzer:
         reply = await self.bus.call(Message(
             destination=BUS_NAME, path=ROOT, interface="org.freedesktop.DBus.ObjectManager",
             member="GetManagedObjects"))
-        assert reply is not None and reply.message_type == MessageType.METHOD_RETURN
+        assert reply is not None
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise DaemonBroken(f"GetManagedObjects answered {reply.error_name}: "
+                               f"{reply.body[:1]!r}")
         return reply.body[0]
 
     def fingerprint(self, managed: dict[str, Any]) -> str:
@@ -210,8 +221,8 @@ class Fuzzer:
         fds: list[int] = []
         for key, (signature, value) in options.items():
             if signature == "h":
-                if value == "bad-index":
-                    body[key] = Variant("h", 7)  # no descriptor at that index
+                if value.startswith("index-"):
+                    body[key] = Variant("h", int(value.split("-")[1]))
                     continue
                 fds.append(self.fds.named[value])
                 body[key] = Variant("h", len(fds) - 1)
@@ -327,16 +338,22 @@ def run(address: str, calls: int, seed: int, scratch: str,
     ids = [path.rsplit("/", 1)[1].replace("_", "-") for paths in fuzzer.ids(
         loop.run_until_complete(fuzzer.managed())).values() for path in paths]
 
+    last: list[Call] = []
+
     @settings(max_examples=calls, database=None, deadline=None, derandomize=False,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @hypothesis_seed(seed)
     @given(call_strategy(ids))
     def fuzz(call: Call) -> None:
+        last[:] = [call]
         loop.run_until_complete(fuzzer.one(*call))
         if progress is not None and fuzzer.calls % 1000 == 0:
             progress(fuzzer.calls)
 
-    fuzz()
+    try:
+        fuzz()
+    except DaemonBroken as exc:
+        fuzzer.violations.append(f"after {fuzzer.calls} calls (the last {last!r}): {exc}")
     bus.disconnect()
     loop.close()
     return {"calls": fuzzer.calls, "refused": fuzzer.refused, "jobs": fuzzer.jobs,
@@ -369,9 +386,19 @@ class PrivateDaemon:
                                     stderr=subprocess.DEVNULL, text=True)
         assert self.bus.stdout is not None
         self.address = self.bus.stdout.readline().strip()
+        # the share: a 1 GiB ext4 image the daemon loop-mounts (thick volumes of fuzzed sizes
+        # must hit a real NoSpace, never fill the host's disk)
+        image = os.path.join(root, "share.img")
+        with open(image, "wb") as out:
+            out.truncate(1 << 30)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
+        shares = os.path.join(root, "shares")
+        with open(shares, "w") as out:
+            out.write(f"{image} -t ext4 -o loop\n")
         conf = os.path.join(root, "hostvold.conf")
         with open(conf, "w") as out:
             out.write(f"[daemon]\nstate_dir = {root}/state\nbus = {self.address}\n"
+                      f"[shares]\nshares_config = {shares}\n"
                       "[libvirt]\nuri = test:///default\n")
         notify = os.path.join(root, "notify")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -406,6 +433,13 @@ class PrivateDaemon:
         self.listener.close()
         self.bus.terminate()
         self.bus.wait(10)
+        mounts = os.path.join(self.root, "state", "mnt")
+        with open("/proc/self/mountinfo") as info:
+            points = [line.split()[4] for line in info if line.split()[4].startswith(mounts)]
+        for point in points:
+            subprocess.run(["umount", "-l", point], check=False)
+        self.bus.terminate()
+        self.bus.wait(10)
 
 
 def main() -> int:
@@ -418,7 +452,8 @@ def main() -> int:
                         help="a directory for the fuzzer's own small file")
     args = parser.parse_args()
     private = None
-    with tempfile.TemporaryDirectory(prefix="hostvold-fuzz-") as root:
+    root = tempfile.mkdtemp(prefix="hostvold-fuzz-")
+    try:
         address = args.bus
         if address is None:
             private = PrivateDaemon(root)
@@ -436,6 +471,14 @@ def main() -> int:
                   f"file descriptors kept: {leaked}")
             if not alive or "Traceback" in text or leaked > 2:
                 summary["violations"].append("daemon crashed, logged a traceback or leaked")
+            private = None
+    finally:
+        if private is not None:
+            private.stop()
+    if summary["violations"]:
+        print(f"kept {root} (the daemon's log: hostvold.log)")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     names = sorted(set(summary["errors"]) | set(summary["job_errors"]))
     print(f"calls: {summary['calls']}, refused: {summary['refused']}, jobs: {summary['jobs']}")
     print(f"distinct error names ({len(names)}): {', '.join(names)}")

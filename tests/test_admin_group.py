@@ -192,6 +192,18 @@ def test_admin_cannot_make_the_daemon_write_outside_the_shares(
         answer = bus_call(scratch, cli.address, path, "Volume", "Export", options)
         assert answer.get("error") in ("org.hostvold1.Error.NotAuthorized",
                                        "org.hostvold1.Error.InvalidArgument"), (what, answer)
+    daemon = running.daemon  # type: ignore[attr-defined]
+    own = {n: os.readlink(f"/proc/{daemon.proc.pid}/fd/{n}")
+           for n in map(int, os.listdir(f"/proc/{daemon.proc.pid}/fd"))}
+    index = host.state_dir / "index.sqlite"
+    before = digest(index)
+    for number in own:  # a bare index, no descriptor in the message: never the daemon's own
+        for member, kind in (("Export", "Volume"), ("ImportVolume", "Manager")):
+            target = path if kind == "Volume" else "/org/hostvold1"
+            answer = bus_call(scratch, cli.address, target, kind, member,
+                              {"fd": ["h", number]})
+            assert answer.get("error") == "org.hostvold1.Error.InvalidArgument", answer
+    assert digest(index) == before and len(cli.json("volumes")) == 1
     assert list(outside.iterdir()) == []
     assert {p: digest(p) for p in watched} == watched
     # the export the user makes is the user's own file, with the user's umask

@@ -20,6 +20,7 @@ from dbus_fast.service import ServiceInterface
 
 from hostvold.core.errors import HostvoldError, InvalidArgument
 from hostvold.server.bus import ERROR_PREFIX, dbus_error, received_fds
+from hostvold.storage.safefile import check_caller_fd
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,20 @@ def named_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
             if fds is not None:
                 fds.close()
     return wrapper
+
+
+def caller_fd(value: object, write: bool) -> int:
+    """The descriptor option ``fd`` names, checked to be one that came with this call.
+
+    dbus-fast replaces an ``h`` index by the received descriptor only when the message
+    carries descriptors; otherwise the value is the bare index, which must never be taken
+    for one of the daemon's own open files (its index, its bus socket)."""
+    holder = received_fds.get()
+    if not isinstance(value, int) or holder is None or value not in holder.fds:
+        raise InvalidArgument("option fd: no file descriptor came with the call at that "
+                              "index (pass the open file in the message, D-Bus type 'h')")
+    check_caller_fd(value, "fd", write=write)
+    return value
 
 
 def keep_fd(fd: int | None) -> int | None:

@@ -18,12 +18,12 @@ from hostvold.core.records import VolumeMeta
 from hostvold.server.calls import (
     CREATE_OPTIONS,
     IMPORT_OPTIONS,
+    caller_fd,
     close_fd,
-    keep_fd,
     named_errors,
     read_options,
 )
-from hostvold.storage.safefile import check_caller_fd, open_source
+from hostvold.storage.safefile import open_source
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
@@ -58,8 +58,8 @@ class ManagerInterface(ServiceInterface):
         request: ImportVolume = ImportVolume.parse(**values)
         self.api.check_new_volume(request.id, request.share)
         if request.fd is not None:
-            size = check_caller_fd(request.fd, "fd", write=False).st_size
-            fd = keep_fd(request.fd)
+            fd = os.dup(caller_fd(request.fd, write=False))
+            size = os.fstat(fd).st_size
         else:
             assert request.source is not None
             fd = await asyncio.to_thread(open_source, request.source)

@@ -35,12 +35,12 @@ from hostvold.server.calls import (
     Pair,
     Strings,
     announce_changes,
+    caller_fd,
     close_fd,
     keep_fd,
     named_errors,
     read_options,
 )
-from hostvold.storage.safefile import check_caller_fd
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
@@ -190,9 +190,7 @@ class VolumeInterface(VolumeProperties):
             if os.path.lexists(request.destination):
                 raise AlreadyExists(f"{request.destination} already exists; hostvold never "
                                     "overwrites a file")
-        if request.fd is not None:
-            check_caller_fd(request.fd, "fd", write=True)
-        fd = keep_fd(request.fd)
+        fd = keep_fd(None if request.fd is None else caller_fd(request.fd, write=True))
         values["fd"] = fd
         volume_id = self.meta.id
 
