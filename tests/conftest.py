@@ -28,7 +28,7 @@ from hostvold.core.config import Config, parse_config
 from hostvold.ops.operations import Operations
 from hostvold.server.daemon import Daemon
 
-pytest_plugins = ["tests.live_fixtures"]  # the TCG domain fixtures
+pytest_plugins = ["tests.live_fixtures", "tests.cluster_fixtures"]  # domains; etcd, hosts
 
 REQUIRE_INTEGRATION = (os.environ.get("CI") == "true"
                        or os.environ.get("HOSTVOLD_REQUIRE_INTEGRATION") == "1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -154,6 +155,20 @@ class LibvirtConfig(_Section):
 class CoordinationConfig(_Section):
     backend_url: Annotated[str, BeforeValidator(_coordination), Field(
         description="empty (local locks), file:///dir or etcd3+http://host:port")] = ""
+    host_id: Annotated[str, Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="1 to 63 letters, digits, '.', '_' or '-' (default: the hostname)")] = ""
+    lease_seconds: Annotated[int, Field(
+        ge=3, le=300, description="seconds from 3 to 300")] = 30
+
+    @property
+    def host(self) -> str:
+        """This host's id in the cluster: ``host_id``, or the hostname."""
+        return self.host_id or socket.gethostname()
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend_url.startswith("etcd3+")
 
 
 class LimitsConfig(_Section):

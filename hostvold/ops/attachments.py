@@ -70,9 +70,11 @@ class Attachments:
         files = self.store.files_of(meta)
         users = await self.users(files, meta.id)
         running = users.running
-        if meta.operation is None and meta.state in ("available", "in-use"):
+        if meta.operation is None and meta.state in ("available", "in-use") \
+                and self.mine(meta):
             if running is not None:
-                attachment = {"domain": running.domain, "target": running.target}
+                attachment = {"domain": running.domain, "target": running.target,
+                              "host": self.store.host_id}
                 if meta.state != "in-use" or meta.attachment != attachment:
                     log.warning("volume %s is in use by domain %s (%s), as libvirt says",
                                 meta.id, running.domain, running.target,
@@ -85,6 +87,12 @@ class Attachments:
                 meta = self.store.record(files, meta.evolve(state="available",
                                                               attachment=None))
         return meta, users
+
+    def mine(self, meta: VolumeMeta) -> bool:
+        """Whether the volume's attachment, if any, is this host's to check with libvirt
+        (another host's domain is not in this host's libvirt)."""
+        host = (meta.attachment or {}).get("host")
+        return host in (None, self.store.host_id)
 
     async def keep_definitions_in_step(self, files: VolumeFiles, volume_id: str) -> None:
         """Point every shut-off domain's definition that names a file of the volume at the
@@ -169,7 +177,7 @@ class Attachments:
         """Look again at the volumes a domain used or uses, each under its lock (so a
         volume whose domain vanished mid-operation is freed when that operation ends)."""
         ids = {m.id for m in self.store.list_volumes()
-               if (m.attachment or {}).get("domain") == domain}
+               if (m.attachment or {}).get("domain") == domain and self.mine(m)}
         if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
             with contextlib.suppress(HypervisorError):
                 guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))

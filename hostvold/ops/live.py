@@ -77,12 +77,14 @@ class LiveVolumes:
         live operations (after start and after libvirt reconnects)."""
         live = await self.attachments.running_disks()
         for meta in self.store.list_volumes():
-            if meta.state not in ("available", "in-use") or meta.operation is not None:
+            if meta.state not in ("available", "in-use") or meta.operation is not None \
+                    or not self.attachments.mine(meta):
                 continue
             files = self.store.files_of(meta)
             if meta.id in live:
                 guest, disk = live[meta.id]
-                attachment = {"domain": guest.name, "target": disk.target}
+                attachment = {"domain": guest.name, "target": disk.target,
+                              "host": self.store.host_id}
                 if meta.state != "in-use" or meta.attachment != attachment:
                     self.store.record(files, meta.evolve(state="in-use",
                                                          attachment=attachment))

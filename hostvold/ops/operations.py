@@ -17,6 +17,7 @@ from hostvold.core.errors import (
     AlreadyExists,
     HostvoldError,
     HypervisorUnavailable,
+    InUse,
     InvalidArgument,
     InvalidState,
     NeedsRepair,
@@ -36,6 +37,7 @@ from hostvold.ops.snapshots import SnapshotOps
 from hostvold.ops.startup import reread_inflight
 from hostvold.ops.store import VolumeStore
 from hostvold.ops.volumes import VolumeOps
+from hostvold.storage.coordination import Coordination
 from hostvold.storage.safefile import check_caller_fd, create_destination, remove_destination
 
 log = logging.getLogger(__name__)
@@ -49,15 +51,23 @@ class Operations:
         self.copies = CopyOps(store)
         self.repairs = RepairOps(store)
         self.live: LiveVolumes | None = None  # set when hostvold runs with libvirt
+        self.coordination: Coordination | None = None  # set when hosts share the shares
 
     # ---- libvirt's word -----------------------------------------------------------------
 
     async def _observe(self, volume_id: str) -> tuple[VolumeMeta, VolumeFiles, Users]:
-        """Under the lock: the volume as libvirt says it is used now, its record in line."""
+        """Under the lock: the volume as libvirt says it is used now, its record in line.
+        A volume attached on another host is that host's to change (InUse)."""
+        if self.coordination is not None:
+            self.coordination.require()  # a fenced host starts nothing that changes data
         meta = self.store.get_volume(volume_id)
         users = NOBODY
         if self.live is not None:
             meta, users = await self.live.attachments.observe(meta)
+        attachment = meta.attachment or {}
+        if attachment.get("host") not in (None, self.store.host_id):
+            raise InUse(f"volume {volume_id} is attached to domain {attachment.get('domain')} "
+                        f"on host {attachment['host']}; work on it there")
         return meta, self.store.files_of(meta), users
 
     async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
@@ -85,9 +95,13 @@ class Operations:
     # ---- volumes -------------------------------------------------------------------------
 
     async def create_volume(self, **options: Any) -> VolumeMeta:
+        if self.coordination is not None:
+            self.coordination.require()
         return await self.volumes.create_volume(**options)
 
     async def import_volume(self, **options: Any) -> VolumeMeta:
+        if self.coordination is not None:
+            self.coordination.require()
         return await self.volumes.import_volume(**options)
 
     async def delete_volume(self, volume_id: str) -> None:
@@ -288,14 +302,38 @@ class Operations:
     async def recover(self) -> None:
         """At start: finish or undo every operation a crash interrupted."""
         await reread_inflight(self.store)
+        await self.take_over()
+
+    async def take_over(self) -> None:
+        """Finish or undo the interrupted operations this host owns, and those of hosts no
+        longer in the group (their leases expired: their locks are free); each under the
+        volume's lock. Another live host's operation is left to that host."""
+        mine = self.store.host_id
+        alive = await self.coordination.members() if self.coordination else {mine}
         for meta in list(self.store.volumes.values()):
-            if meta.state in ("creating", "deleting") or meta.operation:
-                try:
+            if not (meta.state in ("creating", "deleting") or meta.operation) \
+                    or self.store.locks.busy(meta.id):
+                continue
+            owner = str((meta.operation or {}).get("host") or mine)
+            if owner != mine and owner in alive:
+                log.info("volume %s: its %s belongs to host %s, which is alive: left to it",
+                         meta.id, (meta.operation or {}).get("name"), owner)
+                continue
+            try:
+                async with self.store.locks.volume(meta.id):
+                    meta = self.store.get_volume(meta.id)
+                    if owner != mine and meta.operation is not None:
+                        log.warning("volume %s: taking over the interrupted %s of host %s, "
+                                    "which left the group", meta.id, meta.operation.get("name"),
+                                    owner, extra={"VOLUME_ID": meta.id})
+                        meta = self.store.record(self.store.files_of(meta), meta.evolve(
+                            operation={**meta.operation, "host": mine,
+                                       "taken_over_from": owner}))
                     await self._resume(meta)
-                except Exception as exc:  # one volume's trouble must not stop the others
-                    log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
-                              exc_info=not isinstance(exc, HostvoldError),
-                              extra={"VOLUME_ID": meta.id})
+            except Exception as exc:  # one volume's trouble must not stop the others
+                log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
+                          exc_info=not isinstance(exc, HostvoldError),
+                          extra={"VOLUME_ID": meta.id})
 
     async def _resume(self, meta: VolumeMeta) -> None:
         """One volume's interrupted operation, finished or undone. An offline step waits

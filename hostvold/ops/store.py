@@ -69,6 +69,7 @@ class VolumeStore:
                              config.limits.qemu_img_address_space)
         self.placement = Placement(config.volumes.reserved_percentage,
                                    config.volumes.max_over_subscription_ratio)
+        self.host_id = config.coordination.host  # stamped on operations and attachments
         self.volumes: dict[str, VolumeMeta] = {}
         # operation name -> the step that finishes or undoes it after a crash
         self.recoverers: dict[str, Recoverer] = {}
@@ -178,6 +179,7 @@ class VolumeStore:
     def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
         """Persist ``meta``: an in-flight note in the index first when an operation is under
         way, then the metadata file on the share (atomically), then the index and memory."""
+        meta = self._stamped(meta)
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
         if busy and not self.index.is_inflight(meta.id):
             self.index.mark_inflight(meta.id, meta.share)
@@ -186,6 +188,15 @@ class VolumeStore:
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
+
+    def _stamped(self, meta: VolumeMeta) -> VolumeMeta:
+        """Which host started the operation and made the attachment (SPEC section 8)."""
+        changes: dict[str, object] = {}
+        if meta.operation is not None and "host" not in meta.operation:
+            changes["operation"] = {**meta.operation, "host": self.host_id}
+        if meta.attachment is not None and "host" not in meta.attachment:
+            changes["attachment"] = {**meta.attachment, "host": self.host_id}
+        return meta.evolve(**changes) if changes else meta
 
     def forget(self, volume_id: str) -> None:
         self.index.remove(volume_id)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from dbus_fast.aio import MessageBus
@@ -25,6 +27,7 @@ from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
 from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.server.objects import Api
+from hostvold.storage.coordination import ClusterLocks, Coordination
 from hostvold.storage.index import VolumeIndex
 from hostvold.storage.locks import LocalLocks
 from hostvold.storage.mounts import Share, ensure_mounted
@@ -62,6 +65,9 @@ class Daemon:
         self.jobs = JobRunner()
         self.bus: MessageBus | None = None
         self.index: VolumeIndex | None = None
+        self.coordination: Coordination | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._unwatch: list[Callable[[], None]] = []
 
     async def start(self) -> Operations:
         config = self.config
@@ -77,7 +83,7 @@ class Daemon:
             if not share.mounted:
                 log.error("share %s unavailable: %s", share.spec.address, share.error)
         self.index = VolumeIndex(state_dir / "index.sqlite")
-        locks = LocalLocks(state_dir / "locks")
+        locks = await self._locks(state_dir / "locks")
         store = VolumeStore(config, shares, self.index, locks, 0o660)
         notify.status("loading the volume index")
         if self.index.fresh:
@@ -89,6 +95,7 @@ class Daemon:
                                 new_install=not store.list_volumes())
         store.file_mode = file_mode(secure)
         ops = Operations(store)  # the use cases register their recovery steps
+        ops.coordination = self.coordination
         if self.with_libvirt:
             await self._connect_libvirt(ops)
         notify.status("recovering interrupted operations")
@@ -98,6 +105,41 @@ class Daemon:
             await ops.live.reconcile()
         self.store, self.ops = store, ops
         return ops
+
+    async def _locks(self, directory: Path) -> LocalLocks:
+        """Per-volume locks: the cluster's through etcd, or this host's alone."""
+        settings = self.config.coordination
+        if not settings.distributed:
+            log.info("single-host: no [coordination] backend_url, so locks are local to this "
+                     "host (%s); never let two hosts share a share this way", settings.host)
+            return LocalLocks(Path(settings.backend_url[len("file://"):]) if
+                              settings.backend_url.startswith("file://") else directory)
+        notify.status("joining the cluster")
+        self.coordination = Coordination(settings.backend_url, settings.host,
+                                         settings.lease_seconds)
+        await self.coordination.start()
+        self.coordination.on_lost.append(self._fenced)
+        return ClusterLocks(directory, self.coordination)
+
+    async def _follow_cluster(self) -> None:
+        """With etcd: when a host leaves the group, take over what it left unfinished."""
+        if self.coordination is None or self.ops is None:
+            return
+        ops = self.ops
+
+        def membership_changed() -> None:
+            task = asyncio.get_running_loop().create_task(ops.take_over())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._unwatch.append(await self.coordination.watch_members(membership_changed))
+
+    def _fenced(self) -> None:
+        """This host lost its coordination session: its running jobs stop at their next
+        recoverable step before its lease can expire and another host takes over."""
+        task = asyncio.get_running_loop().create_task(self.jobs.cancel_all())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _connect_libvirt(self, ops: Operations) -> None:
         config = self.config
@@ -114,6 +156,11 @@ class Daemon:
             self.hypervisor.reconnect()
 
     async def stop(self) -> None:
+        for unwatch in self._unwatch:
+            with contextlib.suppress(Exception):
+                unwatch()
+        if self.coordination is not None:
+            await self.coordination.stop()
         if self.hypervisor is not None:
             await self.hypervisor.close()
         if self.index is not None:
@@ -149,6 +196,7 @@ class Daemon:
                    f"shares, serving {BUS_NAME}")
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)
+        await self._follow_cluster()
         self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))
         await self.stop_requested.wait()
         log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")

@@ -3,7 +3,6 @@
 # no "from __future__ import annotations": dbus-fast reads the Annotated signatures
 import asyncio
 import os
-import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -81,7 +80,8 @@ class ManagerInterface(ServiceInterface):
         running = sum(1 for job in api.jobs.jobs.values() if job.state == "running")
         return {
             "version": Variant("s", __version__),
-            "host": Variant("s", socket.gethostname()),
+            "host": Variant("s", api.store.host_id),
+            "coordination": Variant("s", api.coordination_state()),
             "uptime": Variant("t", int(time.monotonic() - api.started)),
             "volumes": Variant("u", len(api.volume_objects)),
             "snapshots": Variant("u", len(api.snapshot_objects)),

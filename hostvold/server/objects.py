@@ -190,6 +190,14 @@ class Api:
 
         return self.start_job(operation, objects, work, bytes_total)
 
+    def coordination_state(self) -> str:
+        """``single-host``, or the cluster backend and whether this host's session holds."""
+        coordination = self.ops.coordination
+        if coordination is None:
+            return "single-host"
+        state = "member" if coordination.healthy else "fenced (no session)"
+        return f"{coordination.url.split('?')[0]}: {state}"
+
     def health(self) -> str:
         down = [s.spec.address for s in self.store.shares if not s.mounted]
         sick = [m.id for m in self.store.list_volumes() if m.problems]
