@@ -80,14 +80,15 @@ class Cluster:
 
     def __init__(self, root: Path, bus_factory: Callable[[str], str],
                  daemon_factory: Callable[..., DaemonProcess], backend: str,
-                 image_mib: int = 512) -> None:
+                 image_mib: int = 512, mounts: Path | None = None) -> None:
         self.root = root
         self.bus_factory = bus_factory
         self.daemon_factory = daemon_factory
         self.backend = backend
         self.image = make_ext4_image(root / "share.img", image_mib)
-        self.mounts = root / "mnt"  # the same mount point on every host, mounted once
-        self.mounts.mkdir()
+        # the same mount point on every host, mounted once
+        self.mounts = mounts or root / "mnt"
+        self.mounts.mkdir(exist_ok=True)
         self.hosts: dict[str, tuple[Path, Cli]] = {}
 
     def config(self, name: str, extra: str = "") -> Path:
@@ -124,3 +125,16 @@ def cluster(tmp_path: Path, bus_factory: Callable[[str], str],
     made.close()
 
 
+
+
+@pytest.fixture
+def live_cluster(tmp_path: Path, bus_factory: Callable[[str], str],
+                 daemon_factory: Callable[..., DaemonProcess], loop_supported: bool,
+                 etcd: Etcd, shared_base: Path) -> Iterator[Cluster]:
+    """A cluster whose share QEMU's user can reach (for attached volumes)."""
+    need(loop_supported, "loop mounts of ext4 images (mount -o loop)")
+    (tmp_path / "cluster").mkdir()
+    made = Cluster(tmp_path / "cluster", bus_factory, daemon_factory, etcd.url,
+                   mounts=shared_base / "cluster")
+    yield made
+    made.close()

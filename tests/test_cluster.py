@@ -100,3 +100,18 @@ def test_etcd_gone_changes_fail_fast_reads_answer(cluster: Cluster, etcd: Etcd) 
     assert elapsed < 5
     assert cli.json("show", vid)["Id"] == vid
     assert "fenced" in cli.json("status")["coordination"] or cli.json("status")["health"]
+
+
+def test_attached_on_another_host_is_refused_there(live_cluster: Cluster, domain: str) -> None:
+    """A volume attached on host a: host b (whose libvirt does not run that domain: here
+    libvirt's own test driver) refuses offline work with InUse naming a and the domain."""
+    _, cli_a = live_cluster.add("a", "[libvirt]\nquiesce = never\n")
+    vid = cli_a.json("create", "16M")["Id"]
+    cli_a.json("attach", vid, domain)
+    _, cli_b = live_cluster.add("b", "[libvirt]\nuri = test:///default\n")
+    for refused in (["snapshot", "create", vid], ["delete", vid], ["extend", vid, "32M"]):
+        result = cli_b.run(*refused)
+        assert result.returncode == 1 and "InUse" in result.stderr, (refused, result.stderr)
+        assert "host a" in result.stderr and domain in result.stderr, result.stderr
+    assert cli_b.json("show", vid)["Attachment"][0] == domain
+    cli_a.json("snapshot", "create", vid)  # where the domain runs, live work goes on
