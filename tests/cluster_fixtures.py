@@ -28,21 +28,28 @@ def free_port() -> int:
 class Etcd:
     """One etcd member on loopback, data in a temp dir."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: list[str] | None = None, address: str = "127.0.0.1") -> None:
         self.root = Path(tempfile.mkdtemp(prefix="hostvold-etcd-"))
         self.port, self.peer = free_port(), free_port()
+        self.prefix, self.address = prefix or [], address
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
+    def url_at(self, address: str) -> str:
+        return f"etcd3+http://{address}:{self.port}"
+
     @property
     def url(self) -> str:
-        return f"etcd3+http://127.0.0.1:{self.port}"
+        return self.url_at(self.address)
 
     def start(self) -> None:
-        client, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        listen = "0.0.0.0" if self.prefix else "127.0.0.1"
+        client, peer = f"http://{self.address}:{self.port}", f"http://127.0.0.1:{self.peer}"
         self.proc = subprocess.Popen(
-            ["etcd", "--name", "hostvold-test", "--data-dir", str(self.root / "data"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
+            [*self.prefix, "etcd", "--name", "hostvold-test",
+             "--data-dir", str(self.root / "data"),
+             "--listen-client-urls", f"http://{listen}:{self.port}",
+             "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"hostvold-test={peer}"],
             stdout=subprocess.DEVNULL, stderr=(self.root / "etcd.log").open("ab"))
@@ -90,6 +97,7 @@ class Cluster:
         self.mounts = mounts or root / "mnt"
         self.mounts.mkdir(exist_ok=True)
         self.hosts: dict[str, tuple[Path, Cli]] = {}
+        self.backends: dict[str, str] = {}  # hosts that reach etcd at another address
 
     def config(self, name: str, extra: str = "") -> Path:
         home = self.root / name
@@ -100,14 +108,18 @@ class Cluster:
         path.write_text(
             f"[daemon]\nstate_dir = {home / 'state'}\nbus = {address}\n"
             f"[shares]\nshares_config = {home / 'shares'}\nmount_point_base = {self.mounts}\n"
-            f"[coordination]\nbackend_url = {self.backend}\nhost_id = {name}\n"
-            f"lease_seconds = 3\n" + extra)
+            f"[coordination]\nbackend_url = {self.backends.get(name, self.backend)}\n"
+            f"host_id = {name}\nlease_seconds = 3\n" + extra)
         self.hosts[name] = (path, Cli(address))
         return path
 
     def add(self, name: str, extra: str = "", env: dict[str, str] | None = None,
-            wait: bool = True) -> tuple[DaemonProcess, Cli]:
-        process = self.daemon_factory(self.config(name, extra), env=env, wait=wait)
+            wait: bool = True, prefix: list[str] | None = None,
+            backend: str | None = None) -> tuple[DaemonProcess, Cli]:
+        if backend is not None:
+            self.backends[name] = backend
+        process = self.daemon_factory(self.config(name, extra), env=env, wait=wait,
+                                      prefix=prefix)
         return process, self.hosts[name][1]
 
     def close(self) -> None:
@@ -138,3 +150,50 @@ def live_cluster(tmp_path: Path, bus_factory: Callable[[str], str],
                    mounts=shared_base / "cluster")
     yield made
     made.close()
+
+
+class Network:
+    """Network namespaces of the test's own: etcd in one, a host cut off in another.
+
+    root <-veth-> etcd namespace <-veth-> host namespace; the host reaches etcd over its
+    own link, which the test can take down (a dead network, as for an NFS server)."""
+
+    def __init__(self, tag: str) -> None:
+        self.etcd_ns, self.host_ns = f"hv-etcd-{tag}", f"hv-host-{tag}"
+        self.root_if, self.host_if = f"hve{tag}", f"hvh{tag}"
+        self.etcd_for_root, self.etcd_for_host = "10.231.0.2", "10.231.1.2"
+        commands = [
+            ["ip", "netns", "add", self.etcd_ns], ["ip", "netns", "add", self.host_ns],
+            ["ip", "link", "add", self.root_if, "type", "veth", "peer", "name", "e0"
+             + tag, "netns", self.etcd_ns],
+            ["ip", "link", "add", self.host_if, "netns", self.host_ns, "type", "veth", "peer",
+             "name", "e1" + tag, "netns", self.etcd_ns],
+            ["ip", "addr", "add", "10.231.0.1/30", "dev", self.root_if],
+            ["ip", "link", "set", self.root_if, "up"],
+            *self._in(self.etcd_ns, ["ip", "addr", "add", "10.231.0.2/30", "dev", "e0" + tag],
+                      ["ip", "addr", "add", "10.231.1.2/30", "dev", "e1" + tag],
+                      ["ip", "link", "set", "e0" + tag, "up"],
+                      ["ip", "link", "set", "e1" + tag, "up"], ["ip", "link", "set", "lo", "up"]),
+            *self._in(self.host_ns, ["ip", "addr", "add", "10.231.1.1/30", "dev", self.host_if],
+                      ["ip", "link", "set", self.host_if, "up"],
+                      ["ip", "link", "set", "lo", "up"]),
+        ]
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True)
+
+    @staticmethod
+    def _in(namespace: str, *commands: list[str]) -> list[list[str]]:
+        return [["ip", "netns", "exec", namespace, *command] for command in commands]
+
+    def exec_prefix(self, namespace: str) -> list[str]:
+        return ["ip", "netns", "exec", namespace]
+
+    def cut_host(self) -> None:
+        subprocess.run(self._in(self.host_ns, ["ip", "link", "set", self.host_if, "down"])[0],
+                       check=True)
+
+    def close(self) -> None:
+        for namespace in (self.host_ns, self.etcd_ns):
+            subprocess.run(["ip", "netns", "pids", namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.root_if], capture_output=True)

@@ -333,7 +333,8 @@ def dbus_daemon(bus_factory: Callable[[str], str]) -> str:
 class DaemonProcess:
     """``python -m hostvold`` with a NOTIFY_SOCKET of ours: started() returns at READY=1."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.notify_path = config.parent / f"notify-{os.getpid()}-{id(self)}.sock"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.listener.bind(str(self.notify_path))
@@ -346,7 +347,7 @@ class DaemonProcess:
         self.log_path = config.parent / f"hostvold-{id(self)}.log"
         with open(self.log_path, "w") as log:  # a file, never a pipe that could fill up
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hostvold", "--config", str(config)],
+                [*(prefix or []), sys.executable, "-m", "hostvold", "--config", str(config)],
                 env=full_env, cwd=REPO, stderr=log, text=True)
 
     def log_text(self) -> str:
@@ -398,8 +399,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     def factory(config: Path, env: dict[str, str] | None = None,
-                wait: bool = True) -> DaemonProcess:
-        process = DaemonProcess(config, env)
+                wait: bool = True, prefix: list[str] | None = None) -> DaemonProcess:
+        process = DaemonProcess(config, env, prefix)
         started.append(process)
         if wait:
             process.wait_ready()

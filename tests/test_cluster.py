@@ -4,14 +4,18 @@ own bus, own host id) over one share image, coordinated by a real etcd through t
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cluster_fixtures import Cluster, Etcd
+from tests.cluster_fixtures import Cluster, Etcd, Network
+from tests.conftest import DaemonProcess, need, umount_all
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +119,78 @@ def test_attached_on_another_host_is_refused_there(live_cluster: Cluster, domain
         assert "host a" in result.stderr and domain in result.stderr, result.stderr
     assert cli_b.json("show", vid)["Attachment"][0] == domain
     cli_a.json("snapshot", "create", vid)  # where the domain runs, live work goes on
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    need(shutil.which("ip") is not None, "ip (Debian package iproute2)")
+    made = Network(f"{os.getpid() % 10000}")
+    yield made
+    made.close()
+
+
+def test_a_host_cut_from_etcd_stops_before_another_takes_over(
+        tmp_path: Path, bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess], loop_supported: bool,
+        network: Network) -> None:
+    """Host a reaches etcd over a link of its own; the link goes down in the middle of a
+    long commit. a stops changing data (its qemu-img is stopped at a recoverable step)
+    before its lease runs out; then host b takes the operation over and finishes it."""
+    need(loop_supported, "loop mounts of ext4 images (mount -o loop)")
+    server = Etcd(network.exec_prefix(network.etcd_ns), network.etcd_for_root)
+    try:
+        (tmp_path / "cluster").mkdir()
+        cluster = Cluster(tmp_path / "cluster", bus_factory, daemon_factory, server.url,
+                          image_mib=1536)
+        # b first: it mounts the share in the host's mount namespace, which `ip netns exec`
+        # copies for a (a mount made inside a's namespace would be a's alone)
+        _, cli_b = cluster.add("b")
+        process_a, cli_a = cluster.add("a", prefix=network.exec_prefix(network.host_ns),
+                                       backend=server.url_at(network.etcd_for_host))
+        vid = cli_a.json("create", "600M")["Id"]
+        base = share_of(cluster) / f"volume-{vid}"
+        sid = cli_a.json("snapshot", "create", vid)["Id"]
+        overlay = base.with_name(f"{base.name}.{sid}")
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 500M", str(overlay)],
+                       check=True, capture_output=True)
+        job = cli_a.json("--no-wait", "snapshot", "delete", sid)["job"]
+        deadline = time.monotonic() + 20
+        while "commit" not in (json.loads(base.with_name(f"{base.name}.meta").read_text())
+                               .get("operation") or {}).get("step", ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        network.cut_host()
+        cut = time.monotonic()
+        deadline = cut + 30
+        while (json.loads(base.with_name(f"{base.name}.meta").read_text())
+               .get("operation") or {}).get("host") != "b" and overlay.exists():
+            assert time.monotonic() < deadline, process_a.log_text()[-2000:]
+            time.sleep(0.1)
+        wait_until_done = time.monotonic() + 60
+        while overlay.exists():
+            assert time.monotonic() < wait_until_done
+            time.sleep(0.1)
+        log_a = process_a.log_text()
+        assert "lost its coordination session" in log_a, log_a[-2000:]
+        del job
+        assert cli_b.json("snapshots", vid) == []
+        result = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x61 0 500M",
+                                 str(base)], capture_output=True, text=True)
+        assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
+        fenced = _logged_at(log_a, "lost its coordination session")
+        taken = _logged_at(daemon_log(cluster, "b"), "taking over")
+        print(f"\na fenced at {fenced}, b took over at {taken}")
+        assert fenced < taken
+    finally:
+        umount_all(tmp_path / "cluster" / "mnt")
+        server.close()
+
+
+def daemon_log(cluster: Cluster, name: str) -> str:
+    return "".join(p.read_text() for p in (cluster.root / name).glob("hostvold-*.log"))
+
+
+def _logged_at(log: str, words: str) -> str:
+    """The timestamp of the first log line with ``words`` (ISO, sortable)."""
+    line = next(line for line in log.splitlines() if words in line)
+    return line[:23]

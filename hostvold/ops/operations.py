@@ -6,6 +6,7 @@ each other; only this layer decides between them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -34,7 +35,7 @@ from hostvold.ops.copies import CopyOps
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.repair import RepairOps
 from hostvold.ops.snapshots import SnapshotOps
-from hostvold.ops.startup import reread_inflight
+from hostvold.ops.startup import reread_foreign_operations, reread_inflight
 from hostvold.ops.store import VolumeStore
 from hostvold.ops.volumes import VolumeOps
 from hostvold.storage.coordination import Coordination
@@ -309,7 +310,10 @@ class Operations:
         longer in the group (their leases expired: their locks are free); each under the
         volume's lock. Another live host's operation is left to that host."""
         mine = self.store.host_id
-        alive = await self.coordination.members() if self.coordination else {mine}
+        alive = {mine}
+        if self.coordination is not None:
+            alive = await self.coordination.members()
+            await asyncio.to_thread(reread_foreign_operations, self.store)
         for meta in list(self.store.volumes.values()):
             if not (meta.state in ("creating", "deleting") or meta.operation) \
                     or self.store.locks.busy(meta.id):

@@ -144,3 +144,20 @@ async def reread_inflight(store: VolumeStore) -> None:
         else:  # the crash came before the metadata file was written, or after delete
             await asyncio.to_thread(remove_volume_files, files)
             store.forget(volume_id)
+
+
+def reread_foreign_operations(store: VolumeStore) -> None:
+    """The volumes whose metadata files on the shares record an operation of another host:
+    re-read, so that a host which left the group can be taken over even where this host
+    never heard of the volume (one directory listing per share, then only those files)."""
+    for share in store.mounted_shares():
+        with os.scandir(share.mount_point) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            volume_id = store.naming.volume_id_of_meta(name)
+            if volume_id is None or store.locks.busy(volume_id):
+                continue
+            meta = read_meta(share, share.mount_point / name, volume_id)
+            host = (meta.operation or {}).get("host") if meta is not None else None
+            if meta is not None and host not in (None, store.host_id):
+                store.volumes[volume_id] = meta
