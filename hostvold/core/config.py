@@ -154,6 +154,8 @@ class LibvirtConfig(_Section):
 class CoordinationConfig(_Section):
     backend_url: Annotated[str, BeforeValidator(_coordination), Field(
         description="empty (local locks), file:///dir or etcd3+http://host:port")] = ""
+    rescan_interval: Annotated[int, Field(
+        ge=1, le=3600, description="seconds from 1 to 3600")] = 30
 
 
 class LimitsConfig(_Section):

@@ -20,6 +20,7 @@ from hostvold.core.shares import ShareSpec, parse_options, parse_shares_file
 from hostvold.ops.jobs import JobRunner
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.operations import Operations
+from hostvold.ops.rescan import ShareRescanner
 from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
@@ -62,6 +63,7 @@ class Daemon:
         self.jobs = JobRunner()
         self.bus: MessageBus | None = None
         self.index: VolumeIndex | None = None
+        self.rescanner: ShareRescanner | None = None
 
     async def start(self) -> Operations:
         config = self.config
@@ -84,6 +86,8 @@ class Daemon:
             rebuild_index(store)
         else:
             load_index(store)
+        self.rescanner = ShareRescanner(store)
+        await self.rescanner.prime()  # volumes made elsewhere while we were down
         first = next((s.mount_point for s in shares if s.mounted), None)
         secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
                                 new_install=not store.list_volumes())
@@ -149,12 +153,15 @@ class Daemon:
                    f"shares, serving {BUS_NAME}")
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)
+        rescans = asyncio.get_running_loop().create_task(self._rescan_shares())
         self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))
         await self.stop_requested.wait()
         log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")
         notify.stopping()
         assert self.bus is not None
         await self.bus.release_name(BUS_NAME)
+        rescans.cancel()
+        await asyncio.gather(rescans, return_exceptions=True)  # no rescan holds a lock now
         await self.jobs.cancel_all()
         self.bus.disconnect()
         if watchdog is not None:
@@ -163,6 +170,17 @@ class Daemon:
         del api
         return 0
 
+
+    async def _rescan_shares(self) -> None:
+        """Every ``rescan_interval`` seconds: a stat of each share directory, and a rescan
+        of those that changed (changes made by other hosts or by Cinder show up)."""
+        assert self.rescanner is not None
+        while True:
+            await asyncio.sleep(self.config.coordination.rescan_interval)
+            try:
+                await self.rescanner.check()
+            except Exception:  # the next round tries again; the daemon goes on
+                log.exception("rescan of the shares failed")
 
     def _job_status(self, summary: str, names: set[str]) -> None:
         """A STATUS= line for systemctl status whenever a job starts or ends."""
