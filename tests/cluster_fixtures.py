@@ -98,6 +98,7 @@ class Cluster:
         self.mounts.mkdir(exist_ok=True)
         self.hosts: dict[str, tuple[Path, Cli]] = {}
         self.backends: dict[str, str] = {}  # hosts that reach etcd at another address
+        self.rescan = 30  # seconds between share rescans (the etcd watch needs none)
 
     def config(self, name: str, extra: str = "") -> Path:
         home = self.root / name
@@ -109,7 +110,7 @@ class Cluster:
             f"[daemon]\nstate_dir = {home / 'state'}\nbus = {address}\n"
             f"[shares]\nshares_config = {home / 'shares'}\nmount_point_base = {self.mounts}\n"
             f"[coordination]\nbackend_url = {self.backends.get(name, self.backend)}\n"
-            f"host_id = {name}\nlease_seconds = 3\n" + extra)
+            f"host_id = {name}\nlease_seconds = 3\nrescan_interval = {self.rescan}\n" + extra)
         self.hosts[name] = (path, Cli(address))
         return path
 

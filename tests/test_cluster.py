@@ -3,6 +3,7 @@ own bus, own host id) over one share image, coordinated by a real etcd through t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,11 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from dbus_fast import Message
+from dbus_fast.aio import MessageBus
 
 from tests.cluster_fixtures import Cluster, Etcd, Network
 from tests.conftest import DaemonProcess, need, umount_all
+from tests.test_dbus import Cli
 
 pytestmark = pytest.mark.integration
 
@@ -194,3 +199,46 @@ def _logged_at(log: str, words: str) -> str:
     """The timestamp of the first log line with ``words`` (ISO, sortable)."""
     line = next(line for line in log.splitlines() if words in line)
     return line[:23]
+
+
+def test_changes_show_on_the_other_host_within_a_second(cluster: Cluster) -> None:
+    """With etcd, a change on one host reaches the other through the volume's key (the
+    share rescan is set to an hour here, so it cannot be what shows it). The other host's
+    objects are read over one bus connection, so the figure is not the client's start-up."""
+    cluster.rescan = 3600
+    _, cli_a = cluster.add("a")
+    _, cli_b = cluster.add("b")
+
+    def seen(cli: Cli, check: Callable[[dict[str, Any]], bool], what: str) -> float:
+        return asyncio.run(_seen(cli.address, check, what))
+
+    vid = cli_a.json("create", "16M")["Id"]
+    volume = f"/org/hostvold1/volumes/{vid.replace('-', '_')}"
+    figures = {"create": seen(cli_b, lambda objects: volume in objects, "create")}
+    sid = cli_b.json("snapshot", "create", vid)["Id"]
+    snapshot = f"/org/hostvold1/snapshots/{sid.replace('-', '_')}"
+    figures["snapshot"] = seen(cli_a, lambda objects: snapshot in objects, "snapshot")
+    cli_a.json("snapshot", "delete", sid)
+    figures["snapshot delete"] = seen(cli_b, lambda objects: snapshot not in objects,
+                                      "snapshot delete")
+    cli_b.json("delete", vid)
+    figures["delete"] = seen(cli_a, lambda objects: volume not in objects, "delete")
+    print("\n" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in figures.items()))
+
+
+async def _seen(address: str, check: Callable[[dict[str, Any]], bool], what: str) -> float:
+    """Seconds until ``check`` holds for the other host's exported objects (at most 1 s)."""
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        start = time.monotonic()
+        while True:
+            reply = await bus.call(Message(
+                destination="org.hostvold1", path="/org/hostvold1",
+                interface="org.freedesktop.DBus.ObjectManager", member="GetManagedObjects"))
+            assert reply is not None
+            if check(reply.body[0]):
+                return time.monotonic() - start
+            assert time.monotonic() - start < 1.0, f"{what} not seen within 1 s"
+            await asyncio.sleep(0.01)  # the test's own look; the daemons never poll
+    finally:
+        bus.disconnect()

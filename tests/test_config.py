@@ -41,6 +41,9 @@ INVALID = [
     ("[libvirt]\nuri = qemu\n", ["[libvirt] uri", "libvirt URI"]),
     ("[libvirt]\npivot_retries = -1\n", ["[libvirt] pivot_retries", "0 to 100"]),
     ("[coordination]\nbackend_url = redis://x\n", ["[coordination] backend_url", "etcd3"]),
+    ("[coordination]\nrescan_interval = 0\n", ["[coordination] rescan_interval", "'0'",
+                                            "1 to 3600"]),
+    ("[coordination]\nrescan_interval = soon\n", ["[coordination] rescan_interval", "'soon'"]),
     ("[limits]\nqemu_img_cpu_seconds = 0\n", ["[limits] qemu_img_cpu_seconds", "1 to 3600"]),
     ("[limits]\nqemu_img_address_space = 1K\n", ["qemu_img_address_space", "16M to 64G"]),
     ("[limits]\nqemu_img_address_space = lots\n", ["qemu_img_address_space", "'lots'"]),
@@ -92,11 +95,13 @@ def test_valid_values_parse() -> None:
     config = parse_config("[volumes]\nreserved_percentage = 5\nsparsed_volumes = no\n"
                           "[limits]\nqemu_img_address_space = 2G\n"
                           "[daemon]\nbus = unix:path=/run/x\nlog_level = DEBUG\n"
-                          "[coordination]\nbackend_url = etcd3+http://10.0.0.1:2379\n")
+                          "[coordination]\nbackend_url = etcd3+http://10.0.0.1:2379\n"
+                          "rescan_interval = 5\n")
     assert config.volumes.reserved_percentage == 5
     assert config.volumes.sparsed_volumes is False
     assert config.limits.qemu_img_address_space == 2 << 30
     assert config.daemon.log_level == "debug"
+    assert config.coordination.rescan_interval == 5 and Config().coordination.rescan_interval == 30
     assert config.mount_point_base == Path("/var/lib/hostvold/mnt")
 
 

@@ -160,6 +160,8 @@ class CoordinationConfig(_Section):
         description="1 to 63 letters, digits, '.', '_' or '-' (default: the hostname)")] = ""
     lease_seconds: Annotated[int, Field(
         ge=3, le=300, description="seconds from 3 to 300")] = 30
+    rescan_interval: Annotated[int, Field(
+        ge=1, le=3600, description="seconds from 1 to 3600")] = 30
 
     @property
     def host(self) -> str:

@@ -18,17 +18,20 @@ from hostvold.core.errors import (
     AlreadyExists,
     HostvoldError,
     HypervisorUnavailable,
+    InfoFileDamaged,
     InUse,
     InvalidArgument,
     InvalidState,
     NeedsRepair,
     NotFound,
+    UnsafeFile,
 )
 from hostvold.core.ids import new_id, valid_id
 from hostvold.core.images import Format, Layer
 from hostvold.core.layout import VolumeFiles, record_problems
 from hostvold.core.models import ExportVolume, ExtendVolume
 from hostvold.core.planning import AMBIGUOUS_PIVOT, snapshot_data
+from hostvold.core.reconcile import record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of
 from hostvold.core.users import NOBODY, Users
 from hostvold.ops.copies import CopyOps
@@ -56,11 +59,21 @@ class Operations:
 
     # ---- libvirt's word -----------------------------------------------------------------
 
-    async def _observe(self, volume_id: str) -> tuple[VolumeMeta, VolumeFiles, Users]:
-        """Under the lock: the volume as libvirt says it is used now, its record in line.
-        A volume attached on another host is that host's to change (InUse)."""
+    async def _observe(self, volume_id: str,
+                       damaged_ok: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
+        """Under the lock: the volume re-read from its share (another writer may have
+        changed it), and as libvirt says it is used now, its record in line. Damaged files
+        seen for the first time are raised as such; once recorded, the use case refuses
+        with NeedsRepair (``damaged_ok``: a repair, delete or detach goes on). A volume
+        attached on another host is that host's to change (InUse)."""
         if self.coordination is not None:
             self.coordination.require()  # a fenced host starts nothing that changes data
+        known = self.store.find(volume_id)
+        try:
+            self.store.refresh(volume_id)
+        except (InfoFileDamaged, UnsafeFile):
+            if not damaged_ok and (known is None or not known.problems):
+                raise
         meta = self.store.get_volume(volume_id)
         users = NOBODY
         if self.live is not None:
@@ -108,7 +121,7 @@ class Operations:
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
         async with self.store.locks.volume(volume_id):
-            meta, files, users = await self._observe(volume_id)
+            meta, files, users = await self._observe(volume_id, damaged_ok=True)
             users.refuse_any("delete", volume_id)
             if meta.attachment or meta.state == "in-use":
                 raise InvalidState(f"volume {volume_id} is attached to "
@@ -263,7 +276,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         live = self._require_live()
         async with self.store.locks.volume(volume_id):
-            meta, files, users = await self._observe(volume_id)
+            meta, files, users = await self._observe(volume_id, damaged_ok=True)
             return await live.detach(files, meta, users)
 
     def check(self, volume_id: str) -> list[str]:
@@ -277,7 +290,8 @@ class Operations:
         Returns what was done."""
         volume_id = valid_id(volume_id, "volume id")
         async with self.store.locks.volume(volume_id):
-            meta, files, users = await self._observe(volume_id)
+            before = self.store.find(volume_id)
+            meta, files, users = await self._observe(volume_id, damaged_ok=True)
             users.refuse_live("repair", volume_id)
             if (meta.operation or {}).get("step") == AMBIGUOUS_PIVOT:
                 deleter = self._require_live().deleter
@@ -296,7 +310,9 @@ class Operations:
                 done.append("discarded the untrusted operation record of the metadata file")
             if meta.state != "available" or meta.operation is not None:
                 raise InvalidState(f"volume {volume_id} is busy; repair needs an idle volume")
-            return done + self.repairs.repair(files, meta, fmt)
+            done += self.repairs.repair(files, meta, fmt)
+            return done + [f"metadata file brought in line with the share: {line}" for line
+                           in record_changes(before, self.store.find(volume_id))]
 
     # ---- recovery ------------------------------------------------------------------------
 

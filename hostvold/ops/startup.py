@@ -1,6 +1,7 @@
 """What the daemon does with the shares at start: the index loaded, or rebuilt from the
-shares alone (hostvold's metadata files as they are, volumes laid out by Cinder adopted),
-and the volumes caught mid-operation re-read from their shares before recovery."""
+shares alone (hostvold's metadata files reconciled with the info files and chains, volumes
+laid out by Cinder adopted), and the volumes caught mid-operation re-read from their shares
+before recovery."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from hostvold.core.records import VolumeMeta
 from hostvold.ops.store import VolumeStore, remove_volume_files
 from hostvold.storage.files import file_mtime
 from hostvold.storage.infofile import read_info
-from hostvold.storage.metadata import read_meta as read_meta_file
-from hostvold.storage.metadata import write_meta
+from hostvold.storage.metadata import read_record, write_meta
 from hostvold.storage.mounts import Share
 from hostvold.storage.qcow2 import header_claim, read_qcow2_header, validate_chain
 from hostvold.storage.safefile import require_regular
@@ -36,7 +36,7 @@ def rebuild_index(store: VolumeStore) -> None:
         for name in sorted(names):
             volume_id = store.naming.volume_id_of_meta(name)
             if volume_id is not None:
-                meta = read_meta(share, share.mount_point / name, volume_id)
+                meta = read_record(share, share.mount_point / name, volume_id)
             elif (volume_id := store.naming.volume_id_of_base(name)) is not None and \
                     f"{name}.meta" not in names:
                 meta = adopt(store, VolumeFiles.of(share.mount_point, store.naming, volume_id),
@@ -47,6 +47,7 @@ def rebuild_index(store: VolumeStore) -> None:
                 found[volume_id] = meta
     store.index.replace_all(found.values())
     store.volumes = found
+    reconcile_all(store)  # a metadata file is a belief: the info file and chain decide
     log.info("index rebuilt from %d shares: %d volumes",
              len(store.mounted_shares()), len(found))
 
@@ -113,20 +114,20 @@ def _recorded_base_format(files: VolumeFiles, present: set[str]) -> str | None:
 
 def load_index(store: VolumeStore) -> None:
     store.volumes = {meta.id: meta for meta in store.index.load()}
+    reconcile_all(store)
 
 
-def read_meta(share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
-    """A metadata file as it is on the share, or None (logged) when it is unusable."""
-    try:
-        meta = read_meta_file(path)
-    except (HostvoldError, OSError) as exc:
-        log.error("skipping unreadable metadata %s: %s", path, exc)
-        return None
-    if meta.id != volume_id:
-        log.error("skipping %s: it describes volume %s", path, meta.id)
-        return None
-    return meta.evolve(share=share.spec.address) if meta.share != share.spec.address \
-        else meta
+def reconcile_all(store: VolumeStore) -> None:
+    """Every known volume brought in line with its share (:meth:`VolumeStore.refresh`);
+    one volume's trouble is logged (and recorded as its problem) and never stops the
+    others."""
+    for volume_id in sorted(store.volumes):
+        try:
+            store.refresh(volume_id)
+        except (HostvoldError, OSError) as exc:
+            log.error("volume %s could not be reconciled with its share: %s", volume_id,
+                      exc, extra={"VOLUME_ID": volume_id})
+
 
 
 async def reread_inflight(store: VolumeStore) -> None:
@@ -138,7 +139,7 @@ async def reread_inflight(store: VolumeStore) -> None:
             continue  # its share is down; recovered when it comes back
         files = VolumeFiles.of(share.mount_point, store.naming, volume_id)
         if files.meta.exists() or files.meta.is_symlink():
-            meta = read_meta(share, files.meta, volume_id)
+            meta = read_record(share, files.meta, volume_id)
             if meta is not None:
                 store.volumes[volume_id] = meta
         else:  # the crash came before the metadata file was written, or after delete
@@ -157,7 +158,7 @@ def reread_foreign_operations(store: VolumeStore) -> None:
             volume_id = store.naming.volume_id_of_meta(name)
             if volume_id is None or store.locks.busy(volume_id):
                 continue
-            meta = read_meta(share, share.mount_point / name, volume_id)
+            meta = read_record(share, share.mount_point / name, volume_id)
             host = (meta.operation or {}).get("host") if meta is not None else None
             if meta is not None and host not in (None, store.host_id):
                 store.volumes[volume_id] = meta

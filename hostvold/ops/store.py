@@ -38,14 +38,16 @@ from hostvold.core.ids import valid_id
 from hostvold.core.images import Format, Layer
 from hostvold.core.layout import Naming, VolumeFiles, record_problems
 from hostvold.core.planning import chain_problems
+from hostvold.core.reconcile import busy, merge_record, record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of, utc_now
 from hostvold.core.shares import Candidate, Placement, choose_share
 from hostvold.storage.atomic import unlink_durable
+from hostvold.storage.chainview import observe_chain
 from hostvold.storage.files import is_enospc
 from hostvold.storage.index import VolumeIndex
 from hostvold.storage.infofile import read_info
 from hostvold.storage.locks import LocalLocks
-from hostvold.storage.metadata import write_meta
+from hostvold.storage.metadata import read_record, write_meta
 from hostvold.storage.mounts import Share, capacity
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.qemuimg import Limits
@@ -94,17 +96,6 @@ class VolumeStore:
 
     def mounted_shares(self) -> list[Share]:
         return [share for share in self.shares if share.mounted]
-
-    def usage(self, share: Share) -> tuple[int, int]:
-        """(allocated, provisioned) bytes of the volumes on ``share``."""
-        allocated = 0
-        with os.scandir(share.mount_point) as entries:
-            for entry in entries:
-                if self.naming.volume_id_of_image(entry.name) is None:
-                    continue
-                allocated += entry.stat(follow_symlinks=False).st_size
-        provisioned = sum(m.size for m in self.volumes.values() if m.share == share.spec.address)
-        return allocated, provisioned
 
     def share_of(self, meta: VolumeMeta) -> Share:
         for share in self.shares:
@@ -173,6 +164,68 @@ class VolumeStore:
             self.record(files, meta.evolve(problems=problems))
             raise NeedsRepair(f"volume {meta.id} needs a repair: {'; '.join(problems)}")
         return chain_map, chain
+
+    # ---- the share's word ---------------------------------------------------------------
+
+    def refresh(self, volume_id: str, share: Share | None = None) -> VolumeMeta | None:
+        """The volume re-read from its share and reconciled; None when it is not a volume.
+
+        Reads its metadata file and info file and the chain's headers (no process). The
+        info file and chain decide the snapshots and the active file; the metadata file
+        adds the rest. A metadata file whose base file is gone is forgotten (another
+        writer deleted the volume; the idle leftover is removed, nothing else). When the
+        share differs from the record the metadata file is rewritten and the change
+        logged. Untouched: a volume with this host's own operation under way (recovery's),
+        and another writer's in-flight record (taken as it is). A base file with no
+        metadata file is not read here (:func:`hostvold.ops.startup.adopt`). A damaged
+        info file or a symbolic link in the chain is recorded as a problem, then raised;
+        a hostile image header is raised and nothing is written."""
+        known = self.volumes.get(volume_id)
+        if known is not None and self.index.is_inflight(volume_id):
+            return known
+        if share is None:
+            share = next((s for s in self.shares if known and s.spec.address == known.share),
+                         None)
+        if share is None or not share.mounted:
+            return known  # its share is down: nothing to read now
+        files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
+        on_share = read_record(share, files.meta, volume_id) \
+            if os.path.lexists(files.meta) else None
+        if not os.path.lexists(files.base) and not (on_share and on_share.state == "creating"):
+            self._gone(files, known, on_share)
+            return None
+        meta = on_share or known
+        if meta is None:
+            return None
+        if meta.share != share.spec.address:
+            meta = meta.evolve(share=share.spec.address)
+        error = None
+        if not busy(meta):
+            view = observe_chain(files, meta.format, set(meta.snapshots))
+            meta, error = merge_record(meta, view), view.error
+        changes = record_changes(known, meta) if known is not None else []
+        if changes:
+            log.warning("volume %s changed on share %s: %s", volume_id, share.spec.address,
+                        "; ".join(changes), extra={"VOLUME_ID": volume_id})
+        if meta != on_share and not busy(meta):
+            self.record(files, meta)
+        elif meta != known:  # the share's record as it is: memory and index follow
+            self.index.put(meta)
+            self.volumes[volume_id] = meta
+            self._changed(volume_id)
+        if error is not None:
+            raise error
+        return meta
+
+    def _gone(self, files: VolumeFiles, known: VolumeMeta | None,
+              on_share: VolumeMeta | None) -> None:
+        """The base file is gone: not a volume. An idle leftover metadata file goes too."""
+        if on_share is not None and not busy(on_share):
+            unlink_durable(files.meta)
+        if known is not None:
+            log.warning("volume %s: its base file %s is gone from %s; forgotten", known.id,
+                        files.base_name, known.share, extra={"VOLUME_ID": known.id})
+            self.forget(known.id)
 
     # ---- changing files and records ---------------------------------------------------------
 
@@ -255,7 +308,7 @@ class VolumeStore:
             shares[0].require()
         candidates = []
         for share in shares:
-            allocated, provisioned = self.usage(share)
+            allocated, provisioned = share_usage(self, share)
             candidates.append(Candidate(share.spec, capacity(share, allocated, provisioned)))
         chosen = choose_share(candidates, size, not thin, self.placement)
         if space_needed > chosen.capacity.free:
@@ -304,6 +357,18 @@ class VolumeStore:
         log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
                     extra={"VOLUME_ID": meta.id})
         await recoverer(files, meta)
+
+def share_usage(store: VolumeStore, share: Share) -> tuple[int, int]:
+    """(allocated, provisioned) bytes of the volumes on ``share``."""
+    allocated = 0
+    with os.scandir(share.mount_point) as entries:
+        for entry in entries:
+            if store.naming.volume_id_of_image(entry.name) is None:
+                continue
+            allocated += entry.stat(follow_symlinks=False).st_size
+    provisioned = sum(m.size for m in store.volumes.values() if m.share == share.spec.address)
+    return allocated, provisioned
+
 
 def remove_volume_files(files: VolumeFiles) -> None:
     """Remove every file of the volume, the metadata file last, and nothing else."""

@@ -27,7 +27,7 @@ from hostvold.core.images import Format, Layer, layer_format
 from hostvold.core.layout import VolumeFiles, temp_name
 from hostvold.core.models import MAX_SIZE, CreateVolume, ImportVolume
 from hostvold.core.records import VolumeMeta
-from hostvold.ops.store import VolumeStore, remove_volume_files
+from hostvold.ops.store import VolumeStore, remove_volume_files, share_usage
 from hostvold.storage import qemuimg
 from hostvold.storage.files import (
     copy_fd_to_new_file,
@@ -158,7 +158,7 @@ class VolumeOps:
                                   f"{meta.size} bytes")
         grow = size - meta.size
         share = self.store.share_of(meta)
-        allocated, provisioned = self.store.usage(share)
+        allocated, provisioned = share_usage(self.store, share)
         cap = capacity(share, allocated, provisioned)
         if provisioned + grow > cap.total * self.store.placement.max_over_subscription_ratio or (
                 meta.provisioning == "thick" and grow > cap.free):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import faulthandler
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from dbus_fast.aio import MessageBus
@@ -19,9 +17,11 @@ from hostvold import __version__
 from hostvold.core.config import Config, load_config
 from hostvold.core.errors import ConfigError, HostvoldError, HypervisorUnavailable
 from hostvold.core.shares import ShareSpec, parse_options, parse_shares_file
+from hostvold.ops.cluster import ClusterFollower
 from hostvold.ops.jobs import JobRunner
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.operations import Operations
+from hostvold.ops.rescan import ShareRescanner
 from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
@@ -67,7 +67,8 @@ class Daemon:
         self.index: VolumeIndex | None = None
         self.coordination: Coordination | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._unwatch: list[Callable[[], None]] = []
+        self.follower: ClusterFollower | None = None
+        self.rescanner: ShareRescanner | None = None
 
     async def start(self) -> Operations:
         config = self.config
@@ -90,6 +91,8 @@ class Daemon:
             rebuild_index(store)
         else:
             load_index(store)
+        self.rescanner = ShareRescanner(store)
+        await self.rescanner.prime()  # volumes made elsewhere while we were down
         first = next((s.mount_point for s in shares if s.mounted), None)
         secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
                                 new_install=not store.list_volumes())
@@ -122,17 +125,11 @@ class Daemon:
         return ClusterLocks(directory, self.coordination)
 
     async def _follow_cluster(self) -> None:
-        """With etcd: when a host leaves the group, take over what it left unfinished."""
-        if self.coordination is None or self.ops is None:
-            return
-        ops = self.ops
-
-        def membership_changed() -> None:
-            task = asyncio.get_running_loop().create_task(ops.take_over())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-        self._unwatch.append(await self.coordination.watch_members(membership_changed))
+        """With etcd: changes of other hosts refresh our picture; departed hosts' work is
+        taken over."""
+        if self.coordination is not None and self.store is not None and self.ops is not None:
+            self.follower = ClusterFollower(self.store, self.ops, self.coordination)
+            await self.follower.start()
 
     def _fenced(self) -> None:
         """This host lost its coordination session: its running jobs stop at their next
@@ -156,9 +153,8 @@ class Daemon:
             self.hypervisor.reconnect()
 
     async def stop(self) -> None:
-        for unwatch in self._unwatch:
-            with contextlib.suppress(Exception):
-                unwatch()
+        if self.follower is not None:
+            self.follower.stop()
         if self.coordination is not None:
             await self.coordination.stop()
         if self.hypervisor is not None:
@@ -197,12 +193,15 @@ class Daemon:
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)
         await self._follow_cluster()
+        rescans = asyncio.get_running_loop().create_task(self._rescan_shares())
         self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))
         await self.stop_requested.wait()
         log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")
         notify.stopping()
         assert self.bus is not None
         await self.bus.release_name(BUS_NAME)
+        rescans.cancel()
+        await asyncio.gather(rescans, return_exceptions=True)  # no rescan holds a lock now
         await self.jobs.cancel_all()
         self.bus.disconnect()
         if watchdog is not None:
@@ -211,6 +210,17 @@ class Daemon:
         del api
         return 0
 
+
+    async def _rescan_shares(self) -> None:
+        """Every ``rescan_interval`` seconds: a stat of each share directory, and a rescan
+        of those that changed (changes made by other hosts or by Cinder show up)."""
+        assert self.rescanner is not None
+        while True:
+            await asyncio.sleep(self.config.coordination.rescan_interval)
+            try:
+                await self.rescanner.check()
+            except Exception:  # the next round tries again; the daemon goes on
+                log.exception("rescan of the shares failed")
 
     def _job_status(self, summary: str, names: set[str]) -> None:
         """A STATUS= line for systemctl status whenever a job starts or ends."""

@@ -10,6 +10,7 @@ from dbus_fast import PropertyAccess
 from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_property
 
+from hostvold.ops.store import share_usage
 from hostvold.server.calls import announce_changes
 from hostvold.storage.mounts import Share
 
@@ -28,7 +29,7 @@ class ShareInterface(ServiceInterface):
         if not self.share.mounted:
             return {"Total": 0, "Free": 0, "Allocated": 0, "Provisioned": 0}
         st = os.statvfs(self.share.mount_point)
-        allocated, provisioned = self.api.store.usage(self.share)
+        allocated, provisioned = share_usage(self.api.store, self.share)
         return {"Total": st.f_frsize * st.f_blocks, "Free": st.f_frsize * st.f_bavail,
                 "Allocated": allocated, "Provisioned": provisioned}
 

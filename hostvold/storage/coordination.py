@@ -63,7 +63,7 @@ class Coordination:
         except coordination.ToozError as exc:
             raise CoordinationUnavailable(
                 f"the coordination backend at {self.url.split('?')[0]} failed "
-                f"({exc or type(exc).__name__}); changes are refused, reads go on") from None
+                f"({str(exc) or type(exc).__name__}); changes are refused, reads go on") from None
 
     async def start(self) -> None:
         """Connect, join the hosts' group, and renew the lease from the event loop."""

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from hostvold.core.errors import Failed
+from hostvold.core.errors import Failed, HostvoldError
 from hostvold.core.records import VolumeMeta
 from hostvold.storage.atomic import write_atomic
+from hostvold.storage.mounts import Share
 from hostvold.storage.safefile import read_regular
+
+log = logging.getLogger(__name__)
 
 
 def read_meta(path: Path) -> VolumeMeta:
@@ -26,3 +30,17 @@ def read_meta(path: Path) -> VolumeMeta:
 def write_meta(path: Path, meta: VolumeMeta, mode: int) -> None:
     data = json.dumps(meta.model_dump(), indent=1, sort_keys=True).encode() + b"\n"
     write_atomic(path, data, mode)
+
+
+def read_record(share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
+    """A metadata file as it is on the share, or None (logged) when it is unusable."""
+    try:
+        meta = read_meta(path)
+    except (HostvoldError, OSError) as exc:
+        log.error("skipping unreadable metadata %s: %s", path, exc)
+        return None
+    if meta.id != volume_id:
+        log.error("skipping %s: it describes volume %s", path, meta.id)
+        return None
+    return meta.evolve(share=share.spec.address) if meta.share != share.spec.address \
+        else meta

@@ -1,0 +1,74 @@
+"""Following the other hosts through etcd: every committed change of a volume is announced
+on its key, and a change announced by another host refreshes just that volume from the share
+(cheap: two small reads); when a host leaves the group, what it
+left unfinished is taken over. Event-driven: etcd watches, no polling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from hostvold.core.layout import VolumeFiles
+from hostvold.ops.operations import Operations
+from hostvold.ops.store import VolumeStore
+from hostvold.storage.coordination import Coordination
+
+log = logging.getLogger(__name__)
+
+
+class ClusterFollower:
+    def __init__(self, store: VolumeStore, ops: Operations, coordination: Coordination) -> None:
+        self.store = store
+        self.ops = ops
+        self.coordination = coordination
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stops: list[Callable[[], None]] = []
+
+    async def start(self) -> None:
+        self.store.change_listeners.append(self._changed_here)
+        self._stops.append(await self.coordination.watch(self._changed_elsewhere))
+        self._stops.append(await self.coordination.watch_members(
+            lambda: self._spawn(self.ops.take_over())))
+
+    def stop(self) -> None:
+        for stop in self._stops:
+            try:
+                stop()
+            except Exception:  # the watch's connection may already be gone
+                log.debug("stopping a watch failed", exc_info=True)
+        for task in self._tasks:
+            task.cancel()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _changed_here(self, volume_id: str) -> None:
+        self._spawn(self.coordination.announce(volume_id))
+
+    def _changed_elsewhere(self, volume_id: str, host: str) -> None:
+        if host != self.coordination.host_id:
+            self._spawn(self._refresh(volume_id))
+
+    async def _refresh(self, volume_id: str) -> None:
+        """Another host changed the volume: read it again from its share. Not under the
+        volume's lock (the other host may still hold it): a picture taken mid-operation is
+        corrected by the next announcement, an in-flight record is never rewritten, and
+        every operation here reads the volume again under the lock before acting."""
+        if self.store.locks.busy(volume_id):
+            return  # our own operation holds it and reads the share itself
+        try:
+            share = None
+            if self.store.find(volume_id) is None:  # made elsewhere: find its share
+                share = next((s for s in self.store.mounted_shares() if os.path.lexists(
+                    VolumeFiles.of(s.mount_point, self.store.naming, volume_id).meta)), None)
+                if share is None:
+                    return
+            self.store.refresh(volume_id, share)
+        except Exception as exc:
+            log.warning("refreshing volume %s after a change on another host failed: %s",
+                        volume_id, exc, extra={"VOLUME_ID": volume_id})

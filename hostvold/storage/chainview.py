@@ -1,0 +1,53 @@
+"""What a share says of one volume's chain: its info file and the image headers, read
+in-process (no qemu-img), with no listing of the share's directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hostvold.core.errors import InfoFileDamaged, UnsafeFile
+from hostvold.core.layout import VolumeFiles
+from hostvold.core.planning import chain_problems
+from hostvold.core.reconcile import STALE_SUFFIX, ShareView
+from hostvold.storage.infofile import read_info
+from hostvold.storage.qcow2 import validate_chain
+
+
+def observe_chain(files: VolumeFiles, base_format: str,
+                  known: Collection[str] = ()) -> ShareView:
+    """The info file, the chain from its active file down, and what differs between them.
+
+    Costs one small read (the info file), one header read per layer, and one ``lstat`` per
+    overlay the info file names. Overlays beside the chain that the info file does not name
+    are not looked for here (that needs a listing; :meth:`RepairOps.check` does it).
+    ``known``: the snapshot ids the record already has (no created time is needed)."""
+    try:
+        chain_map = read_info(files)
+    except InfoFileDamaged as exc:  # damaged, a symbolic link, a device: a named problem
+        return ShareView(None, [exc.message], error=exc)
+    present: set[str] = set()
+    created: dict[str, str] = {}
+    for sid, overlay in chain_map.snapshots.items():
+        try:
+            mtime = os.lstat(files.directory / overlay).st_mtime
+        except FileNotFoundError:
+            continue
+        present.add(overlay)
+        if sid not in known:
+            created[overlay] = datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
+    top_format = base_format if chain_map.active == files.base_name else "qcow2"
+    error = None
+    try:  # a hostile header (a foreign backing file, a loop) is raised, never recorded
+        chain = validate_chain(files, chain_map.active, top_format)
+    except FileNotFoundError as exc:
+        problems = [f"{Path(str(exc.filename)).name}, a file of the chain, is missing"]
+    except UnsafeFile as exc:  # a symbolic link, a device among the layers
+        problems, error = [exc.message], exc
+    else:
+        present |= {layer.name for layer in chain}
+        problems = [p for p in chain_problems(files, chain, chain_map, present)
+                    if not p.endswith(STALE_SUFFIX)]  # "not in the active chain" says it
+    return ShareView(chain_map, problems, created, error)
