@@ -100,7 +100,7 @@ def assert_lists_the_share(service: Operations, mount: Path, volumes: set[str]) 
         assert all(s["created"] for s in meta.snapshots.values())
         assert meta.problems == [], meta.problems
         assert (mount / f"volume-{meta.id}.meta").exists()
-        assert service.check(meta.id) == []  # the full check (with a listing) agrees
+        assert service.repairs.check(meta.id) == []  # the full check (with a listing) agrees
     assert all(share.mounted for share in store.shares)  # so health is "ok"
 
 

@@ -251,7 +251,7 @@ async def test_stale_state_is_reported_and_repaired(host: Host) -> None:
     data = json.loads(good_info)
     data[ghost] = f"{files.base_name}.{ghost}"
     files.info.write_text(json.dumps(data))
-    assert any(ghost in p for p in lab.snapshots.check(lab.volume_id))
+    assert any(ghost in p for p in lab.snapshots.repairs.check(lab.volume_id))
     await lab.snapshots.repair(lab.volume_id)
     assert ghost not in read_info(files).snapshots
     lab.check_consistent()
@@ -266,7 +266,7 @@ async def test_stale_state_is_reported_and_repaired(host: Host) -> None:
     lab.current += 1
     write_generation(orphan, "qcow2", lab.current)
     assert any("not used" in p or "not in the info" in p
-               for p in lab.snapshots.check(lab.volume_id))
+               for p in lab.snapshots.repairs.check(lab.volume_id))
     await lab.snapshots.repair(lab.volume_id)
     assert read_info(files).active == orphan.name
     lab.generation_of[orphan_id] = lab.current - 1

@@ -279,9 +279,6 @@ class Operations:
             meta, files, users = await self._observe(volume_id, damaged_ok=True)
             return await live.detach(files, meta, users)
 
-    def check(self, volume_id: str) -> list[str]:
-        return self.repairs.check(volume_id)
-
     async def repair(self, volume_id: str, fmt: Format | None = None,
                      choice: str | None = None) -> list[str]:
         """Make the info file describe the chain the files form, losing no data still

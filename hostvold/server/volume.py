@@ -14,7 +14,14 @@ from dbus_fast import PropertyAccess
 from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from hostvold.core.errors import AlreadyExists, InvalidArgument, NotAuthorized, NotFound
+from hostvold.core.errors import (
+    AlreadyExists,
+    InUse,
+    InvalidArgument,
+    InvalidState,
+    NotAuthorized,
+    NotFound,
+)
 from hostvold.core.models import (
     AttachVolume,
     CopyVolume,
@@ -144,12 +151,22 @@ class VolumeInterface(VolumeProperties):
         self.api.sync_volume(self.meta.id)
         return object_path("snapshots", snap.id)
 
+    def _refuse_attached(self, action: str) -> None:
+        """Said when the call arrives: the volume is attached (the use case asks libvirt
+        again under the lock before it acts)."""
+        attachment = self.meta.attachment or {}
+        if attachment or self.meta.state == "in-use":
+            where = f" on host {attachment['host']}" if attachment.get("host") else ""
+            raise InUse(f"cannot {action} volume {self.meta.id}: it is attached to domain "
+                        f"{attachment.get('domain', '?')}{where}; detach it first")
+
     @dbus_method()
     @named_errors
     async def Extend(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Extend")
         values = read_options(options, {"size": INT})
         request: ExtendVolume = ExtendVolume.parse(**values)
+        self.api.store.require_idle(self.meta.id)  # what can be known now is said now
         if request.size <= self.meta.size:
             raise InvalidArgument(f"option size: the new size {request.size} must be larger "
                                   f"than the current {self.meta.size} bytes")
@@ -165,6 +182,7 @@ class VolumeInterface(VolumeProperties):
     async def Clone(self, options: DBusDict) -> DBusObjectPath:
         values, _ = await self.api.admit_new_volume(
             "Volume.Clone", options, NEW_VOLUME, CopyVolume.parse)
+        self.api.store.require_idle(self.meta.id)
         volume_id = self.meta.id
 
         async def make() -> VolumeMeta:
@@ -190,6 +208,7 @@ class VolumeInterface(VolumeProperties):
             if os.path.lexists(request.destination):
                 raise AlreadyExists(f"{request.destination} already exists; hostvold never "
                                     "overwrites a file")
+        self.api.store.require_idle(self.meta.id)
         fd = keep_fd(None if request.fd is None else caller_fd(request.fd, write=True))
         values["fd"] = fd
         volume_id = self.meta.id
@@ -216,6 +235,8 @@ class VolumeInterface(VolumeProperties):
         sid = RevertVolume.parse(snapshot=snapshot).snapshot
         if sid not in self.meta.snapshots:
             raise NotFound(f"snapshot {sid} of volume {self.meta.id} does not exist")
+        self._refuse_attached("revert")
+        self.api.store.require_available(self.meta.id)
         volume_id = self.meta.id
 
         async def work() -> None:
@@ -230,6 +251,8 @@ class VolumeInterface(VolumeProperties):
         request: AttachVolume = AttachVolume.parse(
             **read_options(options, {"domain": STR, "target": STR}))
         domain, target = request.domain, request.target
+        self._refuse_attached(f"attach to {domain}")
+        self.api.store.require_available(self.meta.id)
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
@@ -242,6 +265,9 @@ class VolumeInterface(VolumeProperties):
     async def Detach(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Detach")
         read_options(options, NO_OPTIONS)
+        if self.meta.state != "in-use" or self.meta.operation is not None:
+            raise InvalidState(f"volume {self.meta.id} is {self.meta.state}, not attached and "
+                               "idle")
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
@@ -261,7 +287,7 @@ class VolumeInterface(VolumeProperties):
             raise InvalidArgument("option choice must be the string 'base' or 'overlay'")
         request: RepairVolume = RepairVolume.parse(**read_options(options, {"format": STR}))
         done = await self.api.ops.repair(self.meta.id, request.format,
-                                               choice.value if choice is not None else None)
+                                         choice.value if choice is not None else None)
         self.api.sync_volume(self.meta.id)
         return done
 
@@ -270,6 +296,7 @@ class VolumeInterface(VolumeProperties):
     async def Delete(self, options: DBusDict) -> DBusObjectPath:
         await self._admin("Delete")
         read_options(options, NO_OPTIONS)
+        self._refuse_attached("delete")
         volume_id = self.meta.id
 
         async def work() -> None:
