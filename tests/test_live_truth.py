@@ -262,6 +262,19 @@ def test_crash_around_a_live_delete(host_factory: Callable[..., Host],
 
 # ---- cancel --------------------------------------------------------------------------------
 
+def delete_in_background(cli: Cli, domain: str, vid: str,
+                         sid: str) -> tuple[str, libvirt.virConnect, libvirt.virDomain, str]:
+    """A snapshot delete started without waiting, once its block job runs in QEMU:
+    (job path, connection, domain, disk target)."""
+    job = cli.json("--no-wait", "snapshot", "delete", sid)["job"]
+    conn = libvirt.open("qemu:///system")
+    dom = conn.lookupByName(domain)
+    target = live_disk(domain, vid).target
+    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
+             or cli.json("job", job)["State"] != "running", 30)
+    return job, conn, dom, target
+
+
 @pytest.mark.parametrize("strategy", ["commit", "active-commit", "pull"])
 def test_cancel_of_a_live_delete(host_factory: Callable[..., Host],
                                  bus_factory: Callable[[str], str],
@@ -289,12 +302,7 @@ def test_cancel_of_a_live_delete(host_factory: Callable[..., Host],
     monitor_write(domain, alias, 0x43, 0)
     doomed = s2 if strategy == "pull" else s1
     assert doomed is not None
-    job = cli.json("--no-wait", "snapshot", "delete", doomed)["job"]
-    conn = libvirt.open("qemu:///system")
-    dom = conn.lookupByName(domain)
-    target = live_disk(domain, vid).target
-    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
-             or cli.json("job", job)["State"] != "running", 30)
+    job, conn, dom, target = delete_in_background(cli, domain, vid, doomed)
     cancelled = cli.run("job", job, "--cancel")
     state = wait_for("the job to end", lambda: cli.json("job", job)["State"] != "running", 60)
     del state
@@ -396,12 +404,7 @@ def test_sigterm_during_an_active_commit(host_factory: Callable[..., Host],
     monitor_write(domain, alias, 0x41, 0)
     s1 = cli.json("snapshot", "create", vid)["Id"]
     monitor_write(domain, alias, 0x42, 2, 400)
-    job = cli.json("--no-wait", "snapshot", "delete", s1)["job"]
-    conn = libvirt.open("qemu:///system")
-    dom = conn.lookupByName(domain)
-    target = live_disk(domain, vid).target
-    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
-             or cli.json("job", job)["State"] != "running", 30)
+    _, conn, dom, target = delete_in_background(cli, domain, vid, s1)
     assert process.stop() == 0
     assert dom.blockJobInfo(target, 0) == {}, "a block job was left running unfollowed"
     daemon_factory(config)  # the start finishes the recorded delete
@@ -424,12 +427,7 @@ def test_domain_destroyed_during_a_live_delete(host_factory: Callable[..., Host]
     s1 = cli.json("snapshot", "create", vid)["Id"]
     monitor_write(domain, alias, 0x42, 2, 400)
     share = Path(live_disk(domain, vid).source).parent
-    job = cli.json("--no-wait", "snapshot", "delete", s1)["job"]
-    conn = libvirt.open("qemu:///system")
-    dom = conn.lookupByName(domain)
-    target = live_disk(domain, vid).target
-    wait_for("the block job", lambda: bool(dom.blockJobInfo(target, 0))
-             or cli.json("job", job)["State"] != "running", 30)
+    job, conn, dom, _ = delete_in_background(cli, domain, vid, s1)
     dom.destroy()
     conn.close()
     wait_for("the job to end", lambda: cli.json("job", job)["State"] != "running", 60)
