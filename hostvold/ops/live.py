@@ -92,6 +92,7 @@ class LiveVolumes:
                 self.store.record(files, meta.evolve(state="available", attachment=None))
         for meta in self.store.list_volumes():
             if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
+                    and meta.operation.get("host") in (None, self.store.host_id) \
                     and not self.store.locks.busy(meta.id):  # a running task follows it
                 try:
                     async with self.store.locks.volume(meta.id):
