@@ -156,7 +156,7 @@ class CoordinationConfig(_Section):
     backend_url: Annotated[str, BeforeValidator(_coordination), Field(
         description="empty (local locks), file:///dir or etcd3+http://host:port")] = ""
     host_id: Annotated[str, Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,62})?$",
         description="1 to 63 letters, digits, '.', '_' or '-' (default: the hostname)")] = ""
     lease_seconds: Annotated[int, Field(
         ge=3, le=300, description="seconds from 3 to 300")] = 30
