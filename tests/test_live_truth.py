@@ -375,8 +375,8 @@ async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
         async def lookup(self, name: str) -> Any:
             return fake
 
-        async def all_domains(self) -> list[Any]:
-            return [fake]
+        async def domains_by_state(self) -> tuple[list[Any], list[Any]]:
+            return [fake], []
 
     hypervisor = FakeHypervisor("test:///default")
     live = LiveVolumes(host.config, volumes.store, hypervisor)

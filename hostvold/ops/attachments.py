@@ -52,10 +52,10 @@ class Attachments:
         """Every domain whose live XML (running) or definition (shut off) names a file of
         the volume, by serial or by path."""
         uses: list[Use] = []
-        for domain in await self.hypervisor.all_domains():
+        running_now, defined = await self.hypervisor.domains_by_state()
+        for domain, running in [(d, True) for d in running_now] + [(d, False) for d in defined]:
             try:
                 guest = Guest(self.hypervisor, domain)
-                running = await guest.is_running()
                 disks = await (guest.disks() if running else guest.defined_disks())
                 named = [d for d in disks if _names_volume(d, files, volume_id)]
                 saved = bool(named) and not running and await guest.has_managed_save()

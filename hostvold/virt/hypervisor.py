@@ -255,11 +255,15 @@ class Hypervisor:
             conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         return domains
 
-    async def all_domains(self) -> list[libvirt.virDomain]:
-        """Running and defined domains alike."""
+    async def domains_by_state(self) -> tuple[list[libvirt.virDomain],
+                                              list[libvirt.virDomain]]:
+        """(running domains, defined domains that are shut off): two calls in all."""
         conn = self.require()
-        domains: list[libvirt.virDomain] = await self.call(conn.listAllDomains, 0)
-        return domains
+        running: list[libvirt.virDomain] = await self.call(
+            conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        stopped: list[libvirt.virDomain] = await self.call(
+            conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+        return running, stopped
 
     async def lookup(self, name: str) -> libvirt.virDomain:
         """The domain called ``name``; DomainGone only when libvirt says it does not exist."""
