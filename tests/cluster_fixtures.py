@@ -99,6 +99,7 @@ class Cluster:
         self.hosts: dict[str, tuple[Path, Cli]] = {}
         self.backends: dict[str, str] = {}  # hosts that reach etcd at another address
         self.rescan = 30  # seconds between share rescans (the etcd watch needs none)
+        self.lease = 3  # seconds a host stays a member without renewing
 
     def config(self, name: str, extra: str = "") -> Path:
         home = self.root / name
@@ -110,7 +111,8 @@ class Cluster:
             f"[daemon]\nstate_dir = {home / 'state'}\nbus = {address}\n"
             f"[shares]\nshares_config = {home / 'shares'}\nmount_point_base = {self.mounts}\n"
             f"[coordination]\nbackend_url = {self.backends.get(name, self.backend)}\n"
-            f"host_id = {name}\nlease_seconds = 3\nrescan_interval = {self.rescan}\n" + extra)
+            f"host_id = {name}\nlease_seconds = {self.lease}\n"
+            f"rescan_interval = {self.rescan}\n" + extra)
         self.hosts[name] = (path, Cli(address))
         return path
 

@@ -64,6 +64,7 @@ def test_operations_from_two_hosts_serialise(cluster: Cluster) -> None:
 def test_a_live_hosts_operation_is_left_alone_then_taken_over(cluster: Cluster) -> None:
     """Host a dies mid-commit. While its lease lasts host b leaves the operation alone;
     once a has left the group, b takes it over and finishes it, data intact."""
+    cluster.lease = 8  # long enough for b to start while a still counts as a member
     process_a, cli_a = cluster.add("a")
     vid = cli_a.json("create", "64M")["Id"]
     share = share_of(cluster)
@@ -81,12 +82,13 @@ def test_a_live_hosts_operation_is_left_alone_then_taken_over(cluster: Cluster) 
     _, cli_b = cluster.add("b")  # a's lease (3 s) has not run out yet: a is a member
     meta = json.loads((share / f"volume-{vid}.meta").read_text())
     assert meta["operation"]["host"] == "a", meta
-    log_b = cluster.daemon_factory  # the daemon log shows the decision
     deadline = time.monotonic() + 20
     while json.loads((share / f"volume-{vid}.meta").read_text()).get("operation"):
         assert time.monotonic() < deadline, "b never took the operation over"
         time.sleep(0.2)
-    del log_b
+    log_b = daemon_log(cluster, "b")
+    assert "belongs to host a, which is alive: left to it" in log_b, log_b[-2000:]
+    assert "taking over the interrupted delete-snapshot of host a" in log_b, log_b[-2000:]
     assert cli_b.json("snapshots", vid) == []
     result = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x51 0 1M",
                              "-c", "read -P 0x52 1M 1M", str(base)],
