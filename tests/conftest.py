@@ -395,7 +395,9 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+def daemon_factory(tmp_path: Path, libvirtd: str) -> Iterator[Callable[..., DaemonProcess]]:
+    """Daemons of the test's own; libvirtd runs first, as on a compute node (a daemon
+    started without it refuses every change until it answers)."""
     started: list[DaemonProcess] = []
 
     def factory(config: Path, env: dict[str, str] | None = None,

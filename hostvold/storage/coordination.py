@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from etcd3gw import exceptions as etcd_errors
 from etcd3gw import watch as etcd_watch
 from tooz import coordination
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 GROUP = b"hostvold-hosts"
 CHANGES = "/hostvold/volumes/"  # one key per volume, bumped on every committed change
 T = TypeVar("T")
+# tooz wraps most failures in ToozError, but not all: its etcd driver lets the client's own
+# errors (a refused or unreachable network: ConnectionFailedError) through from heartbeat
+BACKEND_FAILURES = (coordination.ToozError, etcd_errors.Etcd3Exception, OSError)
 
 
 class CoordinationUnavailable(StorageUnavailable):
@@ -60,7 +64,7 @@ class Coordination:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, function,
                                                                     *args)
-        except coordination.ToozError as exc:
+        except BACKEND_FAILURES as exc:
             raise CoordinationUnavailable(
                 f"the coordination backend at {self.url.split('?')[0]} failed "
                 f"({str(exc) or type(exc).__name__}); changes are refused, reads go on") from None
@@ -105,7 +109,7 @@ class Coordination:
                 if not self.healthy:
                     log.warning("coordination session of %s is back", self.host_id)
                 self.healthy, self._last_renewal = True, time.monotonic()
-            except (CoordinationUnavailable, TimeoutError) as exc:
+            except Exception as exc:  # whatever failed, the lease's clock decides
                 overdue = time.monotonic() - self._last_renewal
                 log.warning("lease renewal failed (%.1f s since the last): %s", overdue, exc)
                 if self.healthy and overdue > self.lease_seconds / 2:
