@@ -152,8 +152,12 @@ class Host:
         return await self.daemon.start()
 
     def stop(self) -> None:
-        if self.daemon is not None and self.daemon.index is not None:
-            self.daemon.index.close()
+        if self.daemon is not None:
+            for part in (self.daemon.keeper, self.daemon.paths):
+                if part is not None:
+                    part.stop()
+            if self.daemon.index is not None:
+                self.daemon.index.close()
         self.daemon = None
 
     def cleanup(self) -> None:
@@ -163,7 +167,10 @@ class Host:
 
 
 @pytest.fixture
-def host_factory(tmp_path: Path, ext4_image: Callable[..., Path]) -> Iterator[Callable[..., Host]]:
+def host_factory(tmp_path: Path, ext4_image: Callable[..., Path],
+                 libvirtd: str) -> Iterator[Callable[..., Host]]:
+    """Hosts on loop-mounted shares; libvirtd runs, as on a compute node (daemons started
+    from these configs talk to it)."""
     hosts: list[Host] = []
 
     def factory(*sizes_mib: int, extra: str = "", mount_point_base: Path | None = None) -> Host:

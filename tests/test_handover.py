@@ -89,18 +89,18 @@ def cinder_delete_snapshot(mount: Path, volume_id: str, sid: str) -> None:
 
 # ---- what hostvold must show -----------------------------------------------------------
 
-def assert_lists_the_share(service: Operations, mount: Path, volumes: set[str]) -> None:
+async def assert_lists_the_share(service: Operations, mount: Path, volumes: set[str]) -> None:
     store = service.store
     assert {m.id for m in store.list_volumes()} == volumes
     for meta in store.list_volumes():
         info = _info(mount, meta.id)
         assert meta.active == info["active"], meta.id
         assert set(meta.snapshots) == set(info) - {"active"}, meta.id
-        assert {s.id for s in store.list_snapshots(meta.id)} == set(meta.snapshots)
+        assert {s.id for s in await store.list_snapshots(meta.id)} == set(meta.snapshots)
         assert all(s["created"] for s in meta.snapshots.values())
         assert meta.problems == [], meta.problems
         assert (mount / f"volume-{meta.id}.meta").exists()
-        assert service.repairs.check(meta.id) == []  # the full check (with a listing) agrees
+        assert await service.repairs.check(meta.id) == []  # the full check (with a listing) agrees
     assert all(share.mounted for share in store.shares)  # so health is "ok"
 
 
@@ -141,14 +141,14 @@ async def test_share_handed_to_cinder_and_back(host_factory: Callable[..., Host]
 
     expected = {kept.id, made}
     service = await host.start()  # the index kept: every volume reconciled
-    assert_lists_the_share(service, mount, expected)
+    await assert_lists_the_share(service, mount, expected)
     assert set(service.store.get_volume(kept.id).snapshots) == {sids[0], new_sid}
     assert not (mount / f"volume-{gone.id}.meta").exists()  # the leftover is gone
     host.stop()
     for path in host.state_dir.glob("index.sqlite*"):
         path.unlink()
     service = await host.start()  # rebuilt from the share alone
-    assert_lists_the_share(service, mount, expected)
+    await assert_lists_the_share(service, mount, expected)
     reads(mount / f"volume-{kept.id}.{new_sid}", written)
 
     # hostvold's operations work on what Cinder left
@@ -161,7 +161,7 @@ async def test_share_handed_to_cinder_and_back(host_factory: Callable[..., Host]
     await host.ops.create_snapshot(made)
     await host.ops.delete_volume(made)
     assert not [p for p in mount.iterdir() if made in p.name]
-    assert_lists_the_share(service, mount, {kept.id})
+    await assert_lists_the_share(service, mount, {kept.id})
 
     # while hostvold runs: Cinder deletes the snapshot; the operation that follows sees it
     # (and repair says what it brought in line), as does a rescan
@@ -169,14 +169,14 @@ async def test_share_handed_to_cinder_and_back(host_factory: Callable[..., Host]
     assert service.store.get_volume(kept.id).snapshots  # stale until looked at again
     done = await host.ops.repair(kept.id)
     assert any("snapshots gone" in line and third.id in line for line in done), done
-    assert_lists_the_share(service, mount, {kept.id})
+    await assert_lists_the_share(service, mount, {kept.id})
     other = new_id()
     subprocess.run(["qemu-img", "create", "-f", "raw", str(mount / f"volume-{other}"),
                     str(SIZE)], check=True, capture_output=True)
     sid = cinder_create_snapshot(mount, kept.id)
     assert host.daemon is not None and host.daemon.rescanner is not None
     await host.daemon.rescanner.check()
-    assert_lists_the_share(service, mount, {kept.id, other})
+    await assert_lists_the_share(service, mount, {kept.id, other})
     assert set(service.store.get_volume(kept.id).snapshots) == {sid}
     reads(mount / f"volume-{kept.id}.{sid}", written)
 

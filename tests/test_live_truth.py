@@ -384,7 +384,7 @@ async def test_recovery_thaws_a_guest_frozen_by_a_dead_daemon(
     live = LiveVolumes(host.config, volumes.store, hypervisor)
     overlay = files.overlay_name("5a5a5a5a-0000-4000-8000-00000000f00d")
     (files.directory / overlay).write_bytes(b"")
-    meta = volumes.store.record(files, meta.evolve(operation={
+    meta = await volumes.store.record(files, meta.evolve(operation={
         "name": "live-create-snapshot", "snapshot": "5a5a5a5a-0000-4000-8000-00000000f00d",
         "overlay": overlay, "domain": "agent-domain", "target": "sdb", "step": "switch",
         "temporary": False}))

@@ -63,7 +63,7 @@ async def test_create_snapshot_makes_a_relative_overlay(host: Host) -> None:
     assert info["backing-filename-format"] == "raw"
     assert json.loads(files.info.read_text()) == {"active": overlay, sid: overlay}
     assert files.info.read_text().startswith('{\n "')  # Cinder's layout: indent 1, sorted
-    listed = lab.snapshots.store.list_snapshots(lab.volume_id)
+    listed = await lab.snapshots.store.list_snapshots(lab.volume_id)
     assert [s.id for s in listed] == [sid] and listed[0].created
     lab.check_data()
     lab.check_consistent()
@@ -197,7 +197,7 @@ async def test_cinder_laid_out_share_is_adopted(host_factory: Callable[..., Host
     service = await host.start()
     meta = service.store.get_volume(volume_id)
     assert meta.format == "raw" and meta.size == SIZE and not meta.problems
-    assert {s.id for s in host.ops.store.list_snapshots(volume_id)} == {first, second}
+    assert {s.id for s in await host.ops.store.list_snapshots(volume_id)} == {first, second}
     lab = Lab(service, host.ops, volume_id, {first: 1, second: 2}, current=3)
     lab.check_data()
     await host.ops.delete_snapshot(volume_id, first)  # the oldest: a commit into V
@@ -251,7 +251,7 @@ async def test_stale_state_is_reported_and_repaired(host: Host) -> None:
     data = json.loads(good_info)
     data[ghost] = f"{files.base_name}.{ghost}"
     files.info.write_text(json.dumps(data))
-    assert any(ghost in p for p in lab.snapshots.repairs.check(lab.volume_id))
+    assert any(ghost in p for p in await lab.snapshots.repairs.check(lab.volume_id))
     await lab.snapshots.repair(lab.volume_id)
     assert ghost not in read_info(files).snapshots
     lab.check_consistent()
@@ -266,7 +266,7 @@ async def test_stale_state_is_reported_and_repaired(host: Host) -> None:
     lab.current += 1
     write_generation(orphan, "qcow2", lab.current)
     assert any("not used" in p or "not in the info" in p
-               for p in lab.snapshots.repairs.check(lab.volume_id))
+               for p in await lab.snapshots.repairs.check(lab.volume_id))
     await lab.snapshots.repair(lab.volume_id)
     assert read_info(files).active == orphan.name
     lab.generation_of[orphan_id] = lab.current - 1

@@ -117,14 +117,14 @@ async def test_symlinks_and_devices_among_a_volumes_files_are_refused(
         await service.extend_volume(meta.id, size=2 * MiB)
     assert "symbolic link" in service.store.get_volume(meta.id).problems[0]
     files.info.unlink()
-    service.store.record(files, meta)  # clear the recorded problem by hand for the next case
+    await service.store.record(files, meta)  # clear the recorded problem by hand for the next case
     shutil.move(files.base, tmp_path / "moved")
     files.base.symlink_to(tmp_path / "moved")
     with pytest.raises(UnsafeFile):
         await service.extend_volume(meta.id, size=2 * MiB)
     assert "symbolic link" in service.store.get_volume(meta.id).problems[0]
     assert (tmp_path / "moved").stat().st_size == MiB
-    service.store.record(files, meta)
+    await service.store.record(files, meta)
     files.base.unlink()
     os.mkfifo(files.base)
     with pytest.raises(UnsafeFile):  # never opened: a FIFO would block the open

@@ -127,6 +127,8 @@ class SharesConfig(_Section):
     nas_mount_options: Annotated[str | None, BeforeValidator(_optional)] = None
     mount_point_base: OptPath = None
     mount_attempts: Annotated[int, Field(ge=1, le=20, description="an integer from 1 to 20")] = 3
+    storage_timeout: Annotated[float, Field(
+        ge=0.5, le=600, allow_inf_nan=False, description="seconds, from 0.5 to 600")] = 10.0
 
 
 class VolumesConfig(_Section):

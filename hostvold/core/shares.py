@@ -32,6 +32,15 @@ class ShareSpec:
     def mount_point(self, base: Path) -> Path:
         return Path(self.address) if self.local_dir else base / self.id
 
+    @property
+    def host(self) -> str | None:
+        """The network host the share lives on (``user@`` and ``[...]`` dropped), or None
+        for local storage: a path has no network path to watch."""
+        if self.address.startswith("/"):
+            return None
+        host = self.address.rsplit(":/", 1)[0].rpartition("@")[2]
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
 
 @dataclass(frozen=True)
 class ShareFileProblem:

@@ -79,12 +79,12 @@ class Attachments:
                     log.warning("volume %s is in use by domain %s (%s), as libvirt says",
                                 meta.id, running.domain, running.target,
                                 extra={"VOLUME_ID": meta.id, "DOMAIN": running.domain})
-                    meta = self.store.record(files, meta.evolve(state="in-use",
+                    meta = await self.store.record(files, meta.evolve(state="in-use",
                                                                   attachment=attachment))
             elif meta.state == "in-use":
                 log.info("volume %s is no longer used by a running domain", meta.id,
                          extra={"VOLUME_ID": meta.id})
-                meta = self.store.record(files, meta.evolve(state="available",
+                meta = await self.store.record(files, meta.evolve(state="available",
                                                               attachment=None))
         return meta, users
 

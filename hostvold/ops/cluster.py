@@ -68,7 +68,7 @@ class ClusterFollower:
                     VolumeFiles.of(s.mount_point, self.store.naming, volume_id).meta)), None)
                 if share is None:
                     return
-            self.store.refresh(volume_id, share)
+            await self.store.refresh(volume_id, share)
         except Exception as exc:
             log.warning("refreshing volume %s after a change on another host failed: %s",
                         volume_id, exc, extra={"VOLUME_ID": volume_id})

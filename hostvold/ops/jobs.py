@@ -16,8 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostvold.core import progress
-from hostvold.core.errors import Failed, HostvoldError, InvalidState, NotFound
+from hostvold.core.errors import (
+    Failed,
+    HostvoldError,
+    InvalidState,
+    NoSpace,
+    NotFound,
+    StorageUnavailable,
+)
 from hostvold.core.ids import new_id
+from hostvold.storage.shareio import named_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ class Job:
     objects: list[str]
     bytes_total: int = 0
     state: JobState = "running"
+    stopped_by: HostvoldError | None = None
     fraction: float = 0.0
     started: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
@@ -101,8 +110,16 @@ class JobRunner:
         except asyncio.CancelledError:
             job.state, job.error_name = "cancelled", "Cancelled"
             job.error_message = "the job was cancelled"
+            if job.stopped_by is not None:  # not the caller's wish: the storage went away
+                job.state, job.error_name = "failed", job.stopped_by.name
+                job.error_message = job.stopped_by.message
         except HostvoldError as exc:
             job.state, job.error_name, job.error_message = "failed", exc.name, exc.message
+        except OSError as exc:
+            named = named_storage_error(exc) or Failed(f"internal error: {exc}")
+            if not isinstance(named, (StorageUnavailable, NoSpace)):
+                log.exception("job %s (%s) failed unexpectedly", job.id, job.operation)
+            job.state, job.error_name, job.error_message = "failed", named.name, named.message
         except Exception as exc:  # a bug: report it, keep the daemon
             log.exception("job %s (%s) failed unexpectedly", job.id, job.operation)
             job.state, job.error_name = "failed", Failed.name
@@ -140,6 +157,17 @@ class JobRunner:
         if job.state != "running" or job.task is None:
             raise InvalidState(f"job {job_id} is {job.state}, not running")
         job.task.cancel()
+
+    def stop_where(self, touches: Callable[[Job], bool], reason: HostvoldError) -> int:
+        """Stop the running jobs ``touches`` picks, at their next recoverable step; they
+        end failed with ``reason``. The number stopped."""
+        stopped = 0
+        for job in self.jobs.values():
+            if job.state == "running" and job.task is not None and touches(job):
+                job.stopped_by = reason
+                job.task.cancel()
+                stopped += 1
+        return stopped
 
     async def cancel_all(self) -> None:
         """Cancel every running job and wait until each has reached a safe state."""

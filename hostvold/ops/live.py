@@ -86,10 +86,10 @@ class LiveVolumes:
                 attachment = {"domain": guest.name, "target": disk.target,
                               "host": self.store.host_id}
                 if meta.state != "in-use" or meta.attachment != attachment:
-                    self.store.record(files, meta.evolve(state="in-use",
+                    await self.store.record(files, meta.evolve(state="in-use",
                                                          attachment=attachment))
             elif meta.state == "in-use":
-                self.store.record(files, meta.evolve(state="available", attachment=None))
+                await self.store.record(files, meta.evolve(state="available", attachment=None))
         for meta in self.store.list_volumes():
             if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
                     and meta.operation.get("host") in (None, self.store.host_id) \
@@ -118,7 +118,7 @@ class LiveVolumes:
                             extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
                 current = self.store.get_volume(volume_id)
                 files = self.store.files_of(current)
-                chain_map, chain = self.store.validated_chain(files, current)
+                chain_map, chain = await self.store.validated_chain(files, current)
                 await self.deleter.delete_snapshot(current, files, chain_map, chain, sid)
 
     # ---- attach and detach ----------------------------------------------------------------
@@ -131,7 +131,7 @@ class LiveVolumes:
         Users(tuple(u for u in users.uses if u.domain != domain)).refuse_any(
             f"attach to {domain}", meta.id)
         meta = self.store.require_available(meta.id)
-        _chain_map, chain = self.store.validated_chain(files, meta)
+        _chain_map, chain = await self.store.validated_chain(files, meta)
         top = chain[0]
         virtual = (await qemuimg.info(files.directory / top.name, layer_format(top),
                                       self.store.limits)).virtual_size
@@ -151,7 +151,7 @@ class LiveVolumes:
                                          meta.id))
         log.info("attached volume %s to %s as %s", meta.id, domain, target,
                  extra={"VOLUME_ID": meta.id, "DOMAIN": domain})
-        return self.store.record(files, meta.evolve(
+        return await self.store.record(files, meta.evolve(
             state="in-use", attachment={"domain": domain, "target": target}))
 
     async def detach(self, files: VolumeFiles, meta: VolumeMeta, users: Users) -> VolumeMeta:
@@ -169,7 +169,7 @@ class LiveVolumes:
                                          meta.id, disk.bus or "scsi"))
         log.info("detached volume %s from %s", meta.id, guest.name,
                  extra={"VOLUME_ID": meta.id, "DOMAIN": guest.name})
-        return self.store.record(files, meta.evolve(state="available", attachment=None))
+        return await self.store.record(files, meta.evolve(state="available", attachment=None))
 
     # ---- live snapshot create -------------------------------------------------------------
 
@@ -203,7 +203,7 @@ class LiveVolumes:
         overlay = files.overlay_name(sid)
         path = files.directory / overlay
         others = [d.target for d in await guest.disks() if d.target != disk.target]
-        meta = self.store.record(files, meta.evolve(operation={
+        meta = await self.store.record(files, meta.evolve(operation={
             "name": "live-create-snapshot", "snapshot": sid, "overlay": overlay,
             "domain": guest.name, "target": disk.target, "step": "overlay",
             "temporary": temporary}))
@@ -212,7 +212,7 @@ class LiveVolumes:
             await make_overlay(path, meta.size, top, self.store.file_mode)
             crash.point("live-create-snapshot:overlay")
             op = dict(meta.operation or {}, step="switch")
-            meta = self.store.record(files, meta.evolve(operation=op))
+            meta = await self.store.record(files, meta.evolve(operation=op))
             crash.point("live-create-snapshot:switch-recorded")
             quiesced = await self._switch(guest, disk.target, str(path), others)
             crash.point("live-create-snapshot:switched")
@@ -223,7 +223,7 @@ class LiveVolumes:
         if live is None or live.source != str(path):
             await uninterrupted(self._recover_create(files, meta))
             raise Failed(f"domain {guest.name} did not switch to {overlay}")
-        return self._finish_create(files, meta, sid, overlay, quiesced, temporary)
+        return await self._finish_create(files, meta, sid, overlay, quiesced, temporary)
 
     async def _switch(self, guest: Guest, target: str, overlay: str, others: list[str]) -> bool:
         """snapshotCreateXML with the quiesce policy; returns whether the guest was frozen."""
@@ -251,13 +251,13 @@ class LiveVolumes:
                 await guest.thaw()  # always attempted after a freeze attempt
         return frozen
 
-    def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,
+    async def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,
                        quiesced: bool, temporary: bool = False) -> VolumeMeta:
         chain_map = read_info(files)
         if chain_map.snapshots.get(sid) != overlay:
             write_info(files, chain_map.with_snapshot(sid, overlay), self.store.file_mode)
         crash.point("live-create-snapshot:info")
-        return self.store.record(files, meta.evolve(
+        return await self.store.record(files, meta.evolve(
             active=overlay, operation=None,
             snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": quiesced,
                                                **({"temporary": True} if temporary else {})}}))
@@ -280,10 +280,10 @@ class LiveVolumes:
         else:  # libvirt says the domain is gone: taken if the guest wrote into it
             switched = path.exists() and not qcow2_is_empty(path)
         if switched:
-            self._finish_create(files, meta, sid, overlay, False, bool(op.get("temporary")))
+            await self._finish_create(files, meta, sid, overlay, False, bool(op.get("temporary")))
         else:
             unlink_durable(path)
-            self.store.record(files, meta.evolve(operation=None))
+            await self.store.record(files, meta.evolve(operation=None))
         if guest is None:
             await self.attachments.keep_definitions_in_step(files, meta.id)
 
@@ -291,11 +291,11 @@ class LiveVolumes:
 
     async def extend(self, meta: VolumeMeta, files: VolumeFiles, size: int) -> VolumeMeta:
         guest, disk = await self.attachments.locate(meta)
-        meta = self.store.record(files, meta.evolve(operation={
+        meta = await self.store.record(files, meta.evolve(operation={
             "name": "live-extend", "size": size, "domain": guest.name, "target": disk.target}))
         crash.point("live-extend:intent")
         await uninterrupted(guest.block(disk.target).resize(size))
-        return self.store.record(files, meta.evolve(size=size, operation=None))
+        return await self.store.record(files, meta.evolve(size=size, operation=None))
 
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         op = meta.operation or {}
@@ -303,9 +303,9 @@ class LiveVolumes:
         guest = await self.attachments.running_guest(op["domain"])
         if guest is not None:
             await guest.block(op["target"]).resize(size)
-            self.store.record(files, meta.evolve(size=size, operation=None))
+            await self.store.record(files, meta.evolve(size=size, operation=None))
         else:  # the domain is gone: the offline extend, through the recovery registry
             offline = meta.evolve(operation={"name": "extend", "size": size})
-            await self.store.recoverers["extend"](files, self.store.record(files, offline))
+            await self.store.recoverers["extend"](files, await self.store.record(files, offline))
 
 

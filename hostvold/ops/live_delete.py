@@ -94,7 +94,10 @@ class LiveDelete:
         if strategy == "pull":
             position = [layer.name for layer in chain].index(plan.base.name)
             below = chain[position + 1].name
-        meta = self.store.record(files, meta.evolve(operation={
+        moved = plan.base.name if strategy == "pull" else plan.top.name  # whose data moves
+        await self.store.require_space(self.store.share_of(meta), allocated.get(moved, 0),
+                                       f"deleting snapshot {sid} by {strategy}")
+        meta = await self.store.record(files, meta.evolve(operation={
             "name": "live-delete-snapshot", "snapshot": sid, "strategy": strategy,
             "top": plan.top.name, "base": plan.base.name, "below": below,
             "base_format": plan.base.format,
@@ -134,9 +137,9 @@ class LiveDelete:
                 raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
                              "operation is kept and resumed at the next start")
             op["step"] = "finish"
-            meta = self.store.record(files, meta.evolve(operation=op))
+            meta = await self.store.record(files, meta.evolve(operation=op))
             crash.point("live-delete-snapshot:finish-recorded")
-        self._finish_delete(files, meta, op)
+        await self._finish_delete(files, meta, op)
 
     async def _live_chain(self, guest: Guest, target: str) -> list[str]:
         disk = await guest.disk(target)
@@ -193,7 +196,7 @@ class LiveDelete:
         with the chain intact."""
         op = dict(meta.operation or {}, step="pivot")
         target = op["target"]
-        meta = self.store.record(files, meta.evolve(operation=op))
+        meta = await self.store.record(files, meta.evolve(operation=op))
         crash.point("live-delete-snapshot:pivot-recorded")
         pauses = backoff(0.1, 1.0)
         for attempt in range(self.pivot_retries + 1):
@@ -207,11 +210,11 @@ class LiveDelete:
                 if attempt < self.pivot_retries:
                     await asyncio.sleep(next(pauses))
                 continue
-            meta = self.store.record(files, meta.evolve(operation=dict(op, step="pivoted")))
+            meta = await self.store.record(files, meta.evolve(operation=dict(op, step="pivoted")))
             crash.point("live-delete-snapshot:pivoted")
             return meta
         await guest.block(target).abort_job()
-        self.store.record(files, meta.evolve(operation=dict(op, step="job")))
+        await self.store.record(files, meta.evolve(operation=dict(op, step="job")))
         raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
                      "the block job was aborted and the chain is unchanged")
 
@@ -227,8 +230,8 @@ class LiveDelete:
         if op["strategy"] == "pull" and op["base"] in await self._live_chain(guest,
                                                                               op["target"]):
             # a pull only adds to top what top already read through: the snapshot is intact
-            return self.store.record(files, meta.evolve(operation=None))
-        return self.store.record(files, meta.evolve(operation=dict(op, step="job")))
+            return await self.store.record(files, meta.evolve(operation=None))
+        return await self.store.record(files, meta.evolve(operation=dict(op, step="job")))
 
     async def _progress(self, guest: Guest, target: str) -> None:
         """Progress for the Job object between events; it decides nothing."""
@@ -239,7 +242,8 @@ class LiveDelete:
                     progress.report(info.cur / info.end)
             await asyncio.sleep(0.5)
 
-    def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta, op: dict[str, Any]) -> None:
+    async def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta,
+                             op: dict[str, Any]) -> None:
         sid, top, base = op["snapshot"], op["top"], op["base"]
         chain_map = read_info(files)
         if op["strategy"] == "pull":
@@ -255,7 +259,7 @@ class LiveDelete:
         crash.point("live-delete-snapshot:info")
         unlink_durable(files.directory / gone)
         snapshots = {k: v for k, v in meta.snapshots.items() if k != sid}
-        self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
+        await self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
                                                operation=None, problems=[]))
 
     async def _finish_offline(self, files: VolumeFiles, meta: VolumeMeta,
@@ -264,15 +268,15 @@ class LiveDelete:
         proves about where the guest's newest writes are."""
         log.warning("domain %s is gone: finishing the delete of snapshot %s offline (step %s)",
                     op["domain"], op["snapshot"], op["step"], extra={"VOLUME_ID": meta.id})
-        meta = self.store.record(files, meta.evolve(state="available", attachment=None))
+        meta = await self.store.record(files, meta.evolve(state="available", attachment=None))
         chain_map = read_info(files)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
         names = [layer.name for layer in validate_chain(files, chain_map.active, fmt)]
         gone = op["base"] if op["strategy"] == "pull" else op["top"]
         if op["snapshot"] not in chain_map.snapshots or gone not in names:
-            self._finish_delete(files, meta, op)  # QEMU finished the job before
+            await self._finish_delete(files, meta, op)  # QEMU finished the job before
         elif op["step"] in ("pivoted", "finish"):
-            self._finish_delete(files, meta, op)  # top is stale: base has every write
+            await self._finish_delete(files, meta, op)  # top is stale: base has every write
         elif op["step"] == "pivot":
             await self._undecided_pivot(files, meta, op)
             return
@@ -291,7 +295,7 @@ class LiveDelete:
                    "top": plan.top.name, "base": plan.base.name,
                    "base_format": plan.base.format,
                    "higher": plan.higher.name if plan.higher else None}
-        meta = self.store.record(files, meta.evolve(operation=offline, problems=[]))
+        meta = await self.store.record(files, meta.evolve(operation=offline, problems=[]))
         await self.store.recoverers["delete-snapshot"](files, meta)
 
     async def _undecided_pivot(self, files: VolumeFiles, meta: VolumeMeta,
@@ -301,7 +305,7 @@ class LiveDelete:
         difference = await qemuimg.compare(top, "qcow2", base, _fmt(op["base_format"]),
                                            self.store.limits)
         if difference is None:  # the same bytes either way: nothing to choose
-            self._finish_delete(files, meta, op)
+            await self._finish_delete(files, meta, op)
             await self.attachments.keep_definitions_in_step(files, meta.id)
             return
         problem = (f"{AMBIGUOUS_PIVOT}: hostvold stopped around the pivot of the live delete of "
@@ -310,7 +314,7 @@ class LiveDelete:
                    "guest's newest writes; every file is kept; see `hostvolctl repair` and "
                    "choose base or overlay")
         log.error("volume %s: %s", meta.id, problem, extra={"VOLUME_ID": meta.id})
-        self.store.record(files, meta.evolve(operation=dict(op, step=AMBIGUOUS_PIVOT),
+        await self.store.record(files, meta.evolve(operation=dict(op, step=AMBIGUOUS_PIVOT),
                                                problems=[problem]))
 
     async def describe_ambiguity(self, files: VolumeFiles, meta: VolumeMeta) -> str:
@@ -334,7 +338,7 @@ class LiveDelete:
         """Finish the delete as the operator chose."""
         op = dict(meta.operation or {})
         if choice == "base":
-            self._finish_delete(files, meta, op)
+            await self._finish_delete(files, meta, op)
             done = f"kept {op['base']} as the newest data; {op['top']} removed"
         else:
             await self._commit_offline(files, meta, op)

@@ -70,7 +70,7 @@ class Operations:
             self.coordination.require()  # a fenced host starts nothing that changes data
         known = self.store.find(volume_id)
         try:
-            self.store.refresh(volume_id)
+            await self.store.refresh(volume_id)
         except (InfoFileDamaged, UnsafeFile):
             if not damaged_ok and (known is None or not known.problems):
                 raise
@@ -83,6 +83,17 @@ class Operations:
             raise InUse(f"volume {volume_id} is attached to domain {attachment.get('domain')} "
                         f"on host {attachment['host']}; work on it there")
         return meta, self.store.files_of(meta), users
+
+    @contextlib.asynccontextmanager
+    async def _volume(self, volume_id: str) -> AsyncIterator[None]:
+        """The volume's lock, once its share can answer: a volume on a share that went
+        away is refused at once, never after a wait on the lock of an operation stuck in
+        that share."""
+        known = self.store.find(valid_id(volume_id, "volume id"))
+        if known is not None:
+            self.store.share_named(known.share).require_reachable()
+        async with self.store.locks.volume(volume_id):
+            yield
 
     async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
         if self.live is not None:
@@ -98,7 +109,7 @@ class Operations:
     async def _frozen_top(self, files: VolumeFiles, meta: VolumeMeta) -> AsyncIterator[Layer]:
         """The layer to copy the current content from: the active file of a detached
         volume, or a temporary point in time of an attached one (merged away after)."""
-        chain_map, chain = self.store.validated_chain(files, meta)
+        chain_map, chain = await self.store.validated_chain(files, meta)
         if meta.state == "in-use":
             async with self._require_live().point_in_time(meta, files, chain_map,
                                                           chain) as frozen:
@@ -120,7 +131,7 @@ class Operations:
 
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             meta, files, users = await self._observe(volume_id, damaged_ok=True)
             users.refuse_any("delete", volume_id)
             if meta.attachment or meta.state == "in-use":
@@ -132,13 +143,13 @@ class Operations:
     async def extend_volume(self, volume_id: str, **options: Any) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             if meta.state != "in-use":
                 users.refuse_live("extend", volume_id)
-            self.volumes.check_growth(meta, request.size)
-            self.store.validated_chain(files, meta)
+            await self.volumes.check_growth(meta, request.size)
+            await self.store.validated_chain(files, meta)
             if meta.state == "in-use":
                 return await self._require_live().extend(meta, files, request.size)
             return await self.volumes.extend(files, meta, request.size)
@@ -158,7 +169,7 @@ class Operations:
                 raise NotFound(f"directory {dest.parent} does not exist")
             if dest.exists() or dest.is_symlink():
                 raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
@@ -180,7 +191,7 @@ class Operations:
     async def clone(self, volume_id: str, **options: Any) -> VolumeMeta:
         """A new standalone volume with the current content; leaves no snapshot behind."""
         volume_id = valid_id(volume_id, "volume id")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
@@ -192,10 +203,10 @@ class Operations:
     async def create_snapshot(self, volume_id: str, snapshot_id: str | None = None) -> Snapshot:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
-            chain_map, chain = self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta)
             overlay = files.overlay_name(sid)
             if sid in chain_map.snapshots or os.path.lexists(files.directory / overlay):
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
@@ -215,14 +226,14 @@ class Operations:
     async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             op = self.store.get_volume(volume_id).operation or {}
             if op.get("name") in ("delete-snapshot", "live-delete-snapshot") \
                     and op.get("snapshot") == sid:
                 return await self._resume(self.store.get_volume(volume_id))  # a retry
             _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
-            chain_map, chain = self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta)
             if meta.state == "in-use":
                 if sid not in chain_map.snapshots:
                     raise NotFound(f"snapshot {sid} does not exist")
@@ -239,11 +250,11 @@ class Operations:
         """Throw away what was written since the newest snapshot (detached volumes)."""
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             _meta, files, users = await self._observe(volume_id)
             users.refuse_live("revert", volume_id)
             meta = self.store.require_available(volume_id)
-            chain_map, chain = self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta)
             await self.snapshots.revert(files, meta, chain_map, chain, sid)
             log.info("reverted volume %s to snapshot %s", volume_id, sid,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
@@ -253,11 +264,11 @@ class Operations:
         """A new standalone volume holding the snapshot's point in time."""
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             await self._observe(volume_id)
             meta = self.store.require_available(volume_id)
             files = self.store.files_of(meta)
-            chain_map, chain = self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta)
             source = snapshot_data(chain, chain_map, sid)
             size = await self.copies.source_size(files, source)
             return await self.copies.copy_out(files, source, size, "create-from-snapshot",
@@ -268,14 +279,14 @@ class Operations:
     async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
         live = self._require_live()
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             meta, files, users = await self._observe(volume_id)
             return await live.attach(files, meta, users, domain, target)
 
     async def detach(self, volume_id: str) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
         live = self._require_live()
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             meta, files, users = await self._observe(volume_id, damaged_ok=True)
             return await live.detach(files, meta, users)
 
@@ -286,7 +297,7 @@ class Operations:
         is shown, and settled only by the operator's ``choice`` (``base`` or ``overlay``).
         Returns what was done."""
         volume_id = valid_id(volume_id, "volume id")
-        async with self.store.locks.volume(volume_id):
+        async with self._volume(volume_id):
             before = self.store.find(volume_id)
             meta, files, users = await self._observe(volume_id, damaged_ok=True)
             users.refuse_live("repair", volume_id)
@@ -307,7 +318,7 @@ class Operations:
                 done.append("discarded the untrusted operation record of the metadata file")
             if meta.state != "available" or meta.operation is not None:
                 raise InvalidState(f"volume {volume_id} is busy; repair needs an idle volume")
-            done += self.repairs.repair(files, meta, fmt)
+            done += await self.repairs.repair(files, meta, fmt)
             return done + [f"metadata file brought in line with the share: {line}" for line
                            in record_changes(before, self.store.find(volume_id))]
 
@@ -343,7 +354,7 @@ class Operations:
                         log.warning("volume %s: taking over the interrupted %s of host %s, "
                                     "which left the group", meta.id, meta.operation.get("name"),
                                     owner, extra={"VOLUME_ID": meta.id})
-                        meta = self.store.record(self.store.files_of(meta), meta.evolve(
+                        meta = await self.store.record(self.store.files_of(meta), meta.evolve(
                             operation={**meta.operation, "host": mine,
                                        "taken_over_from": owner}))
                     await self._resume(meta)

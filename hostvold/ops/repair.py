@@ -25,7 +25,7 @@ class RepairOps:
     def __init__(self, store: VolumeStore) -> None:
         self.store = store
 
-    def check(self, volume_id: str) -> list[str]:
+    async def check(self, volume_id: str) -> list[str]:
         """Every difference between the info file, the chain and the files present, recorded
         on the volume as its health problems (empty: healthy)."""
         meta = self.store.get_volume(volume_id)
@@ -41,22 +41,22 @@ class RepairOps:
         except FileNotFoundError as exc:
             problems = [f"{Path(str(exc.filename)).name}, a file of the chain, is missing"]
         if problems != meta.problems:
-            self.store.record(files, meta.evolve(problems=problems))
+            await self.store.record(files, meta.evolve(problems=problems))
         return problems
 
-    def repair(self, files: VolumeFiles, meta: VolumeMeta, fmt: Format | None) -> list[str]:
+    async def repair(self, files: VolumeFiles, meta: VolumeMeta, fmt: Format | None) -> list[str]:
         """Confirm the format if asked (required while it is unconfirmed), then make the info
         file describe the chain the files form. Returns what was done."""
         done = []
         unconfirmed = [p for p in meta.problems if p.startswith(FORMAT_UNCONFIRMED)]
         if fmt is not None:
-            meta, line = self._confirm_format(files, meta, fmt)
+            meta, line = await self._confirm_format(files, meta, fmt)
             done.append(line)
         elif unconfirmed:
             raise NeedsRepair(f"{unconfirmed[0]} (nothing was changed)")
-        return done + self._repair(files, meta)  # header reads only: quick, on the loop
+        return done + await self._repair(files, meta)
 
-    def _confirm_format(self, files: VolumeFiles, meta: VolumeMeta,
+    async def _confirm_format(self, files: VolumeFiles, meta: VolumeMeta,
                         fmt: Format) -> tuple[VolumeMeta, str]:
         """The base file's format as the operator confirms it, after showing the header."""
         claim = header_claim(files.base) or "no qcow2 header"
@@ -73,7 +73,7 @@ class RepairOps:
                 f"format of {files.base_name} confirmed as {fmt} (its first bytes show "
                 f"{claim})")
 
-    def _repair(self, files: VolumeFiles, meta: VolumeMeta) -> list[str]:
+    async def _repair(self, files: VolumeFiles, meta: VolumeMeta) -> list[str]:
         images = {p.name for p in files.existing() if files.is_image(p.name)}
         if files.base_name not in images:
             raise NeedsRepair(f"the base file {files.base_name} is missing; it cannot be "
@@ -120,7 +120,7 @@ class RepairOps:
         for sid, overlay in new_map.snapshots.items():
             snapshots[sid] = meta.snapshots.get(sid) or {
                 "created": file_mtime(files.directory / overlay), "quiesced": False}
-        self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
+        await self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
                                                problems=[]))
         for line in done:
             log.warning("repair of volume %s: %s", meta.id, line)

@@ -12,7 +12,6 @@ nothing but their entries in the listing and a stat of their metadata and info f
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -71,6 +70,11 @@ class ShareRescanner:
         for share in self.store.mounted_shares():
             await self._scan_if_changed(share, known_fresh=True)
 
+    async def scan(self, share: Share) -> None:
+        """One share read again in full (it came back after being away)."""
+        self._mtimes.pop(share.id, None)
+        await self._scan_if_changed(share)
+
     async def check(self) -> None:
         """One round: a stat of each mounted share directory; a changed one is rescanned."""
         for share in self.store.mounted_shares():
@@ -78,12 +82,11 @@ class ShareRescanner:
 
     async def _scan_if_changed(self, share: Share, known_fresh: bool = False) -> None:
         try:  # the mtime taken before the listing: a change during the scan shows next time
-            mtime = (await asyncio.to_thread(os.stat, share.mount_point)).st_mtime_ns
+            mtime = (await share.io.run(os.stat, share.mount_point)).st_mtime_ns
             if self._mtimes.get(share.id) == mtime:
                 return
-            listing = await asyncio.to_thread(list_share, share.mount_point,
-                                              self.store.naming)
-        except OSError as exc:
+            listing = await share.io.run(list_share, share.mount_point, self.store.naming)
+        except (OSError, HostvoldError) as exc:
             log.warning("rescan of share %s failed: %s", share.spec.address, exc)
             return
         if await self.rescan(share, listing, known_fresh):
@@ -109,7 +112,7 @@ class ShareRescanner:
                 continue
             try:
                 async with store.locks.volume(volume_id):
-                    self._sync(share, volume_id, seen)
+                    await self._sync(share, volume_id, seen)
             except HostvoldError as exc:  # recorded as its problem, or hostile files
                 log.warning("volume %s on %s: %s", volume_id, address, exc,
                             extra={"VOLUME_ID": volume_id})
@@ -124,16 +127,16 @@ class ShareRescanner:
                 self._seen[volume_id] = seen
         return complete
 
-    def _sync(self, share: Share, volume_id: str, seen: Seen | None) -> None:
+    async def _sync(self, share: Share, volume_id: str, seen: Seen | None) -> None:
         """Under the volume's lock: refresh it; adopt a base file that has no metadata."""
         store = self.store
         known = store.find(volume_id)
-        meta = store.refresh(volume_id, share=share)
+        meta = await store.refresh(volume_id, share=share)
         files = VolumeFiles.of(share.mount_point, store.naming, volume_id)
         if meta is None and seen is not None and seen.has(files.base_name) \
                 and not seen.has(files.meta.name):
             adopt(store, files, share)  # laid out by Cinder: described and recorded
-            meta = store.refresh(volume_id, share=share)
+            meta = await store.refresh(volume_id, share=share)
         if known is None and meta is not None:
             log.info("volume %s appeared on share %s (%d snapshots)", volume_id,
                      share.spec.address, len(meta.snapshots), extra={"VOLUME_ID": volume_id})

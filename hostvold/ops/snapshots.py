@@ -46,6 +46,7 @@ from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir, unlink_durable
 from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
+from hostvold.storage.volumefiles import allocated_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SnapshotOps:
                      chain: list[Layer], sid: str) -> VolumeMeta:
         store = self.store
         overlay = files.overlay_name(sid)
-        meta = store.record(files, meta.evolve(operation={
+        meta = await store.record(files, meta.evolve(operation={
             "name": "create-snapshot", "snapshot": sid, "overlay": overlay, "step": "overlay"}))
         crash.point("create-snapshot:intent")
         try:
@@ -74,7 +75,7 @@ class SnapshotOps:
         except BaseException:
             await self._recover_create(files, meta)
             raise
-        return store.record(files, meta.evolve(
+        return await store.record(files, meta.evolve(
             active=overlay, operation=None,
             snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": False}}))
 
@@ -83,12 +84,12 @@ class SnapshotOps:
         sid, overlay = meta.operation["snapshot"], meta.operation["overlay"]
         chain_map = read_info(files)
         if chain_map.snapshots.get(sid) == overlay:  # the info file was written: finish
-            self.store.record(files, meta.evolve(
+            await self.store.record(files, meta.evolve(
                 active=chain_map.active, operation=None,
                 snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": False}}))
         else:  # not taken: the overlay is new, empty and referenced by nothing
             unlink_durable(files.directory / overlay)
-            self.store.record(files, meta.evolve(operation=None))
+            await self.store.record(files, meta.evolve(operation=None))
 
     async def delete(self, files: VolumeFiles, meta: VolumeMeta, chain_map: SnapshotMap,
                      chain: list[Layer], sid: str) -> None:
@@ -100,7 +101,12 @@ class SnapshotOps:
         if [Path(layer.filename).name for layer in seen] != [layer.name for layer in chain]:
             raise UnsafeImage(f"qemu-img sees a different chain for volume {meta.id}; "
                               "nothing was changed")
-        meta = store.record(files, meta.evolve(operation={
+        # the top's data lands in the base: at most its allocated bytes more on the share
+        share = store.share_of(meta)
+        top_size = await share.io.run(allocated_bytes, files.directory / plan.top.name)
+        await store.require_space(share, top_size, f"deleting snapshot {sid} (its data "
+                                  f"merged into {plan.base.name})")
+        meta = await store.record(files, meta.evolve(operation={
             "name": "delete-snapshot", "snapshot": sid, "step": "commit",
             "top": plan.top.name, "base": plan.base.name, "base_format": plan.base.format,
             "higher": plan.higher.name if plan.higher else None}))
@@ -116,7 +122,7 @@ class SnapshotOps:
             await qemuimg.commit(directory / top, "qcow2", drop=True, limits=self.store.limits)
             crash.point("delete-snapshot:commit")
             op["step"] = "relink"
-            meta = self.store.record(files, meta.evolve(operation=op))
+            meta = await self.store.record(files, meta.evolve(operation=op))
             crash.point("delete-snapshot:relink-recorded")
         if op["step"] == "relink":
             if higher is not None:
@@ -129,13 +135,13 @@ class SnapshotOps:
             crash.point("delete-snapshot:info")
             op["step"] = "remove"
             snapshots = {k: v for k, v in meta.snapshots.items() if k != op["snapshot"]}
-            meta = self.store.record(files, meta.evolve(active=new_map.active, operation=op,
+            meta = await self.store.record(files, meta.evolve(active=new_map.active, operation=op,
                                                           snapshots=snapshots))
             crash.point("delete-snapshot:remove-recorded")
         if op["step"] == "remove":
             unlink_durable(directory / top)
             crash.point("delete-snapshot:unlinked")
-            self.store.record(files, meta.evolve(operation=None))
+            await self.store.record(files, meta.evolve(operation=None))
 
     async def revert(self, files: VolumeFiles, meta: VolumeMeta, chain_map: SnapshotMap,
                      chain: list[Layer], sid: str) -> None:
@@ -147,7 +153,7 @@ class SnapshotOps:
             raise InvalidState(f"snapshot {sid} is not the newest snapshot of volume "
                                f"{meta.id}; delete the newer snapshots first")
         overlay, backing = chain[0], chain[1]
-        meta = store.record(files, meta.evolve(operation={
+        meta = await store.record(files, meta.evolve(operation={
             "name": "revert", "snapshot": sid, "step": "replace"}))
         crash.point("revert:intent")
         target = files.directory / overlay.name
@@ -160,8 +166,8 @@ class SnapshotOps:
             crash.point("revert:replaced")
         finally:
             tmp.unlink(missing_ok=True)
-            store.record(files, meta.evolve(operation=None))
+            await store.record(files, meta.evolve(operation=None))
 
     async def _recover_revert(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         # temp files are already gone; the overlay is either the old one or the new empty one
-        self.store.record(files, meta.evolve(operation=None))
+        await self.store.record(files, meta.evolve(operation=None))

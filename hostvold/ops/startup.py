@@ -5,7 +5,6 @@ before recovery."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -16,18 +15,19 @@ from hostvold.core.images import format_problem
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.planning import chain_problems
 from hostvold.core.records import VolumeMeta
-from hostvold.ops.store import VolumeStore, remove_volume_files
+from hostvold.ops.store import VolumeStore
 from hostvold.storage.files import file_mtime
 from hostvold.storage.infofile import read_info
 from hostvold.storage.metadata import read_record, write_meta
 from hostvold.storage.mounts import Share
 from hostvold.storage.qcow2 import header_claim, read_qcow2_header, validate_chain
 from hostvold.storage.safefile import require_regular
+from hostvold.storage.volumefiles import remove_volume_files
 
 log = logging.getLogger(__name__)
 
 
-def rebuild_index(store: VolumeStore) -> None:
+async def rebuild_index(store: VolumeStore) -> None:
     """Read every volume on every mounted share into the index: hostvold's metadata
     files, and volumes laid out by Cinder (no metadata file yet), which are adopted."""
     found: dict[str, VolumeMeta] = {}
@@ -47,7 +47,7 @@ def rebuild_index(store: VolumeStore) -> None:
                 found[volume_id] = meta
     store.index.replace_all(found.values())
     store.volumes = found
-    reconcile_all(store)  # a metadata file is a belief: the info file and chain decide
+    await reconcile_all(store)  # a metadata file is a belief: the info file and chain decide
     log.info("index rebuilt from %d shares: %d volumes",
              len(store.mounted_shares()), len(found))
 
@@ -112,18 +112,18 @@ def _recorded_base_format(files: VolumeFiles, present: set[str]) -> str | None:
     return None
 
 
-def load_index(store: VolumeStore) -> None:
+async def load_index(store: VolumeStore) -> None:
     store.volumes = {meta.id: meta for meta in store.index.load()}
-    reconcile_all(store)
+    await reconcile_all(store)
 
 
-def reconcile_all(store: VolumeStore) -> None:
+async def reconcile_all(store: VolumeStore) -> None:
     """Every known volume brought in line with its share (:meth:`VolumeStore.refresh`);
     one volume's trouble is logged (and recorded as its problem) and never stops the
     others."""
     for volume_id in sorted(store.volumes):
         try:
-            store.refresh(volume_id)
+            await store.refresh(volume_id)
         except (HostvoldError, OSError) as exc:
             log.error("volume %s could not be reconciled with its share: %s", volume_id,
                       exc, extra={"VOLUME_ID": volume_id})
@@ -135,7 +135,7 @@ async def reread_inflight(store: VolumeStore) -> None:
     shares (the truth); a volume whose metadata file never came to be is removed."""
     for volume_id, share_address in store.index.inflight():
         share = next((s for s in store.shares if s.spec.address == share_address), None)
-        if share is None or not share.mounted:
+        if share is None or not share.usable:
             continue  # its share is down; recovered when it comes back
         files = VolumeFiles.of(share.mount_point, store.naming, volume_id)
         if files.meta.exists() or files.meta.is_symlink():
@@ -143,8 +143,8 @@ async def reread_inflight(store: VolumeStore) -> None:
             if meta is not None:
                 store.volumes[volume_id] = meta
         else:  # the crash came before the metadata file was written, or after delete
-            await asyncio.to_thread(remove_volume_files, files)
-            store.forget(volume_id)
+            await share.io.run(remove_volume_files, files)
+            await store.forget(volume_id)
 
 
 def reread_foreign_operations(store: VolumeStore) -> None:

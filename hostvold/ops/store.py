@@ -14,10 +14,13 @@ the volume's metadata file on the share (the truth).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from hostvold.core import crash
 from hostvold.core.chainmap import SnapshotMap
@@ -31,6 +34,7 @@ from hostvold.core.errors import (
     NeedsRepair,
     NoSpace,
     NotFound,
+    StorageUnavailable,
     UnsafeFile,
     UntrustedRecord,
 )
@@ -40,7 +44,7 @@ from hostvold.core.layout import Naming, VolumeFiles, record_problems
 from hostvold.core.planning import chain_problems
 from hostvold.core.reconcile import busy, merge_record, record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of, utc_now
-from hostvold.core.shares import Candidate, Placement, choose_share
+from hostvold.core.shares import Candidate, Capacity, Placement, choose_share
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.chainview import observe_chain
 from hostvold.storage.files import is_enospc
@@ -48,14 +52,20 @@ from hostvold.storage.index import VolumeIndex
 from hostvold.storage.infofile import read_info
 from hostvold.storage.locks import LocalLocks
 from hostvold.storage.metadata import read_record, write_meta
-from hostvold.storage.mounts import Share, capacity
+from hostvold.storage.mounts import Share
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.qemuimg import Limits
-from hostvold.storage.safefile import require_regular
+from hostvold.storage.volumefiles import (
+    measure_directory,
+    own_file,
+    remove_temp_files,
+    remove_volume_files,
+)
 
 log = logging.getLogger(__name__)
 
 Recoverer = Callable[[VolumeFiles, VolumeMeta], Awaitable[None]]
+T = TypeVar("T")
 
 
 class VolumeStore:
@@ -77,6 +87,7 @@ class VolumeStore:
         self.recoverers: dict[str, Recoverer] = {}
         # told the id of every volume whose record changed (the D-Bus objects follow)
         self.change_listeners: list[Callable[[str], None]] = []
+        self.index_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
 
     # ---- what is there ----------------------------------------------------------------
 
@@ -95,21 +106,26 @@ class VolumeStore:
             raise NotFound(f"volume {volume_id} does not exist") from None
 
     def mounted_shares(self) -> list[Share]:
-        return [share for share in self.shares if share.mounted]
+        """The shares that can be used now: mounted, their path up, answering."""
+        return [share for share in self.shares if share.usable]
+
+    def share_named(self, address: str) -> Share:
+        for share in self.shares:
+            if share.spec.address == address:
+                return share
+        raise NotFound(f"share {address} is not configured")
 
     def share_of(self, meta: VolumeMeta) -> Share:
-        for share in self.shares:
-            if share.spec.address == meta.share:
-                share.require()
-                return share
-        raise NotFound(f"share {meta.share} of volume {meta.id} is not configured")
+        share = self.share_named(meta.share)
+        share.require()
+        return share
 
     def files_of(self, meta: VolumeMeta) -> VolumeFiles:
         return VolumeFiles.of(self.share_of(meta).mount_point, self.naming, meta.id)
 
-    def list_snapshots(self, volume_id: str) -> list[Snapshot]:
+    async def list_snapshots(self, volume_id: str) -> list[Snapshot]:
         meta = self.get_volume(volume_id)
-        chain_map = read_info(self.files_of(meta))
+        chain_map = await self.share_of(meta).io.run(read_info, self.files_of(meta))
         return sorted((snapshot_of(meta, chain_map.snapshots[sid], sid)
                        for sid in chain_map.snapshots), key=lambda s: (s.created, s.id))
 
@@ -140,20 +156,23 @@ class VolumeStore:
             raise NeedsRepair(f"volume {volume_id} needs a repair: {'; '.join(meta.problems)}")
         return meta
 
-    def validated_chain(self, files: VolumeFiles,
-                        meta: VolumeMeta) -> tuple[SnapshotMap, list[Layer]]:
+    async def validated_chain(self, files: VolumeFiles,
+                              meta: VolumeMeta) -> tuple[SnapshotMap, list[Layer]]:
         """The info file and the chain from its active file down, checked against each other.
 
         No process is spawned: the chain is read from the image headers. A mismatch (a
         damaged info file, a missing or foreign layer) is recorded on the volume as a health
         problem and raised as NeedsRepair; nothing else is done.
         """
-        try:
+        def read() -> tuple[SnapshotMap, list[Layer]]:
             chain_map = read_info(files)
             top_format = meta.format if chain_map.active == files.base_name else "qcow2"
-            chain = validate_chain(files, chain_map.active, top_format)
+            return chain_map, validate_chain(files, chain_map.active, top_format)
+
+        try:
+            chain_map, chain = await self.share_of(meta).io.run(read)
         except (InfoFileDamaged, UnsafeFile) as exc:  # a symlink, a device: a named problem
-            self.record(files, meta.evolve(problems=[exc.message]))
+            await self.record(files, meta.evolve(problems=[exc.message]))
             raise
         except FileNotFoundError as exc:
             missing = Path(str(exc.filename)).name
@@ -161,13 +180,13 @@ class VolumeStore:
         else:
             problems = chain_problems(files, chain, chain_map)
         if problems:
-            self.record(files, meta.evolve(problems=problems))
+            await self.record(files, meta.evolve(problems=problems))
             raise NeedsRepair(f"volume {meta.id} needs a repair: {'; '.join(problems)}")
         return chain_map, chain
 
     # ---- the share's word ---------------------------------------------------------------
 
-    def refresh(self, volume_id: str, share: Share | None = None) -> VolumeMeta | None:
+    async def refresh(self, volume_id: str, share: Share | None = None) -> VolumeMeta | None:
         """The volume re-read from its share and reconciled; None when it is not a volume.
 
         Reads its metadata file and info file and the chain's headers (no process). The
@@ -186,58 +205,72 @@ class VolumeStore:
         if share is None:
             share = next((s for s in self.shares if known and s.spec.address == known.share),
                          None)
-        if share is None or not share.mounted:
+        if share is None or not share.usable:
             return known  # its share is down: nothing to read now
         files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
-        on_share = read_record(share, files.meta, volume_id) \
-            if os.path.lexists(files.meta) else None
-        if not os.path.lexists(files.base) and not (on_share and on_share.state == "creating"):
-            self._gone(files, known, on_share)
-            return None
-        meta = on_share or known
-        if meta is None:
-            return None
-        if meta.share != share.spec.address:
-            meta = meta.evolve(share=share.spec.address)
-        error = None
-        if not busy(meta):
+        address = share.spec.address
+
+        def read() -> tuple[VolumeMeta | None, bool, VolumeMeta | None, HostvoldError | None]:
+            on_share = read_record(share, files.meta, volume_id) \
+                if os.path.lexists(files.meta) else None
+            if not os.path.lexists(files.base) and not (on_share and
+                                                        on_share.state == "creating"):
+                return on_share, True, None, None
+            meta = on_share or known
+            if meta is None:
+                return on_share, False, None, None
+            if meta.share != address:
+                meta = meta.evolve(share=address)
+            if busy(meta):
+                return on_share, False, meta, None
             view = observe_chain(files, meta.format, set(meta.snapshots))
-            meta, error = merge_record(meta, view), view.error
+            return on_share, False, merge_record(meta, view), view.error
+
+        on_share, gone, found, error = await share.io.run(read)
+        if gone:
+            await self._gone(share, files, known, on_share)
+            return None
+        if found is None:
+            return None
+        meta = found
         changes = record_changes(known, meta) if known is not None else []
         if changes:
             log.warning("volume %s changed on share %s: %s", volume_id, share.spec.address,
                         "; ".join(changes), extra={"VOLUME_ID": volume_id})
         if meta != on_share and not busy(meta):
-            self.record(files, meta)
+            await self.record(files, meta)
         elif meta != known:  # the share's record as it is: memory and index follow
-            self.index.put(meta)
+            await self.local(self.index.put, meta)
             self.volumes[volume_id] = meta
             self._changed(volume_id)
         if error is not None:
             raise error
         return meta
 
-    def _gone(self, files: VolumeFiles, known: VolumeMeta | None,
-              on_share: VolumeMeta | None) -> None:
+    async def _gone(self, share: Share, files: VolumeFiles, known: VolumeMeta | None,
+                    on_share: VolumeMeta | None) -> None:
         """The base file is gone: not a volume. An idle leftover metadata file goes too."""
         if on_share is not None and not busy(on_share):
-            unlink_durable(files.meta)
+            await share.io.run(unlink_durable, files.meta)
         if known is not None:
             log.warning("volume %s: its base file %s is gone from %s; forgotten", known.id,
                         files.base_name, known.share, extra={"VOLUME_ID": known.id})
-            self.forget(known.id)
+            await self.forget(known.id)
 
     # ---- changing files and records ---------------------------------------------------------
 
-    def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
+    async def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
         """Persist ``meta``: an in-flight note in the index first when an operation is under
-        way, then the metadata file on the share (atomically), then the index and memory."""
+        way, then the metadata file on the share (atomically), then the index and memory.
+        Each write runs off the event loop: the share's in its own pool."""
         meta = self._stamped(meta)
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
+        share = self.share_named(meta.share)
+        share.require_reachable()  # refused before the in-flight note, not after it
         if busy and not self.index.is_inflight(meta.id):
-            self.index.mark_inflight(meta.id, meta.share)
-        write_meta(files.meta, meta, self.file_mode)
-        self.index.put(meta, inflight=busy)
+            await self.local(self.index.mark_inflight, meta.id, meta.share)
+        await share.io.run(write_meta, files.meta, meta, self.file_mode)
+        await self.local(self.index.put, meta, busy)
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
@@ -251,8 +284,13 @@ class VolumeStore:
             changes["attachment"] = {**meta.attachment, "host": self.host_id}
         return meta.evolve(**changes) if changes else meta
 
-    def forget(self, volume_id: str) -> None:
-        self.index.remove(volume_id)
+    async def local(self, function: Callable[..., T], *args: Any) -> T:
+        """A write to the local index (SQLite, synchronous=FULL), in its own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.index_pool, function,
+                                                                *args)
+
+    async def forget(self, volume_id: str) -> None:
+        await self.local(self.index.remove, volume_id)
         self.volumes.pop(volume_id, None)
         self._changed(volume_id)
 
@@ -272,24 +310,24 @@ class VolumeStore:
         ``state=creating`` written) -> ``made`` (image written) -> done. Recovery: the
         caller never heard of success, so every file of the new volume is removed."""
         async with self.locks.volume(volume_id):
-            self._require_new(volume_id)
-            share = self._pick_share(size, thin, share_name, space_needed)
+            await self._require_new(volume_id)
+            share = await self._pick_share(size, thin, share_name, space_needed)
             files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
             meta = VolumeMeta(id=volume_id, size=size, format=fmt,
                               provisioning="thin" if thin else "thick", created=utc_now(),
                               state="creating", share=share.spec.address,
                               active=files.base_name, operation={"name": operation})
             try:
-                self.record(files, meta)  # the durable intent, before the image exists
+                await self.record(files, meta)  # the durable intent, before the image exists
                 crash.point(f"{operation}:intent")
                 await make(files.base)
-                require_regular(files.base)  # chmod follows links: never someone else's
-                os.chmod(files.base, self.file_mode)
+                await share.io.run(own_file, files.base, self.file_mode)
                 crash.point(f"{operation}:made")
-                meta = self.record(files, meta.evolve(state="available", operation=None))
+                meta = await self.record(files, meta.evolve(state="available", operation=None))
             except BaseException as exc:
-                await asyncio.to_thread(remove_volume_files, files)
-                self.forget(volume_id)
+                with contextlib.suppress(StorageUnavailable):  # then recovery removes them
+                    await share.io.run(remove_volume_files, files)
+                    await self.forget(volume_id)
                 if is_enospc(exc) and not isinstance(exc, NoSpace):
                     raise NoSpace(f"share {share.spec.address} ran out of space while "
                                   f"creating volume {volume_id}") from None
@@ -298,8 +336,8 @@ class VolumeStore:
                      meta.provisioning, share.spec.address, extra={"VOLUME_ID": volume_id})
             return meta
 
-    def _pick_share(self, size: int, thin: bool, share_name: str | None,
-                    space_needed: int) -> Share:
+    async def _pick_share(self, size: int, thin: bool, share_name: str | None,
+                          space_needed: int) -> Share:
         shares = self.mounted_shares()
         if share_name is not None:
             shares = [s for s in self.shares if share_name in (s.id, s.spec.address)]
@@ -308,20 +346,42 @@ class VolumeStore:
             shares[0].require()
         candidates = []
         for share in shares:
-            allocated, provisioned = share_usage(self, share)
-            candidates.append(Candidate(share.spec, capacity(share, allocated, provisioned)))
+            try:
+                measured = await self.measure(share)
+            except StorageUnavailable as exc:
+                if share_name is not None:
+                    raise
+                log.warning("share %s left out of placement: %s", share.spec.address, exc)
+                continue
+            candidates.append(Candidate(share.spec, measured))
         chosen = choose_share(candidates, size, not thin, self.placement)
         if space_needed > chosen.capacity.free:
             raise NoSpace(f"share {chosen.spec.address} has {chosen.capacity.free} bytes free; "
                           f"{space_needed} are needed")
         return next(s for s in shares if s.spec == chosen.spec)
 
-    def _require_new(self, volume_id: str) -> None:
+    async def require_space(self, share: Share, needed: int, what: str) -> None:
+        """Refuse, before anything is written, work that needs more than the free space."""
+        st = await share.io.run(os.statvfs, share.require())
+        free = st.f_bavail * st.f_frsize
+        if needed > free:
+            raise NoSpace(f"{what} needs up to {needed} bytes on share {share.spec.address}, "
+                          f"which has {free} free; nothing was changed")
+
+    async def measure(self, share: Share) -> Capacity:
+        """Capacity and usage of one share: a scan of its directory, in its own pool."""
+        total, free, allocated = await share.io.run(measure_directory, share.require(),
+                                                    self.naming)
+        provisioned = sum(m.size for m in self.volumes.values() if m.share == share.spec.address)
+        return Capacity(total, free, allocated, provisioned)
+
+    async def _require_new(self, volume_id: str) -> None:
         if volume_id in self.volumes:
             raise AlreadyExists(f"volume {volume_id} already exists")
         for share in self.mounted_shares():  # three lookups, not a scan of the share
             files = VolumeFiles.of(share.mount_point, self.naming, volume_id)
-            if any(os.path.lexists(path) for path in (files.base, files.info, files.meta)):
+            if await share.io.run(lambda f=files: any(os.path.lexists(path) for path in (
+                    f.base, f.info, f.meta))):
                 raise AlreadyExists(f"files of volume {volume_id} already exist on "
                                     f"{share.spec.address}")
 
@@ -336,17 +396,18 @@ class VolumeStore:
             files = self.files_of(meta)
         except HostvoldError:
             return  # its share is down; recovered when it comes back
-        remove_temp_files(files)
+        share = self.share_of(meta)
+        await share.io.run(remove_temp_files, files)
         if meta.state in ("creating", "deleting"):
             log.warning("recovery: removing volume %s left in state %s", meta.id, meta.state)
-            await asyncio.to_thread(remove_volume_files, files)
-            self.forget(meta.id)
+            await share.io.run(remove_volume_files, files)
+            await self.forget(meta.id)
             return
         assert meta.operation is not None
         untrusted = record_problems(files, meta.operation, meta.active)
         if untrusted:  # the record names files that are not the volume's: touch nothing
             if set(untrusted) - set(meta.problems):
-                self.record(files, meta.evolve(problems=[*meta.problems, *untrusted]))
+                await self.record(files, meta.evolve(problems=[*meta.problems, *untrusted]))
             log.error("recovery: volume %s: %s", meta.id, "; ".join(untrusted),
                       extra={"VOLUME_ID": meta.id})
             raise UntrustedRecord(f"volume {meta.id}: {'; '.join(untrusted)}")
@@ -357,29 +418,3 @@ class VolumeStore:
         log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
                     extra={"VOLUME_ID": meta.id})
         await recoverer(files, meta)
-
-def share_usage(store: VolumeStore, share: Share) -> tuple[int, int]:
-    """(allocated, provisioned) bytes of the volumes on ``share``."""
-    allocated = 0
-    with os.scandir(share.mount_point) as entries:
-        for entry in entries:
-            if store.naming.volume_id_of_image(entry.name) is None:
-                continue
-            allocated += entry.stat(follow_symlinks=False).st_size
-    provisioned = sum(m.size for m in store.volumes.values() if m.share == share.spec.address)
-    return allocated, provisioned
-
-
-def remove_volume_files(files: VolumeFiles) -> None:
-    """Remove every file of the volume, the metadata file last, and nothing else."""
-    for path in files.existing():
-        if path != files.meta:
-            unlink_durable(path)
-    unlink_durable(files.meta)
-
-
-def remove_temp_files(files: VolumeFiles) -> None:
-    """Leftovers of interrupted atomic writes: never the only copy of anything."""
-    for path in files.existing():
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
-            unlink_durable(path)

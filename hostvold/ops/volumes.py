@@ -27,7 +27,7 @@ from hostvold.core.images import Format, Layer, layer_format
 from hostvold.core.layout import VolumeFiles, temp_name
 from hostvold.core.models import MAX_SIZE, CreateVolume, ImportVolume
 from hostvold.core.records import VolumeMeta
-from hostvold.ops.store import VolumeStore, remove_volume_files, share_usage
+from hostvold.ops.store import VolumeStore
 from hostvold.storage import qemuimg
 from hostvold.storage.files import (
     copy_fd_to_new_file,
@@ -36,7 +36,6 @@ from hostvold.storage.files import (
     grow_raw,
     is_enospc,
 )
-from hostvold.storage.mounts import capacity
 from hostvold.storage.qcow2 import (
     QCOW2_MAGIC,
     read_head,
@@ -46,6 +45,7 @@ from hostvold.storage.qcow2 import (
 )
 from hostvold.storage.qemuimg import fd_path
 from hostvold.storage.safefile import check_caller_fd, open_source
+from hostvold.storage.volumefiles import remove_volume_files
 
 log = logging.getLogger(__name__)
 
@@ -144,48 +144,48 @@ class VolumeOps:
 
     async def delete(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         """Every file of the volume, the metadata file last, and nothing else."""
-        self.store.record(files, meta.evolve(state="deleting"))
+        await self.store.record(files, meta.evolve(state="deleting"))
         crash.point("delete:intent")
-        await asyncio.to_thread(remove_volume_files, files)
+        await self.store.share_of(meta).io.run(remove_volume_files, files)
         crash.point("delete:files-removed")
-        self.store.forget(meta.id)
+        await self.store.forget(meta.id)
         log.info("deleted volume %s", meta.id, extra={"VOLUME_ID": meta.id})
 
-    def check_growth(self, meta: VolumeMeta, size: int) -> None:
+    async def check_growth(self, meta: VolumeMeta, size: int) -> None:
         """Refuse a new size that is not larger, or that the share cannot hold."""
         if size <= meta.size:
             raise InvalidArgument(f"new size {size} must be larger than the current "
                                   f"{meta.size} bytes")
         grow = size - meta.size
         share = self.store.share_of(meta)
-        allocated, provisioned = share_usage(self.store, share)
-        cap = capacity(share, allocated, provisioned)
-        if provisioned + grow > cap.total * self.store.placement.max_over_subscription_ratio or (
+        cap = await self.store.measure(share)
+        ratio = self.store.placement.max_over_subscription_ratio
+        if cap.provisioned + grow > cap.total * ratio or (
                 meta.provisioning == "thick" and grow > cap.free):
             raise NoSpace(f"share {share.spec.address} cannot grow volume {meta.id} by "
                           f"{grow} bytes")
 
     async def extend(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> VolumeMeta:
         store = self.store
-        store.record(files, meta.evolve(operation={"name": "extend", "size": size}))
+        await store.record(files, meta.evolve(operation={"name": "extend", "size": size}))
         crash.point("extend:intent")
         try:
             await self._grow(files, meta, size)
         except BaseException:
-            store.record(files, meta)
+            await store.record(files, meta)
             raise
         crash.point("extend:grown")
-        return store.record(files, meta.evolve(size=size, operation=None))
+        return await store.record(files, meta.evolve(size=size, operation=None))
 
     async def _recover_extend(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         assert meta.operation is not None
         size = int(meta.operation["size"])
         await self._grow(files, meta, size)
-        self.store.record(files, meta.evolve(size=size, operation=None))
+        await self.store.record(files, meta.evolve(size=size, operation=None))
 
     async def _grow(self, files: VolumeFiles, meta: VolumeMeta, size: int) -> None:
         """Grow the active file to ``size`` offline (idempotent)."""
-        top = self.store.validated_chain(files, meta)[1][0]
+        top = (await self.store.validated_chain(files, meta))[1][0]
         path = files.directory / top.name
         if top.format == "raw":
             await asyncio.to_thread(grow_raw, path, size, meta.provisioning == "thick")

@@ -18,9 +18,10 @@ from dbus_fast import DBusError, Variant
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.service import ServiceInterface
 
-from hostvold.core.errors import HostvoldError, InvalidArgument
+from hostvold.core.errors import Failed, HostvoldError, InvalidArgument
 from hostvold.server.bus import ERROR_PREFIX, dbus_error, received_fds
 from hostvold.storage.safefile import check_caller_fd
+from hostvold.storage.shareio import named_storage_error
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ def named_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
             raise dbus_error(exc) from None
         except DBusError:
             raise
+        except OSError as exc:
+            named = named_storage_error(exc)
+            if named is None:
+                log.exception("%s failed unexpectedly", method.__name__)
+                named = Failed(f"internal error: {type(exc).__name__}: {exc.strerror}")
+            raise dbus_error(named) from None
         except Exception as exc:  # a bug: the caller still gets a named error
             log.exception("%s failed unexpectedly", method.__name__)
             raise DBusError(f"{ERROR_PREFIX}Failed",

@@ -22,6 +22,7 @@ from hostvold.ops.jobs import JobRunner
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.operations import Operations
 from hostvold.ops.rescan import ShareRescanner
+from hostvold.ops.sharekeeper import ShareKeeper, mount_in_time, probe
 from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
@@ -30,13 +31,15 @@ from hostvold.server.objects import Api
 from hostvold.storage.coordination import ClusterLocks, Coordination
 from hostvold.storage.index import VolumeIndex
 from hostvold.storage.locks import LocalLocks
-from hostvold.storage.mounts import Share, ensure_mounted
+from hostvold.storage.mounts import Share
+from hostvold.storage.pathwatch import PathWatch
 from hostvold.storage.permissions import file_mode, resolve_secure
 from hostvold.virt.hypervisor import Hypervisor
 
 log = logging.getLogger("hostvold")
 
 EX_CONFIG = 78
+STOP_JOBS_SECONDS = 20  # well inside the unit's TimeoutStopSec
 
 
 def share_specs(config: Config) -> list[ShareSpec]:
@@ -69,6 +72,8 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
         self.follower: ClusterFollower | None = None
         self.rescanner: ShareRescanner | None = None
+        self.paths: PathWatch | None = None
+        self.keeper: ShareKeeper | None = None
 
     async def start(self) -> Operations:
         config = self.config
@@ -77,23 +82,31 @@ class Daemon:
         os.chmod(state_dir, 0o700)
         notify.status("mounting shares")
         base = config.mount_point_base
-        shares = [Share(spec, spec.mount_point(base)) for spec in share_specs(config)]
-        await asyncio.gather(*(ensure_mounted(share, config.shares.mount_attempts)
+        shares = [Share(spec, spec.mount_point(base), timeout=config.shares.storage_timeout)
+                  for spec in share_specs(config)]
+        self.paths = PathWatch(shares)
+        try:
+            await self.paths.start()  # a share whose path is down is not even mounted
+        except OSError as exc:
+            log.error("no netlink: the storage paths are not watched (%s)", exc)
+        await asyncio.gather(*(mount_in_time(share, config.shares.mount_attempts)
                                for share in shares))
+        await asyncio.gather(*(probe(share) for share in shares))
         for share in shares:
-            if not share.mounted:
-                log.error("share %s unavailable: %s", share.spec.address, share.error)
+            if not share.usable:
+                log.error("share %s unavailable: %s", share.spec.address,
+                          share.error or share.hung or share.path_detail)
         self.index = VolumeIndex(state_dir / "index.sqlite")
         locks = await self._locks(state_dir / "locks")
         store = VolumeStore(config, shares, self.index, locks, 0o660)
         notify.status("loading the volume index")
         if self.index.fresh:
-            rebuild_index(store)
+            await rebuild_index(store)
         else:
-            load_index(store)
+            await load_index(store)
         self.rescanner = ShareRescanner(store)
         await self.rescanner.prime()  # volumes made elsewhere while we were down
-        first = next((s.mount_point for s in shares if s.mounted), None)
+        first = next((s.mount_point for s in shares if s.usable), None)
         secure = resolve_secure(config.volumes.nas_secure_file_permissions, first,
                                 new_install=not store.list_volumes())
         store.file_mode = file_mode(secure)
@@ -107,7 +120,17 @@ class Daemon:
                 and self.hypervisor.conn is not None:
             await ops.live.reconcile()
         self.store, self.ops = store, ops
+        self.keeper = ShareKeeper(store, self.jobs, config.shares.mount_attempts,
+                                  self._bring_back)
+        self.keeper.watch()
         return ops
+
+    async def _bring_back(self, share: Share) -> None:
+        """A share that was away answers again: what changed on it is read, and the
+        operations it interrupted are finished."""
+        assert self.rescanner is not None and self.ops is not None
+        await self.rescanner.scan(share)
+        await self.ops.take_over()
 
     async def _locks(self, directory: Path) -> LocalLocks:
         """Per-volume locks: the cluster's through etcd, or this host's alone."""
@@ -153,6 +176,10 @@ class Daemon:
             self.hypervisor.reconnect()
 
     async def stop(self) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.paths is not None:
+            self.paths.stop()
         if self.follower is not None:
             self.follower.stop()
         if self.coordination is not None:
@@ -202,7 +229,11 @@ class Daemon:
         await self.bus.release_name(BUS_NAME)
         rescans.cancel()
         await asyncio.gather(rescans, return_exceptions=True)  # no rescan holds a lock now
-        await self.jobs.cancel_all()
+        try:  # a job stuck on a dead share must not keep the daemon from stopping
+            await asyncio.wait_for(self.jobs.cancel_all(), STOP_JOBS_SECONDS)
+        except TimeoutError:
+            log.error("jobs still running after %d s (their storage does not answer); "
+                      "stopping anyway: each is recovered at the next start", STOP_JOBS_SECONDS)
         self.bus.disconnect()
         if watchdog is not None:
             watchdog.cancel()
@@ -256,7 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     setup_logging(config.daemon.log_level)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: dump stacks
-    return asyncio.run(Daemon(config).run())
+    loop = asyncio.new_event_loop()
+    code = loop.run_until_complete(Daemon(config).run())
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # not asyncio.run() nor a normal exit: both wait for every worker thread, and a thread
+    # in a call into a dead share never returns. Everything durable is written by now.
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class Api:
         self.snapshot_objects: dict[str, SnapshotInterface] = {}
         self.job_objects: dict[str, JobInterface] = {}
         self._usage_pending = False
+        self._tasks: set[asyncio.Task[None]] = set()
         store.change_listeners.append(self.sync_volume)
         bus.add_message_handler(self._unknown_object)
         jobs.on_added.append(self._job_added)
@@ -100,6 +101,7 @@ class Api:
             self.bus.export(object_path("shares", share.id), interface)
         for meta in self.store.list_volumes():
             self.sync_volume(meta.id)
+        self._share_usage_changed()  # the first figures, measured off the loop
 
     # ---- keeping objects in step -------------------------------------------------------
 
@@ -142,12 +144,14 @@ class Api:
             return
         self._usage_pending = True
 
-        def refresh() -> None:
+        async def refresh() -> None:
+            await asyncio.sleep(USAGE_DELAY)  # the burst's end, not a poll
             self._usage_pending = False
-            for share in self.share_objects.values():
-                share.refresh()
+            await asyncio.gather(*(share.refresh() for share in self.share_objects.values()))
 
-        asyncio.get_running_loop().call_later(USAGE_DELAY, refresh)
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _job_added(self, job: Job) -> None:
         interface = JobInterface(self, job)
@@ -199,7 +203,7 @@ class Api:
         return f"{coordination.url.split('?')[0]}: {state}"
 
     def health(self) -> str:
-        down = [s.spec.address for s in self.store.shares if not s.mounted]
+        down = [s.spec.address for s in self.store.shares if not s.usable]
         sick = [m.id for m in self.store.list_volumes() if m.problems]
         if not down and not sick:
             return "ok"

@@ -6,37 +6,99 @@ import asyncio
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostvold.core.backoff import backoff
 from hostvold.core.errors import StorageUnavailable
 from hostvold.core.shares import Capacity, ShareSpec
+from hostvold.storage.shareio import ShareIO
 
 log = logging.getLogger(__name__)
 
 RETRY_DELAY = 1.0  # seconds before the first retry of a mount (then longer)
 
 
-@dataclass
+@dataclass(eq=False)
 class Share:
-    """A configured share on this host and what we know of its mount."""
+    """A configured share on this host: its mount, the state of the network path to its
+    host (SPEC section 10: ``up``, ``unreachable``, ``local``; ``unknown`` until looked
+    up), whether it answers, and the pool its file calls run in."""
 
     spec: ShareSpec
     mount_point: Path
     mounted: bool = False
     error: str | None = None
+    timeout: float = 10.0  # seconds a file call may take before the share counts as hung
+    path: str = "unknown"
+    path_detail: str = ""
+    hung: str | None = None  # why it counts as not answering, until a stuck call returns
+    listeners: list[Callable[[Share], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.spec.host is None:
+            self.path = "local"
+        self.io = ShareIO(self.spec.address, self.require_reachable, self.mark_hung,
+                          self.answered, self.timeout)
 
     @property
     def id(self) -> str:
         return self.spec.id
 
+    @property
+    def reachable(self) -> bool:
+        return self.path != "unreachable" and self.hung is None
+
+    @property
+    def usable(self) -> bool:
+        return self.mounted and self.reachable
+
+    def require_reachable(self) -> None:
+        """Refuse at once, without touching the share, when it cannot answer."""
+        if self.path == "unreachable":
+            raise StorageUnavailable(f"share {self.spec.address} is unreachable: "
+                                     f"{self.path_detail or 'its network path is down'}")
+        if self.hung is not None:
+            raise StorageUnavailable(f"share {self.spec.address} does not answer: {self.hung}")
+
     def require(self) -> Path:
         """The mount point, or StorageUnavailable if the share cannot be used now."""
+        self.require_reachable()
         if not self.mounted:
             raise StorageUnavailable(
                 f"share {self.spec.address} is not mounted: {self.error or 'unknown reason'}")
         return self.mount_point
+
+    def set_path(self, state: str, detail: str) -> None:
+        if (state, detail) == (self.path, self.path_detail):
+            return
+        before, self.path, self.path_detail = self.path, state, detail
+        log_at = logging.ERROR if state == "unreachable" else logging.INFO
+        log.log(log_at, "share %s: storage path %s -> %s (%s)", self.spec.address, before,
+                state, detail)
+        self._tell()
+
+    def mark_hung(self, reason: str) -> None:
+        if self.hung is None:
+            self.hung = reason
+            log.error("share %s: %s; its volumes are refused until it answers",
+                      self.spec.address, reason)
+            self._tell()
+
+    def answered(self) -> None:
+        """A call that had timed out returned after all: the share answers again."""
+        if self.hung is not None:
+            self.hung = None
+            log.warning("share %s answers again", self.spec.address)
+            self._tell()
+
+    def _tell(self) -> None:
+        for listener in self.listeners:
+            try:
+                listener(self)
+            except Exception:
+                log.exception("share listener failed")
 
 
 def _unescape(field: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hostvold.core import progress
-from hostvold.core.errors import Failed, QemuImgError
+from hostvold.core.errors import Failed, NoSpace, QemuImgError, StorageUnavailable
 from hostvold.core.images import Format
 
 ProgressCallback = Callable[[float], None]
@@ -68,6 +68,10 @@ class Measure(BaseModel):
     fully_allocated: int = Field(alias="fully-allocated")
 
 
+# what qemu-img's stderr says when the share under it went away (NFS, FUSE)
+STORAGE_LOST = ("Input/output error", "Stale file handle", "Transport endpoint is not connected")
+
+
 async def run(argv: list[str], *, timeout: float | None = None,
               on_progress: ProgressCallback | None = None,
               context: str = "", ok_codes: tuple[int, ...] = (0,),
@@ -92,7 +96,13 @@ async def run(argv: list[str], *, timeout: float | None = None,
         raise
     if proc.returncode not in ok_codes:
         stderr = err.decode(errors="replace")
-        raise QemuImgError(argv, proc.returncode, stderr, context)
+        failed = QemuImgError(argv, proc.returncode, stderr, context)
+        if "No space left on device" in stderr or "Disk quota exceeded" in stderr:
+            raise NoSpace(f"{failed.message}: the share is full; the operation stays "
+                          "recorded and a retry finishes it once space is freed")
+        if any(sign in stderr for sign in STORAGE_LOST):
+            raise StorageUnavailable(f"{failed.message}: the storage failed under it")
+        raise failed
     return out
 
 

@@ -1,0 +1,49 @@
+"""Whole-volume file chores on a share: measuring it, removing a volume's files.
+
+Each is one blocking call, run in the share's own pool (:mod:`.shareio`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hostvold.core.layout import Naming, VolumeFiles
+from hostvold.storage.atomic import unlink_durable
+from hostvold.storage.safefile import require_regular
+
+
+def own_file(path: Path, mode: int) -> None:
+    require_regular(path)  # chmod follows links: never someone else's
+    os.chmod(path, mode)
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes the file really holds on disk (a sparse image holds less than its size)."""
+    return os.lstat(path).st_blocks * 512
+
+
+def measure_directory(directory: Path, naming: Naming) -> tuple[int, int, int]:
+    """(total, free, allocated) bytes: the filesystem as unprivileged users see it, and
+    the apparent size of the volume images in ``directory`` (one readdir)."""
+    st = os.statvfs(directory)
+    allocated = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if naming.volume_id_of_image(entry.name) is not None:
+                allocated += entry.stat(follow_symlinks=False).st_size
+    return st.f_frsize * st.f_blocks, st.f_frsize * st.f_bavail, allocated
+
+
+def remove_volume_files(files: VolumeFiles) -> None:
+    """Remove every file of the volume, the metadata file last, and nothing else."""
+    for path in files.existing():
+        if path != files.meta:
+            unlink_durable(path)
+    unlink_durable(files.meta)
+
+
+def remove_temp_files(files: VolumeFiles) -> None:
+    """Leftovers of interrupted atomic writes: never the only copy of anything."""
+    for path in files.existing():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            unlink_durable(path)
