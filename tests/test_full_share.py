@@ -13,7 +13,6 @@ import pytest
 
 from hostvold.core.errors import NoSpace
 from hostvold.ops.operations import Operations
-from hostvold.ops.store import VolumeStore
 
 MiB = 1 << 20
 
@@ -73,9 +72,9 @@ async def test_enospc_mid_way_is_nospace_and_a_retry_finishes(
     async def no_check(*_args: object) -> None:
         return None
 
-    monkeypatch.setattr(VolumeStore, "require_space", no_check)
+    monkeypatch.setattr("hostvold.ops.snapshots.require_space", no_check)
     filler = leave_free(directory, 20 * MiB)
-    with pytest.raises(NoSpace, match="No space left on device.*retry"):
+    with pytest.raises(NoSpace, match=r"No space left on device.*retry"):
         await service.delete_snapshot(volume_id, s1)
     meta = service.store.get_volume(volume_id)
     assert (meta.operation or {}).get("name") == "delete-snapshot"  # recorded: resumable

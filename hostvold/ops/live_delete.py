@@ -57,6 +57,7 @@ from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import validate_chain
+from hostvold.storage.space import require_space
 from hostvold.virt.guest import Guest
 from hostvold.virt.hypervisor import JOB_COMPLETED, JOB_READY, RECONNECTED, Hypervisor
 
@@ -95,7 +96,7 @@ class LiveDelete:
             position = [layer.name for layer in chain].index(plan.base.name)
             below = chain[position + 1].name
         moved = plan.base.name if strategy == "pull" else plan.top.name  # whose data moves
-        await self.store.require_space(self.store.share_of(meta), allocated.get(moved, 0),
+        await require_space(self.store.share_of(meta), allocated.get(moved, 0),
                                        f"deleting snapshot {sid} by {strategy}")
         meta = await self.store.record(files, meta.evolve(operation={
             "name": "live-delete-snapshot", "snapshot": sid, "strategy": strategy,

@@ -42,6 +42,7 @@ from hostvold.ops.startup import reread_foreign_operations, reread_inflight
 from hostvold.ops.store import VolumeStore
 from hostvold.ops.volumes import VolumeOps
 from hostvold.storage.coordination import Coordination
+from hostvold.storage.mounts import find_share
 from hostvold.storage.safefile import check_caller_fd, create_destination, remove_destination
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Operations:
         that share."""
         known = self.store.find(valid_id(volume_id, "volume id"))
         if known is not None:
-            self.store.share_named(known.share).require_reachable()
+            find_share(self.store.shares, known.share).require_reachable()
         async with self.store.locks.volume(volume_id):
             yield
 

@@ -46,6 +46,7 @@ from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir, unlink_durable
 from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
+from hostvold.storage.space import require_space
 from hostvold.storage.volumefiles import allocated_bytes
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class SnapshotOps:
         # the top's data lands in the base: at most its allocated bytes more on the share
         share = store.share_of(meta)
         top_size = await share.io.run(allocated_bytes, files.directory / plan.top.name)
-        await store.require_space(share, top_size, f"deleting snapshot {sid} (its data "
+        await require_space(share, top_size, f"deleting snapshot {sid} (its data "
                                   f"merged into {plan.base.name})")
         meta = await store.record(files, meta.evolve(operation={
             "name": "delete-snapshot", "snapshot": sid, "step": "commit",

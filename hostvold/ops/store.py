@@ -44,7 +44,7 @@ from hostvold.core.layout import Naming, VolumeFiles, record_problems
 from hostvold.core.planning import chain_problems
 from hostvold.core.reconcile import busy, merge_record, record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of, utc_now
-from hostvold.core.shares import Candidate, Capacity, Placement, choose_share
+from hostvold.core.shares import Candidate, Placement, choose_share
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.chainview import observe_chain
 from hostvold.storage.files import is_enospc
@@ -52,11 +52,11 @@ from hostvold.storage.index import VolumeIndex
 from hostvold.storage.infofile import read_info
 from hostvold.storage.locks import LocalLocks
 from hostvold.storage.metadata import read_record, write_meta
-from hostvold.storage.mounts import Share
+from hostvold.storage.mounts import Share, find_share
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.qemuimg import Limits
+from hostvold.storage.space import measure
 from hostvold.storage.volumefiles import (
-    measure_directory,
     own_file,
     remove_temp_files,
     remove_volume_files,
@@ -109,14 +109,8 @@ class VolumeStore:
         """The shares that can be used now: mounted, their path up, answering."""
         return [share for share in self.shares if share.usable]
 
-    def share_named(self, address: str) -> Share:
-        for share in self.shares:
-            if share.spec.address == address:
-                return share
-        raise NotFound(f"share {address} is not configured")
-
     def share_of(self, meta: VolumeMeta) -> Share:
-        share = self.share_named(meta.share)
+        share = find_share(self.shares, meta.share)
         share.require()
         return share
 
@@ -240,7 +234,7 @@ class VolumeStore:
         if meta != on_share and not busy(meta):
             await self.record(files, meta)
         elif meta != known:  # the share's record as it is: memory and index follow
-            await self.local(self.index.put, meta)
+            await self._local(self.index.put, meta)
             self.volumes[volume_id] = meta
             self._changed(volume_id)
         if error is not None:
@@ -265,12 +259,12 @@ class VolumeStore:
         Each write runs off the event loop: the share's in its own pool."""
         meta = self._stamped(meta)
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
-        share = self.share_named(meta.share)
+        share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
         if busy and not self.index.is_inflight(meta.id):
-            await self.local(self.index.mark_inflight, meta.id, meta.share)
+            await self._local(self.index.mark_inflight, meta.id, meta.share)
         await share.io.run(write_meta, files.meta, meta, self.file_mode)
-        await self.local(self.index.put, meta, busy)
+        await self._local(self.index.put, meta, busy)
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
@@ -284,13 +278,13 @@ class VolumeStore:
             changes["attachment"] = {**meta.attachment, "host": self.host_id}
         return meta.evolve(**changes) if changes else meta
 
-    async def local(self, function: Callable[..., T], *args: Any) -> T:
+    async def _local(self, function: Callable[..., T], *args: Any) -> T:
         """A write to the local index (SQLite, synchronous=FULL), in its own thread."""
         return await asyncio.get_running_loop().run_in_executor(self.index_pool, function,
                                                                 *args)
 
     async def forget(self, volume_id: str) -> None:
-        await self.local(self.index.remove, volume_id)
+        await self._local(self.index.remove, volume_id)
         self.volumes.pop(volume_id, None)
         self._changed(volume_id)
 
@@ -347,7 +341,7 @@ class VolumeStore:
         candidates = []
         for share in shares:
             try:
-                measured = await self.measure(share)
+                measured = await measure(share, self.naming, self.volumes.values())
             except StorageUnavailable as exc:
                 if share_name is not None:
                     raise
@@ -359,21 +353,6 @@ class VolumeStore:
             raise NoSpace(f"share {chosen.spec.address} has {chosen.capacity.free} bytes free; "
                           f"{space_needed} are needed")
         return next(s for s in shares if s.spec == chosen.spec)
-
-    async def require_space(self, share: Share, needed: int, what: str) -> None:
-        """Refuse, before anything is written, work that needs more than the free space."""
-        st = await share.io.run(os.statvfs, share.require())
-        free = st.f_bavail * st.f_frsize
-        if needed > free:
-            raise NoSpace(f"{what} needs up to {needed} bytes on share {share.spec.address}, "
-                          f"which has {free} free; nothing was changed")
-
-    async def measure(self, share: Share) -> Capacity:
-        """Capacity and usage of one share: a scan of its directory, in its own pool."""
-        total, free, allocated = await share.io.run(measure_directory, share.require(),
-                                                    self.naming)
-        provisioned = sum(m.size for m in self.volumes.values() if m.share == share.spec.address)
-        return Capacity(total, free, allocated, provisioned)
 
     async def _require_new(self, volume_id: str) -> None:
         if volume_id in self.volumes:

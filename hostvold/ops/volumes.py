@@ -45,6 +45,7 @@ from hostvold.storage.qcow2 import (
 )
 from hostvold.storage.qemuimg import fd_path
 from hostvold.storage.safefile import check_caller_fd, open_source
+from hostvold.storage.space import measure
 from hostvold.storage.volumefiles import remove_volume_files
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class VolumeOps:
                                   f"{meta.size} bytes")
         grow = size - meta.size
         share = self.store.share_of(meta)
-        cap = await self.store.measure(share)
+        cap = await measure(share, self.store.naming, self.store.volumes.values())
         ratio = self.store.placement.max_over_subscription_ratio
         if cap.provisioned + grow > cap.total * ratio or (
                 meta.provisioning == "thick" and grow > cap.free):

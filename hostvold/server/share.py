@@ -14,6 +14,7 @@ from dbus_fast.service import ServiceInterface, dbus_property
 from hostvold.core.errors import HostvoldError
 from hostvold.server.calls import announce_changes
 from hostvold.storage.mounts import Share
+from hostvold.storage.space import measure
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
@@ -45,7 +46,8 @@ class ShareInterface(ServiceInterface):
         if not self.share.mounted:
             return
         try:
-            capacity = await self.api.store.measure(self.share)
+            store = self.api.store
+            capacity = await measure(self.share, store.naming, store.volumes.values())
         except (HostvoldError, OSError) as exc:
             log.warning("share %s not measured: %s", self.share.spec.address, exc)
             return

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostvold.core.backoff import backoff
-from hostvold.core.errors import StorageUnavailable
+from hostvold.core.errors import NotFound, StorageUnavailable
 from hostvold.core.shares import Capacity, ShareSpec
 from hostvold.storage.shareio import ShareIO
 
@@ -99,6 +99,13 @@ class Share:
                 listener(self)
             except Exception:
                 log.exception("share listener failed")
+
+
+def find_share(shares: list[Share], address: str) -> Share:
+    for share in shares:
+        if share.spec.address == address:
+            return share
+    raise NotFound(f"share {address} is not configured")
 
 
 def _unescape(field: str) -> str:
