@@ -203,7 +203,7 @@ class _Records:
     def __init__(self) -> None:
         self.steps: list[str] = []
 
-    def record(self, files: Any, meta: Any) -> Any:
+    async def record(self, files: Any, meta: Any) -> Any:
         self.steps.append(meta.operation["step"])
         return meta
 

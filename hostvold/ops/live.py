@@ -44,7 +44,7 @@ from hostvold.core.records import VolumeMeta, utc_now
 from hostvold.core.users import Users
 from hostvold.ops.attachments import Attachments
 from hostvold.ops.live_delete import LiveDelete
-from hostvold.ops.store import VolumeStore
+from hostvold.ops.store import VolumeStore, share_call
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.files import make_overlay
@@ -185,7 +185,7 @@ class LiveVolumes:
         try:
             yield chain[0]  # the former active file: read-only in QEMU from now on
         finally:
-            new_map = read_info(files)
+            new_map = await share_call(self.store, meta, read_info, files)
             fmt = meta.format if new_map.active == files.base_name else "qcow2"
             new_chain = validate_chain(files, new_map.active, fmt)
             await uninterrupted(self.deleter.delete_snapshot(
@@ -253,9 +253,10 @@ class LiveVolumes:
 
     async def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,
                        quiesced: bool, temporary: bool = False) -> VolumeMeta:
-        chain_map = read_info(files)
+        chain_map = await share_call(self.store, meta, read_info, files)
         if chain_map.snapshots.get(sid) != overlay:
-            write_info(files, chain_map.with_snapshot(sid, overlay), self.store.file_mode)
+            await share_call(self.store, meta, write_info, files,
+                             chain_map.with_snapshot(sid, overlay), self.store.file_mode)
         crash.point("live-create-snapshot:info")
         return await self.store.record(files, meta.evolve(
             active=overlay, operation=None,
@@ -282,7 +283,7 @@ class LiveVolumes:
         if switched:
             await self._finish_create(files, meta, sid, overlay, False, bool(op.get("temporary")))
         else:
-            unlink_durable(path)
+            await share_call(self.store, meta, unlink_durable, path)
             await self.store.record(files, meta.evolve(operation=None))
         if guest is None:
             await self.attachments.keep_definitions_in_step(files, meta.id)

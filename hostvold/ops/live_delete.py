@@ -52,7 +52,7 @@ from hostvold.core.layout import VolumeFiles
 from hostvold.core.planning import AMBIGUOUS_PIVOT, plan_delete
 from hostvold.core.records import VolumeMeta
 from hostvold.ops.attachments import Attachments
-from hostvold.ops.store import VolumeStore
+from hostvold.ops.store import VolumeStore, share_call
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.infofile import read_info, write_info
@@ -246,7 +246,7 @@ class LiveDelete:
     async def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta,
                              op: dict[str, Any]) -> None:
         sid, top, base = op["snapshot"], op["top"], op["base"]
-        chain_map = read_info(files)
+        chain_map = await share_call(self.store, meta, read_info, files)
         if op["strategy"] == "pull":
             # base's data now lives in top: a snapshot whose overlay was base now has top
             snapshots = {k: (top if v == base else v) for k, v in chain_map.snapshots.items()
@@ -256,9 +256,9 @@ class LiveDelete:
             new_map = chain_map.without(sid, active=base if op["strategy"] == "active-commit"
                                         else None)
             gone = top
-        write_info(files, new_map, self.store.file_mode)
+        await share_call(self.store, meta, write_info, files, new_map, self.store.file_mode)
         crash.point("live-delete-snapshot:info")
-        unlink_durable(files.directory / gone)
+        await share_call(self.store, meta, unlink_durable, files.directory / gone)
         snapshots = {k: v for k, v in meta.snapshots.items() if k != sid}
         await self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
                                                operation=None, problems=[]))
@@ -270,7 +270,7 @@ class LiveDelete:
         log.warning("domain %s is gone: finishing the delete of snapshot %s offline (step %s)",
                     op["domain"], op["snapshot"], op["step"], extra={"VOLUME_ID": meta.id})
         meta = await self.store.record(files, meta.evolve(state="available", attachment=None))
-        chain_map = read_info(files)
+        chain_map = await share_call(self.store, meta, read_info, files)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
         names = [layer.name for layer in validate_chain(files, chain_map.active, fmt)]
         gone = op["base"] if op["strategy"] == "pull" else op["top"]
@@ -288,7 +288,7 @@ class LiveDelete:
     async def _commit_offline(self, files: VolumeFiles, meta: VolumeMeta,
                               op: dict[str, Any]) -> None:
         """Top holds the newest data: the offline delete's commit of top into base."""
-        chain_map = read_info(files)
+        chain_map = await share_call(self.store, meta, read_info, files)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
         chain = validate_chain(files, chain_map.active, fmt)
         plan = plan_delete(chain, chain_map, op["snapshot"])

@@ -12,7 +12,7 @@ from hostvold.core.images import FORMAT_UNCONFIRMED, Format, Layer
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.planning import chain_problems, map_from_chain
 from hostvold.core.records import VolumeMeta
-from hostvold.ops.store import VolumeStore
+from hostvold.ops.store import VolumeStore, share_call
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.files import file_mtime
 from hostvold.storage.infofile import read_info, write_info
@@ -106,15 +106,15 @@ class RepairOps:
         done = []
         new_map = map_from_chain(files, chain)
         try:
-            old_map: SnapshotMap | None = read_info(files)
+            old_map: SnapshotMap | None = await share_call(self.store, meta, read_info, files)
         except InfoFileDamaged:
             old_map = None
         if old_map != new_map:
-            write_info(files, new_map, self.store.file_mode)
+            await share_call(self.store, meta, write_info, files, new_map, self.store.file_mode)
             done.append(f"info file rewritten: active {new_map.active}, "
                         f"{len(new_map.snapshots)} snapshots")
         for name in strays:
-            unlink_durable(files.directory / name)
+            await share_call(self.store, meta, unlink_durable, files.directory / name)
             done.append(f"removed {name} (it held no data)")
         snapshots = {}
         for sid, overlay in new_map.snapshots.items():

@@ -41,7 +41,7 @@ from hostvold.core.images import Layer, layer_format
 from hostvold.core.layout import VolumeFiles, temp_name
 from hostvold.core.planning import plan_delete
 from hostvold.core.records import VolumeMeta, utc_now
-from hostvold.ops.store import VolumeStore
+from hostvold.ops.store import VolumeStore, share_call
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir, unlink_durable
 from hostvold.storage.files import make_overlay
@@ -71,7 +71,8 @@ class SnapshotOps:
         try:
             await make_overlay(files.directory / overlay, meta.size, chain[0], store.file_mode)
             crash.point("create-snapshot:overlay")
-            write_info(files, chain_map.with_snapshot(sid, overlay), store.file_mode)
+            await share_call(self.store, meta, write_info, files,
+                             chain_map.with_snapshot(sid, overlay), store.file_mode)
             crash.point("create-snapshot:info")
         except BaseException:
             await self._recover_create(files, meta)
@@ -83,13 +84,13 @@ class SnapshotOps:
     async def _recover_create(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         assert meta.operation is not None
         sid, overlay = meta.operation["snapshot"], meta.operation["overlay"]
-        chain_map = read_info(files)
+        chain_map = await share_call(self.store, meta, read_info, files)
         if chain_map.snapshots.get(sid) == overlay:  # the info file was written: finish
             await self.store.record(files, meta.evolve(
                 active=chain_map.active, operation=None,
                 snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": False}}))
         else:  # not taken: the overlay is new, empty and referenced by nothing
-            unlink_durable(files.directory / overlay)
+            await share_call(self.store, meta, unlink_durable, files.directory / overlay)
             await self.store.record(files, meta.evolve(operation=None))
 
     async def delete(self, files: VolumeFiles, meta: VolumeMeta, chain_map: SnapshotMap,
@@ -130,9 +131,9 @@ class SnapshotOps:
                 await qemuimg.rebase_unsafe(directory / higher, "qcow2", base, op["base_format"],
                                             limits=self.store.limits)
                 crash.point("delete-snapshot:rebase")
-            chain_map = read_info(files)
+            chain_map = await share_call(self.store, meta, read_info, files)
             new_map = chain_map.without(op["snapshot"], active=base if higher is None else None)
-            write_info(files, new_map, self.store.file_mode)
+            await share_call(self.store, meta, write_info, files, new_map, self.store.file_mode)
             crash.point("delete-snapshot:info")
             op["step"] = "remove"
             snapshots = {k: v for k, v in meta.snapshots.items() if k != op["snapshot"]}
@@ -140,7 +141,7 @@ class SnapshotOps:
                                                           snapshots=snapshots))
             crash.point("delete-snapshot:remove-recorded")
         if op["step"] == "remove":
-            unlink_durable(directory / top)
+            await share_call(self.store, meta, unlink_durable, directory / top)
             crash.point("delete-snapshot:unlinked")
             await self.store.record(files, meta.evolve(operation=None))
 
@@ -162,7 +163,7 @@ class SnapshotOps:
         try:
             await make_overlay(tmp, meta.size, backing, store.file_mode)
             crash.point("revert:overlay")
-            os.replace(tmp, target)
+            await share_call(self.store, meta, os.replace, tmp, target)
             await asyncio.to_thread(fsync_dir, files.directory)
             crash.point("revert:replaced")
         finally:

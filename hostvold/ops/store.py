@@ -181,18 +181,11 @@ class VolumeStore:
     # ---- the share's word ---------------------------------------------------------------
 
     async def refresh(self, volume_id: str, share: Share | None = None) -> VolumeMeta | None:
-        """The volume re-read from its share and reconciled; None when it is not a volume.
-
-        Reads its metadata file and info file and the chain's headers (no process). The
-        info file and chain decide the snapshots and the active file; the metadata file
-        adds the rest. A metadata file whose base file is gone is forgotten (another
-        writer deleted the volume; the idle leftover is removed, nothing else). When the
-        share differs from the record the metadata file is rewritten and the change
-        logged. Untouched: a volume with this host's own operation under way (recovery's),
-        and another writer's in-flight record (taken as it is). A base file with no
-        metadata file is not read here (:func:`hostvold.ops.startup.adopt`). A damaged
-        info file or a symbolic link in the chain is recorded as a problem, then raised;
-        a hostile image header is raised and nothing is written."""
+        """The volume re-read from its share (in the share's pool) and reconciled; None
+        when it is not a volume. The info file and chain decide the snapshots and the active
+        file, the metadata file the rest; a volume whose base file is gone is forgotten.
+        Left as they are: this host's own operation under way (recovery's), and another
+        writer's in-flight record. Damaged files are recorded as a problem, then raised."""
         known = self.volumes.get(volume_id)
         if known is not None and self.index.is_inflight(volume_id):
             return known
@@ -397,3 +390,9 @@ class VolumeStore:
         log.warning("recovery: volume %s: resuming %s", meta.id, meta.operation,
                     extra={"VOLUME_ID": meta.id})
         await recoverer(files, meta)
+
+
+async def share_call(store: VolumeStore, meta: VolumeMeta, function: Callable[..., T],
+                     *args: Any) -> T:
+    """``function(*args)`` on the volume's share, in that share's own pool."""
+    return await store.share_of(meta).io.run(function, *args)
