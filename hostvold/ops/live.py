@@ -50,7 +50,7 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import qcow2_is_empty, validate_chain
-from hostvold.virt.guest import Guest, disk_xml
+from hostvold.virt.guest import DiskInfo, Guest, disk_xml
 from hostvold.virt.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -80,16 +80,10 @@ class LiveVolumes:
             if meta.state not in ("available", "in-use") or meta.operation is not None \
                     or not self.attachments.mine(meta):
                 continue
-            files = self.store.files_of(meta)
-            if meta.id in live:
-                guest, disk = live[meta.id]
-                attachment = {"domain": guest.name, "target": disk.target,
-                              "host": self.store.host_id}
-                if meta.state != "in-use" or meta.attachment != attachment:
-                    await self.store.record(files, meta.evolve(state="in-use",
-                                                         attachment=attachment))
-            elif meta.state == "in-use":
-                await self.store.record(files, meta.evolve(state="available", attachment=None))
+            try:  # a volume whose share is away is looked at again when it is used
+                await self._agree(meta, live.get(meta.id))
+            except HostvoldError as exc:
+                log.warning("volume %s not reconciled with the domains: %s", meta.id, exc)
         for meta in self.store.list_volumes():
             if meta.operation and str(meta.operation.get("name", "")).startswith("live-") \
                     and meta.operation.get("host") in (None, self.store.host_id) \
@@ -108,6 +102,19 @@ class LiveVolumes:
                     await self._merge_temporary(meta.id, leftovers)
                 except Exception:
                     log.exception("merging temporary snapshots of volume %s failed", meta.id)
+
+    async def _agree(self, meta: VolumeMeta, used: tuple[Guest, DiskInfo] | None) -> None:
+        """One volume's state and attachment as the running domains say."""
+        files = self.store.files_of(meta)
+        if used is not None:
+            guest, disk = used
+            attachment = {"domain": guest.name, "target": disk.target,
+                          "host": self.store.host_id}
+            if meta.state != "in-use" or meta.attachment != attachment:
+                await self.store.record(files, meta.evolve(state="in-use",
+                                                           attachment=attachment))
+        elif meta.state == "in-use":
+            await self.store.record(files, meta.evolve(state="available", attachment=None))
 
     async def _merge_temporary(self, volume_id: str, leftovers: list[str]) -> None:
         """Merge the temporary snapshots an interrupted clone or export left behind."""
