@@ -64,9 +64,13 @@ class ClusterFollower:
         try:
             share = None
             if self.store.find(volume_id) is None:  # made elsewhere: find its share
-                share = next((s for s in self.store.mounted_shares() if os.path.lexists(
-                    VolumeFiles.of(s.mount_point, self.store.naming, volume_id).meta)), None)
-                if share is None:
+                for candidate in self.store.mounted_shares():
+                    meta = VolumeFiles.of(candidate.mount_point, self.store.naming,
+                                          volume_id).meta
+                    if await candidate.io.run(os.path.lexists, meta):
+                        share = candidate
+                        break
+                else:
                     return
             await self.store.refresh(volume_id, share)
         except Exception as exc:

@@ -39,7 +39,7 @@ from hostvold.ops.live import LiveVolumes
 from hostvold.ops.repair import RepairOps
 from hostvold.ops.snapshots import SnapshotOps
 from hostvold.ops.startup import reread_foreign_operations, reread_inflight
-from hostvold.ops.store import VolumeStore
+from hostvold.ops.store import VolumeStore, share_call
 from hostvold.ops.volumes import VolumeOps
 from hostvold.storage.coordination import Coordination
 from hostvold.storage.mounts import find_share
@@ -209,7 +209,8 @@ class Operations:
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta)
             overlay = files.overlay_name(sid)
-            if sid in chain_map.snapshots or os.path.lexists(files.directory / overlay):
+            if sid in chain_map.snapshots or await share_call(
+                    self.store, meta, os.path.lexists, files.directory / overlay):
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
             if meta.state == "in-use":
                 meta = await self._require_live().create_snapshot(meta, files, chain_map,
