@@ -225,7 +225,25 @@ async def test_middle_delete_spawns_constant_qemu_img_processes(
         counts[depth] = log.read_text().split()
         check_consistent(host.daemon.ops, meta.id)  # type: ignore[union-attr, arg-type]
     print(f"qemu-img spawns for a middle delete: depth 8 {counts[8]}, depth 256 {counts[256]}")
-    assert counts[8] == counts[256] == ["info", "commit", "rebase"]
+    # the validated header walk replaced `qemu-img info --backing-chain`; the commit names
+    # its two files with the backing of the base cut (it opens no other layer)
+    assert counts[8] == counts[256] == ["commit", "rebase"]
+
+
+def test_a_pair_commit_only_where_clusters_line_up() -> None:
+    from hostvold.core.images import EXTENDED_L2, Qcow2Header, pair_commit_safe
+
+    def header(bits: int = 16, features: int = 0, backing: str | None = "b",
+               backing_format: str | None = "qcow2") -> Qcow2Header:
+        return Qcow2Header(3, MiB, backing, backing_format, features, None, cluster_bits=bits)
+
+    assert pair_commit_safe(header(backing_format="raw"), "b", "raw", None)
+    assert pair_commit_safe(header(), "b", "qcow2", header(backing=None))
+    assert not pair_commit_safe(header(), "b", "qcow2", header(bits=17, backing=None))
+    assert not pair_commit_safe(header(features=EXTENDED_L2), "b", "qcow2", header())
+    assert not pair_commit_safe(header(), "b", "qcow2", header(features=EXTENDED_L2))
+    assert not pair_commit_safe(header(), "other", "qcow2", header())  # not its backing
+    assert not pair_commit_safe(header(backing_format="raw"), "b", "qcow2", header())
 
 
 async def test_stale_state_is_reported_and_repaired(host: Host) -> None:

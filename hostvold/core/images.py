@@ -19,6 +19,7 @@ class Qcow2Header:
     data_file: str | None
     l1_size: int = 0
     l1_table_offset: int = 0
+    cluster_bits: int = 16
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,22 @@ def format_problem(base_name: str, claim: str) -> str:
     return (f"{FORMAT_UNCONFIRMED} {base_name} has no trusted format record and its first bytes "
             f"look like {claim}; adopted as raw. Confirm with `hostvolctl repair VOLUME "
             "--format raw` (keep it raw) or `--format qcow2`")
+
+
+EXTENDED_L2 = 0x10  # qcow2 incompatible feature: subclusters
+
+
+def pair_commit_safe(top: Qcow2Header, base_name: str, base_format: str,
+                     base: Qcow2Header | None) -> bool:
+    """Can ``top`` be committed into ``base`` with the layers below ``base`` cut off?
+
+    Only when every write lands on whole clusters of ``base`` (a raw base, or the same
+    cluster size and no subclusters on either side): a partial-cluster write into a qcow2
+    base would fill the rest of that cluster from its backing, which is not there."""
+    if top.backing_file is None or top.backing_file.rsplit("/", 1)[-1] != base_name \
+            or top.backing_format != base_format or top.incompatible_features & EXTENDED_L2:
+        return False
+    if base_format == "raw":
+        return True
+    return (base is not None and base.cluster_bits == top.cluster_bits
+            and not base.incompatible_features & EXTENDED_L2)

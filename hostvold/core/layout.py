@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from dataclasses import dataclass
@@ -74,8 +75,8 @@ class VolumeFiles:
 
     def is_image(self, name: str) -> bool:
         """True for the base file and the volume's overlays: the files a chain may use."""
-        return name == self.base_name or re.fullmatch(
-            re.escape(self.base_name) + r"\." + _UUID, name) is not None
+        return name == self.base_name or _overlay_pattern(self.base_name).fullmatch(
+            name) is not None
 
     def owns(self, name: str) -> bool:
         """True for every file of this volume, including leftover atomic-write temp files."""
@@ -92,6 +93,11 @@ class VolumeFiles:
         except FileNotFoundError:
             return []
         return sorted(self.directory / name for name in names if self.owns(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _overlay_pattern(base_name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(base_name) + r"\." + _UUID)
 
 
 # the fields of a recorded operation (metadata file, key "operation") that name files, over

@@ -308,7 +308,7 @@ class VolumeStore:
                 await self.record(files, meta)  # the durable intent, before the image exists
                 crash.point(f"{operation}:intent")
                 await make(files.base)
-                await share.io.run(own_file, files.base, self.file_mode)
+                share.tally(await share.io.run(own_file, files.base, self.file_mode))
                 crash.point(f"{operation}:made")
                 meta = await self.record(files, meta.evolve(state="available", operation=None))
             except BaseException as exc:
@@ -334,7 +334,8 @@ class VolumeStore:
         candidates = []
         for share in shares:
             try:
-                measured = await measure(share, self.naming, self.volumes.values())
+                measured = await measure(share, self.naming, self.volumes.values(),
+                                         rescan=False)
             except StorageUnavailable as exc:
                 if share_name is not None:
                     raise
@@ -372,7 +373,7 @@ class VolumeStore:
         await share.io.run(remove_temp_files, files)
         if meta.state in ("creating", "deleting"):
             log.warning("recovery: removing volume %s left in state %s", meta.id, meta.state)
-            await share.io.run(remove_volume_files, files)
+            share.tally(-await share.io.run(remove_volume_files, files))
             await self.forget(meta.id)
             return
         assert meta.operation is not None

@@ -147,7 +147,8 @@ class VolumeOps:
         """Every file of the volume, the metadata file last, and nothing else."""
         await self.store.record(files, meta.evolve(state="deleting"))
         crash.point("delete:intent")
-        await self.store.share_of(meta).io.run(remove_volume_files, files)
+        share = self.store.share_of(meta)
+        share.tally(-await share.io.run(remove_volume_files, files))
         crash.point("delete:files-removed")
         await self.store.forget(meta.id)
         log.info("deleted volume %s", meta.id, extra={"VOLUME_ID": meta.id})

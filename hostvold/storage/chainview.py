@@ -28,18 +28,9 @@ def observe_chain(files: VolumeFiles, base_format: str,
         chain_map = read_info(files)
     except InfoFileDamaged as exc:  # damaged, a symbolic link, a device: a named problem
         return ShareView(None, [exc.message], error=exc)
-    present: set[str] = set()
-    created: dict[str, str] = {}
-    for sid, overlay in chain_map.snapshots.items():
-        try:
-            mtime = os.lstat(files.directory / overlay).st_mtime
-        except FileNotFoundError:
-            continue
-        present.add(overlay)
-        if sid not in known:
-            created[overlay] = datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
     top_format = base_format if chain_map.active == files.base_name else "qcow2"
     error = None
+    chain_names: set[str] = set()
     try:  # a hostile header (a foreign backing file, a loop) is raised, never recorded
         chain = validate_chain(files, chain_map.active, top_format)
     except FileNotFoundError as exc:
@@ -47,7 +38,21 @@ def observe_chain(files: VolumeFiles, base_format: str,
     except UnsafeFile as exc:  # a symbolic link, a device among the layers
         problems, error = [exc.message], exc
     else:
-        present |= {layer.name for layer in chain}
+        chain_names = {layer.name for layer in chain}
+        problems = []
+    present, created = set(chain_names), {}
+    directory = str(files.directory)
+    for sid, overlay in chain_map.snapshots.items():
+        if overlay in chain_names and sid in known:
+            continue  # seen by the walk, and its created time is on record
+        try:
+            mtime = os.lstat(f"{directory}/{overlay}").st_mtime
+        except FileNotFoundError:
+            continue
+        present.add(overlay)
+        if sid not in known:
+            created[overlay] = datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
+    if chain_names:
         problems = [p for p in chain_problems(files, chain, chain_map, present)
                     if not p.endswith(STALE_SUFFIX)]  # "not in the active chain" says it
     return ShareView(chain_map, problems, created, error)

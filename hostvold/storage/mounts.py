@@ -34,6 +34,7 @@ class Share:
     path: str = "unknown"
     path_detail: str = ""
     hung: str | None = None  # why it counts as not answering, until a stuck call returns
+    allocated: int | None = None  # bytes of volume images, as the last scan found
     listeners: list[Callable[[Share], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,6 +54,11 @@ class Share:
     @property
     def usable(self) -> bool:
         return self.mounted and self.reachable
+
+    def tally(self, change: int) -> None:
+        """Volume images of ``change`` bytes made (or, negative, removed) since the scan."""
+        if self.allocated is not None:
+            self.allocated = max(self.allocated + change, 0)
 
     def require_reachable(self) -> None:
         """Refuse at once, without touching the share, when it cannot answer."""

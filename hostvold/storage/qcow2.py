@@ -10,7 +10,9 @@ unknown incompatible features are refused.
 from __future__ import annotations
 
 import os
+import stat
 import struct
+import threading
 from pathlib import Path
 
 from hostvold.core.errors import (
@@ -21,7 +23,7 @@ from hostvold.core.errors import (
     UnsafeFile,
     UnsafeImage,
 )
-from hostvold.core.images import Layer, Qcow2Header
+from hostvold.core.images import Layer, Qcow2Header, pair_commit_safe
 from hostvold.core.layout import VolumeFiles
 from hostvold.storage.safefile import open_regular, require_regular
 
@@ -66,6 +68,7 @@ def parse_qcow2_header(head: bytes, name: str) -> Qcow2Header:
     if head[:4] != QCOW2_MAGIC or len(head) < 72:
         raise UnsafeImage(f"{path.name} is not a qcow2 image")
     version, backing_offset, backing_size = struct.unpack_from(">IQI", head, 4)
+    (cluster_bits,) = struct.unpack_from(">I", head, 20)
     (size,) = struct.unpack_from(">Q", head, 24)
     l1_size, l1_table_offset = struct.unpack_from(">IQ", head, 36)
     incompatible, header_length = 0, 72
@@ -95,7 +98,7 @@ def parse_qcow2_header(head: bytes, name: str) -> Qcow2Header:
             data_file = data.decode("utf-8", errors="replace")
         offset += 8 + ((ext_len + 7) & ~7)
     return Qcow2Header(version, size, backing_file, backing_format, incompatible, data_file,
-                       l1_size, l1_table_offset)
+                       l1_size, l1_table_offset, cluster_bits)
 
 
 def _complete(head: bytes) -> bool:
@@ -153,6 +156,43 @@ def check_backing_name(files: VolumeFiles, name: str) -> None:
             f"backing file {name!r} is not one of the files of {files.base_name}")
 
 
+class HeaderCache:
+    """qcow2 headers by file identity: a walk of a deep chain reads only what changed.
+
+    An entry counts only while the file's device, inode, size, mtime and ctime are those
+    seen when it was read: any write to a header changes the ctime, which nobody can set
+    back; a file put in its place has another inode or ctime. Every check of the walk is
+    still made on each use; only the read and parse of an unchanged header are saved."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.limit = limit
+        self._entries: dict[tuple[int, int], tuple[tuple[int, int, int], Qcow2Header]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path | str, st: os.stat_result) -> Qcow2Header:
+        key, stamp = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        header = read_qcow2_header(Path(path))
+        with self._lock:
+            if len(self._entries) >= self.limit:
+                self._entries.clear()  # rare: the next walks fill it again
+            self._entries[key] = (stamp, header)
+        return header
+
+
+HEADERS = HeaderCache()
+
+
+def pair_safe(top: Path, base: Path, base_format: str) -> bool:
+    """:func:`pair_commit_safe` for two files of a chain (headers from the cache)."""
+    top_header = HEADERS.get(top, require_regular(top))
+    base_header = HEADERS.get(base, require_regular(base)) if base_format == "qcow2" else None
+    return pair_commit_safe(top_header, base.name, base_format, base_header)
+
+
 def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]:
     """Walk the chain from ``top`` down and return its layers, top first.
 
@@ -162,18 +202,22 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
         raise ForeignBackingFile(f"{top!r} is not one of the files of {files.base_name}")
     layers: list[Layer] = []
     seen: set[str] = set()
+    directory = str(files.directory)  # strings, not Paths: a deep chain walks this often
     name, fmt = top, top_format
     while True:
         if name in seen:
             raise UnsafeImage(f"the backing chain of {files.base_name} loops at {name}")
         seen.add(name)
-        require_regular(files.directory / name)  # no symbolic link, device or FIFO
+        path = f"{directory}/{name}"
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):  # no symbolic link, device or FIFO
+            require_regular(Path(path))  # raises the named error
         layers.append(Layer(name, fmt))
         if fmt == "raw":
             return layers
         if fmt != "qcow2":
             raise UnsafeImage(f"{name}: format {fmt!r} is not allowed (raw or qcow2 only)")
-        header = read_qcow2_header(files.directory / name)
+        header = HEADERS.get(path, st)
         if header.data_file is not None or header.incompatible_features & _INCOMPAT_DATA_FILE:
             raise ExternalDataFile(
                 f"{name} uses an external data file {header.data_file!r}; refused")
@@ -187,7 +231,7 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
             raise UnsafeImage(
                 f"{name}: backing format {header.backing_format!r} is not recorded as raw or "
                 f"qcow2; hostvold never lets qemu-img probe it")
-        name, fmt = Path(header.backing_file).name, header.backing_format
+        name, fmt = header.backing_file.rsplit("/", 1)[-1], header.backing_format
 
 
 def standalone_qcow2(head: bytes, what: str) -> Qcow2Header:

@@ -225,6 +225,25 @@ async def commit(path: Path, fmt: Format, *, limits: Limits, drop: bool = True,
               context=_limits_text(limits))
 
 
+async def commit_pair(top: Path, base: Path, base_fmt: Format, *, limits: Limits,
+                      on_progress: ProgressCallback | None = None) -> None:
+    """Merge the qcow2 ``top`` into ``base`` opening those two files only.
+
+    The node graph is spelled out (formats pinned, ``base``'s own backing cut), so the cost
+    does not grow with the layers below, and qemu-img never follows a name from a header.
+    Only for layers whose clusters line up (:func:`pair_commit_safe`): with the backing
+    cut, a partial-cluster write into ``base`` would copy zeros instead of older data."""
+    on_progress = on_progress or progress.current.get()
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(top)},
+            "backing": {"driver": base_fmt, "file": {"driver": "file", "filename": str(base)},
+                        **({"backing": None} if base_fmt == "qcow2" else {})}}
+    argv = [QEMU_IMG, "commit", "-t", "none", "-d"]
+    if on_progress is not None:
+        argv.append("-p")
+    await run([*limits.prefix(), *argv, "json:" + json.dumps(spec)],
+              on_progress=on_progress, context=_limits_text(limits))
+
+
 async def rebase_unsafe(path: Path, fmt: Format, backing: str, backing_fmt: Format, *,
                         limits: Limits) -> None:
     """Rewrite the backing reference of ``path`` only (no data is copied)."""

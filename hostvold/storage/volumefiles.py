@@ -12,9 +12,11 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.safefile import require_regular
 
 
-def own_file(path: Path, mode: int) -> None:
-    require_regular(path)  # chmod follows links: never someone else's
+def own_file(path: Path, mode: int) -> int:
+    """Give the new image its mode; its apparent size (for the share's tally)."""
+    st = require_regular(path)  # chmod follows links: never someone else's
     os.chmod(path, mode)
+    return st.st_size
 
 
 def allocated_bytes(path: Path) -> int:
@@ -34,12 +36,17 @@ def measure_directory(directory: Path, naming: Naming) -> tuple[int, int, int]:
     return st.f_frsize * st.f_blocks, st.f_frsize * st.f_bavail, allocated
 
 
-def remove_volume_files(files: VolumeFiles) -> None:
-    """Remove every file of the volume, the metadata file last, and nothing else."""
+def remove_volume_files(files: VolumeFiles) -> int:
+    """Remove every file of the volume, the metadata file last, and nothing else; the
+    apparent bytes of the images removed (for the share's tally)."""
+    freed = 0
     for path in files.existing():
         if path != files.meta:
+            if files.is_image(path.name):
+                freed += os.lstat(path).st_size
             unlink_durable(path)
     unlink_durable(files.meta)
+    return freed
 
 
 def remove_temp_files(files: VolumeFiles) -> None:
