@@ -15,15 +15,23 @@ from hostvold.core.ids import valid_id
 from hostvold.core.layout import VolumeFiles
 from hostvold.storage.atomic import write_atomic
 from hostvold.storage.safefile import read_regular
+from hostvold.storage.stamped import StampedCache
+
+_PARSED: StampedCache[SnapshotMap] = StampedCache()
 
 
 def read_info(files: VolumeFiles) -> SnapshotMap:
     """The chain map of a volume; InfoFileDamaged when it cannot be trusted (a symbolic
     link, a device, or names that are not the volume's own files)."""
     try:
-        data = read_regular(files.info)
+        return _PARSED.get(files.info, lambda: _parse(files))
     except FileNotFoundError:
         return SnapshotMap(files.base_name)
+
+
+def _parse(files: VolumeFiles) -> SnapshotMap:
+    try:
+        data = read_regular(files.info)
     except UnsafeFile as exc:
         raise InfoFileDamaged(f"{exc.message}; run a repair") from None
     try:

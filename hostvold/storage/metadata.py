@@ -13,23 +13,32 @@ from hostvold.core.records import VolumeMeta
 from hostvold.storage.atomic import write_atomic
 from hostvold.storage.mounts import Share
 from hostvold.storage.safefile import read_regular
+from hostvold.storage.stamped import StampedCache
 
 log = logging.getLogger(__name__)
+
+
+_PARSED: StampedCache[VolumeMeta] = StampedCache()
 
 
 def read_meta(path: Path) -> VolumeMeta:
     """The metadata file: a regular file, never followed through a symbolic link (UnsafeFile).
     It sits on shared storage: callers check the file names it records (see
     :func:`hostvold.core.layout.record_problems`) before acting on them."""
-    try:
-        return VolumeMeta.model_validate_json(read_regular(path))
-    except ValidationError as exc:
-        raise Failed(f"metadata file {path} is invalid: {exc.errors()[0]['msg']}") from None
+    def parse() -> VolumeMeta:
+        try:
+            return VolumeMeta.model_validate_json(read_regular(path))
+        except ValidationError as exc:
+            raise Failed(f"metadata file {path} is invalid: {exc.errors()[0]['msg']}") from None
+
+    return _PARSED.get(path, parse)
 
 
 def write_meta(path: Path, meta: VolumeMeta, mode: int) -> None:
-    data = json.dumps(meta.model_dump(), indent=1, sort_keys=True).encode() + b"\n"
-    write_atomic(path, data, mode)
+    # sorted keys, one line: json's C encoder (an indented dump runs in Python, and a
+    # record with hundreds of snapshots is written at every step)
+    data = json.dumps(meta.model_dump(), sort_keys=True, separators=(", ", ": ")).encode()
+    write_atomic(path, data + b"\n", mode)
 
 
 def read_record(share: Share, path: Path, volume_id: str) -> VolumeMeta | None:
