@@ -10,9 +10,7 @@ unknown incompatible features are refused.
 from __future__ import annotations
 
 import os
-import stat
 import struct
-import threading
 from pathlib import Path
 
 from hostvold.core.errors import (
@@ -26,6 +24,7 @@ from hostvold.core.errors import (
 from hostvold.core.images import Layer, Qcow2Header, pair_commit_safe
 from hostvold.core.layout import VolumeFiles
 from hostvold.storage.safefile import open_regular, require_regular
+from hostvold.storage.stamped import StampedCache
 
 QCOW2_MAGIC = b"QFI\xfb"
 _EXT_END = 0
@@ -156,40 +155,21 @@ def check_backing_name(files: VolumeFiles, name: str) -> None:
             f"backing file {name!r} is not one of the files of {files.base_name}")
 
 
-class HeaderCache:
-    """qcow2 headers by file identity: a walk of a deep chain reads only what changed.
-
-    An entry counts only while the file's device, inode, size, mtime and ctime are those
-    seen when it was read: any write to a header changes the ctime, which nobody can set
-    back; a file put in its place has another inode or ctime. Every check of the walk is
-    still made on each use; only the read and parse of an unchanged header are saved."""
-
-    def __init__(self, limit: int = 65536) -> None:
-        self.limit = limit
-        self._entries: dict[tuple[int, int], tuple[tuple[int, int, int], Qcow2Header]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, path: Path | str, st: os.stat_result) -> Qcow2Header:
-        key, stamp = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with self._lock:
-            hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        header = read_qcow2_header(Path(path))
-        with self._lock:
-            if len(self._entries) >= self.limit:
-                self._entries.clear()  # rare: the next walks fill it again
-            self._entries[key] = (stamp, header)
-        return header
+# qcow2 headers by file identity: a walk of a deep chain parses only what changed
+HEADERS: StampedCache[Qcow2Header] = StampedCache(65536)
 
 
-HEADERS = HeaderCache()
+def read_cached_header(path: Path | str) -> Qcow2Header:
+    """The header of a chain layer, parsed again only when the file changed."""
+    name = os.path.basename(path)
+    return HEADERS.get(path, lambda: read_qcow2_header(Path(path)),
+                       lambda fd: read_qcow2_header_fd(fd, name))
 
 
 def pair_safe(top: Path, base: Path, base_format: str) -> bool:
     """:func:`pair_commit_safe` for two files of a chain (headers from the cache)."""
-    top_header = HEADERS.get(top, require_regular(top))
-    base_header = HEADERS.get(base, require_regular(base)) if base_format == "qcow2" else None
+    top_header = read_cached_header(top)
+    base_header = read_cached_header(base) if base_format == "qcow2" else None
     return pair_commit_safe(top_header, base.name, base_format, base_header)
 
 
@@ -209,15 +189,13 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
             raise UnsafeImage(f"the backing chain of {files.base_name} loops at {name}")
         seen.add(name)
         path = f"{directory}/{name}"
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):  # no symbolic link, device or FIFO
-            require_regular(Path(path))  # raises the named error
         layers.append(Layer(name, fmt))
         if fmt == "raw":
+            require_regular(Path(path))  # no symbolic link, device or FIFO
             return layers
         if fmt != "qcow2":
             raise UnsafeImage(f"{name}: format {fmt!r} is not allowed (raw or qcow2 only)")
-        header = HEADERS.get(path, st)
+        header = read_cached_header(path)
         if header.data_file is not None or header.incompatible_features & _INCOMPAT_DATA_FILE:
             raise ExternalDataFile(
                 f"{name} uses an external data file {header.data_file!r}; refused")

@@ -1,9 +1,11 @@
 """Parsed small files, reused while the file on disk is the same one and unchanged.
 
-A volume's state files are read again at every step (the share is the truth), and at chain
-depth 256 parsing them costs more than reading them. An entry is used only while the file's
-device, inode, size, mtime and ctime are those seen before it was read: any write changes the
-ctime, which no one can set back, and a file put in its place has another inode or ctime.
+A volume's state files and its chain's headers are read again at every step (the share is
+the truth), and at chain depth 256 parsing them costs more than reading them. An entry is
+used only while the file's device, inode, size, mtime and ctime are those seen before it was
+read: any write changes the ctime, which no one can set back, and a file put in its place has
+another inode or ctime. The stamp comes from ``fstat`` of a fresh ``open``: on NFS an open
+revalidates the attributes with the server (close-to-open), a bare ``stat`` may not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,23 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 Stamp = tuple[int, int, int, int, int]
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_stamped(path: Path | str) -> tuple[int, Stamp] | None:
+    """An open descriptor of the regular file ``path`` and its stamp, or None when it is
+    anything else (a symbolic link, a device, a FIFO: the caller's checks name it)."""
+    try:
+        fd = os.open(path, _FLAGS)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symbolic link
+            return None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class StampedCache(Generic[T]):
@@ -25,20 +44,25 @@ class StampedCache(Generic[T]):
         self._entries: dict[str, tuple[Stamp, T]] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path, parse: Callable[[], T]) -> T:
-        """``parse()``'s result for ``path``, parsed again only when the file changed.
-        Anything but a regular file is never cached (``parse`` names the problem)."""
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
+    def get(self, path: Path | str, parse: Callable[[], T],
+            parse_fd: Callable[[int], T] | None = None) -> T:
+        """``parse()``'s result for ``path``, parsed again only when the file changed
+        (``parse_fd`` reads the descriptor already open, when given). Anything but a
+        regular file is never cached: ``parse`` names the problem."""
+        opened = open_stamped(path)
+        if opened is None:
             return parse()
+        fd, stamp = opened
         key = str(path)
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        with self._lock:
-            hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        value = parse()  # read after the stamp: a change in between shows as a new stamp
-        with self._lock:
+        try:
+            with self._lock:
+                hit = self._entries.get(key)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+            value = parse_fd(fd) if parse_fd is not None else parse()
+        finally:
+            os.close(fd)
+        with self._lock:  # a change after the stamp was taken shows as a new stamp
             if len(self._entries) >= self.limit:
                 self._entries.clear()
             self._entries[key] = (stamp, value)
