@@ -13,11 +13,13 @@ import contextlib
 import grp
 import logging
 import os
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
 
 from hostvold.core.errors import Failed, HostvoldError, NotAuthorized, StorageUnavailable
 
@@ -153,3 +155,37 @@ class Authorizer:
                     self.admin_group)
         raise NotAuthorized(f"{action} needs root or membership of the group "
                             f"{self.admin_group!r}")
+
+
+def managed_objects(bus: MessageBus) -> Callable[[Message], Message | None]:
+    """ObjectManager.GetManagedObjects on our root, built in one pass.
+
+    dbus-fast's own handler checks whether its whole result is complete after every
+    interface it adds, which is quadratic in the number of objects (a second at 10,000
+    volumes). Every property getter here is synchronous, so one pass over the exported
+    objects collects them all."""
+    def handle(message: Message) -> Message | None:
+        if (message.message_type != MessageType.METHOD_CALL
+                or message.member != "GetManagedObjects" or message.path != ROOT_PATH
+                or message.interface not in (None, "org.freedesktop.DBus.ObjectManager")):
+            return None
+        result: dict[str, dict[str, Any]] = {}
+        failed: list[Exception] = []
+
+        def collect(interface: ServiceInterface, values: Any, node: str,
+                    error: Exception | None) -> None:
+            if error is not None:
+                failed.append(error)
+            result.setdefault(node, {})[interface.name] = values
+
+        prefix = ROOT_PATH + "/"
+        for node, interfaces in bus._path_exports.items():
+            if node.startswith(prefix):
+                for interface in interfaces.values():
+                    ServiceInterface._get_all_property_values(
+                        interface, collect, node)
+        if failed or any(len(result.get(node, {})) != len(interfaces) for node, interfaces
+                         in bus._path_exports.items() if node.startswith(prefix)):
+            return None  # a getter that did not answer at once: dbus-fast's handler then
+        return Message.new_method_return(message, "a{oa{sa{sv}}}", [result])
+    return handle

@@ -23,7 +23,14 @@ from hostvold.core.records import VolumeMeta
 from hostvold.ops.jobs import Job, JobRunner
 from hostvold.ops.operations import Operations
 from hostvold.ops.store import VolumeStore
-from hostvold.server.bus import ERROR_PREFIX, ROOT_PATH, Authorizer, object_path, parse_path
+from hostvold.server.bus import (
+    ERROR_PREFIX,
+    ROOT_PATH,
+    Authorizer,
+    managed_objects,
+    object_path,
+    parse_path,
+)
 from hostvold.server.calls import Accepted, read_options
 from hostvold.server.job import JobInterface
 from hostvold.server.manager import ManagerInterface
@@ -54,6 +61,7 @@ class Api:
         self._tasks: set[asyncio.Task[None]] = set()
         store.change_listeners.append(self.sync_volume)
         bus.add_message_handler(self._unknown_object)
+        bus.add_message_handler(managed_objects(bus))
         jobs.on_added.append(self._job_added)
         jobs.on_removed.append(self._job_removed)
         jobs.listeners.append(self._job_changed)

@@ -17,7 +17,7 @@ from hostvold.storage.atomic import write_atomic
 from hostvold.storage.safefile import read_regular
 from hostvold.storage.stamped import StampedCache
 
-_PARSED: StampedCache[SnapshotMap] = StampedCache()
+_PARSED: StampedCache[SnapshotMap] = StampedCache(min_size=4096)  # deep chains only
 
 
 def read_info(files: VolumeFiles) -> SnapshotMap:

@@ -18,7 +18,7 @@ from hostvold.storage.stamped import StampedCache
 log = logging.getLogger(__name__)
 
 
-_PARSED: StampedCache[VolumeMeta] = StampedCache()
+_PARSED: StampedCache[VolumeMeta] = StampedCache(min_size=4096)  # deep chains only
 
 
 def read_meta(path: Path) -> VolumeMeta:

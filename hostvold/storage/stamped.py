@@ -39,8 +39,9 @@ def open_stamped(path: Path | str) -> tuple[int, Stamp] | None:
 
 
 class StampedCache(Generic[T]):
-    def __init__(self, limit: int = 16384) -> None:
+    def __init__(self, limit: int = 16384, min_size: int = 0) -> None:
         self.limit = limit
+        self.min_size = min_size  # smaller files are parsed every time: cheap, and no memory
         self._entries: dict[str, tuple[Stamp, T]] = {}
         self._lock = threading.Lock()
 
@@ -53,6 +54,11 @@ class StampedCache(Generic[T]):
         if opened is None:
             return parse()
         fd, stamp = opened
+        if stamp[2] < self.min_size:
+            try:
+                return parse_fd(fd) if parse_fd is not None else parse()
+            finally:
+                os.close(fd)
         key = str(path)
         try:
             with self._lock:
