@@ -1,12 +1,8 @@
-"""A real network share whose network path the test can cut (a pytest plugin, loaded by
-conftest): sshd in a network namespace of the test's own behind a veth pair, served to
-``mount -t fuse.sshfs``. An NFS client is not in this kernel; sshfs over a dead link hangs
-the same way (requests sleep in the kernel until the server answers or the FUSE connection
-is aborted), so a daemon that must not hang on a dead share can be tested for real.
-
-Addresses are 10.233.N.1 (root end) and 10.233.N.2 (sshd) with N free on this machine;
-no traffic leaves the rig's own veth pair.
-"""
+"""A real network share whose link the test can cut (a pytest plugin, loaded by conftest):
+sshd in a network namespace of the test's own behind a veth pair (10.233.N.1 root end,
+10.233.N.2 sshd, N free here), mounted with ``mount -t fuse.sshfs``. This kernel has no NFS
+client; sshfs over a dead link hangs the same way (requests sleep in the kernel until the
+server answers or the FUSE connection is aborted). No traffic leaves the veth pair."""
 
 from __future__ import annotations
 
@@ -62,24 +58,22 @@ def wait_for(ready: Callable[[], bool], seconds: float, what: str) -> float:
 def mounts() -> list[tuple[int, str, str, str]]:
     """(device, mount point, fstype, source) of each mount, read without touching any of
     them: a ``stat`` of a hung FUSE mount would hang the caller."""
-    def unescape(field: str) -> str:
-        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, _, tail = line.partition(" - ")
-        parts, rest = fields.split(), tail.split()
-        major, minor = (int(n) for n in parts[2].split(":"))
-        found.append((major << 20 | minor, unescape(parts[4]), rest[0], unescape(rest[1])))
+        line = re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal[1], 8)), line)
+        parts, rest = (half.split() for half in line.split(" - ", 1))
+        major, minor = (int(n) for n in parts[2].split(":"))  # kernel dev_t: fusectl's name
+        found.append((major << 20 | minor, parts[4], rest[0], rest[1]))
     return found
 
 
 def processes_with(needle: str) -> list[int]:
-    """Pids whose command line holds ``needle`` (the rig's own key path: its sshfs and ssh)."""
+    """Pids whose command line holds ``needle`` (a path of the rig's own)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError):
-                if needle in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if needle.encode() in (entry / "cmdline").read_bytes():
                     pids.append(int(entry.name))
     return pids
 
@@ -88,20 +82,20 @@ class SshfsRig:
     """sshd in namespace ``hvsshfs-TAG`` serving ``export``; ``cut``/``restore`` its link."""
 
     def __init__(self, tmp_path: Path, tag: str | None = None) -> None:
-        self.tag = tag or secrets.token_hex(3)
+        self.tag = tag or secrets.token_hex(3)  # interface names hvsTAGr/hvsTAGn: <= 15
         self.namespace = f"hvsshfs-{self.tag}"
         self.root_if, self.ns_if = f"hvs{self.tag}r", f"hvs{self.tag}n"
-        self.home = tmp_path / "sshfs-rig"
-        self.export = tmp_path / "export"
+        self.home, self.export = tmp_path / "sshfs-rig", tmp_path / "export"
+        self.key = self.home / "client_key"
         self.sshd: subprocess.Popen[bytes] | None = None
-        self._link: Path | None = None
+        self.server = self.host = self.subnet = ""
+        # the key's path goes into the -o string, which the daemon checks against a pattern
+        assert OPTIONS_PATTERN.fullmatch(str(self.key)), f"{self.key}: rename the base temp"
         self.home.mkdir()
-        self.export.mkdir(mode=0o755)
+        self.export.mkdir()
         self.export.chmod(0o755)
-        self.server = self.host = ""
         try:
             self._network()
-            self._keys()
             self._start_sshd()
         except BaseException:
             self.close()
@@ -110,41 +104,38 @@ class SshfsRig:
     def _network(self) -> None:
         with LOCK.open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            used = set(re.findall(r"inet 10\.233\.(\d+)\.", sh("ip", "-o", "-4", "addr").stdout))
-            free = [n for n in range(1, 255) if str(n) not in used]
-            assert free, "no free 10.233.N.0/30 subnet"
-            subnet = random.choice(free)
-            self.host, self.server = f"10.233.{subnet}.1", f"10.233.{subnet}.2"
+            taken = sh("ip", "-o", "-4", "addr").stdout + sh("ip", "-4", "route").stdout
+            used = set(re.findall(r"\b10\.233\.(\d+)\.", taken))
+            n = random.choice([n for n in range(1, 255) if str(n) not in used])
+            self.host, self.server = f"10.233.{n}.1", f"10.233.{n}.2"
+            # behind the link's own route: with the root end down, never the default route
+            sh("ip", "route", "add", "unreachable", f"10.233.{n}.0/30", "metric", "4000")
+            self.subnet = f"10.233.{n}.0/30"
             sh("ip", "netns", "add", self.namespace)
             sh("ip", "link", "add", self.root_if, "type", "veth", "peer", "name", self.ns_if,
                "netns", self.namespace)
             sh("ip", "addr", "add", f"{self.host}/30", "dev", self.root_if)
-            sh("ip", "link", "set", self.root_if, "up")
-        sh("ip", "-n", self.namespace, "addr", "add", f"{self.server}/30", "dev", self.ns_if)
-        sh("ip", "-n", self.namespace, "link", "set", self.ns_if, "up")
-        sh("ip", "-n", self.namespace, "link", "set", "lo", "up")
-        self._pin_neighbour()
+        self._up()
 
-    def _pin_neighbour(self) -> None:
-        """A permanent ARP entry for sshd: with the link cut, an expiring entry would fail a
-        reconnect within ~3 s (EHOSTUNREACH); pinned, its SYNs are dropped and it waits."""
-        shown = json.loads(sh("ip", "-n", self.namespace, "-j", "link", "show", self.ns_if).stdout)
-        sh("ip", "neigh", "replace", self.server, "lladdr", shown[0]["address"], "dev",
-           self.root_if, "nud", "permanent")
+    def _up(self) -> None:
+        """Links up with their addresses; sshd's ARP entry pinned: with the link cut, an
+        expiring entry fails a reconnect within ~3 s (EHOSTUNREACH); pinned, its SYNs are
+        dropped and it waits."""
+        inside = ("ip", "-n", self.namespace)
+        sh("ip", "link", "set", self.root_if, "up")
+        sh(*inside, "link", "set", "lo", "up")
+        sh(*inside, "link", "set", self.ns_if, "up")
+        sh("ip", "addr", "replace", f"{self.host}/30", "dev", self.root_if)
+        sh(*inside, "addr", "replace", f"{self.server}/30", "dev", self.ns_if)
+        mac = json.loads(sh(*inside, "-j", "link", "show", self.ns_if).stdout)[0]["address"]
+        sh("ip", "neigh", "replace", self.server, "lladdr", mac, "dev", self.root_if,
+           "nud", "permanent")
 
-    def _keys(self) -> None:
-        keys = self.home
-        if not OPTIONS_PATTERN.fullmatch(str(keys)):  # e.g. a parametrized test's [..] name
-            self._link = Path(f"/tmp/hvsshfs-{self.tag}")
-            self._link.symlink_to(keys)
-            keys = self._link
-        self.key = keys / "client_key"
+    def _start_sshd(self) -> None:
         for name in ("host_key", "client_key"):
             sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"hvsshfs-{self.tag}",
                "-f", str(self.home / name))
         (self.home / "authorized_keys").write_text((self.home / "client_key.pub").read_text())
-
-    def _start_sshd(self) -> None:
         config, log = self.home / "sshd_config", self.home / "sshd.log"
         config.write_text(
             f"Port 22\nListenAddress {self.server}\nHostKey {self.home / 'host_key'}\n"
@@ -154,10 +145,9 @@ class SshfsRig:
             "StrictModes no\nUseDNS no\nLogLevel VERBOSE\nSubsystem sftp internal-sftp\n")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
         with log.open("ab") as errors:
-            self.sshd = subprocess.Popen(
+            self.sshd = sshd = subprocess.Popen(
                 ["ip", "netns", "exec", self.namespace, SSHD, "-D", "-f", str(config),
                  "-E", str(log)], stdin=subprocess.DEVNULL, stdout=errors, stderr=errors)
-        sshd = self.sshd
 
         def listening() -> bool:
             if sshd.poll() is not None:
@@ -191,25 +181,25 @@ class SshfsRig:
         return f"{self.address} -t fuse.sshfs -o {self.options}"
 
     def cut(self) -> None:
-        """Down the namespace end. The root end stays up with no carrier, so its route stays
-        and packets are dropped silently: requests (and sshfs's reconnects) wait, as on a
-        dead NFS server. Downing the root end drops the route instead, and a reconnect fails
-        at once with ENETUNREACH (EIO) once ssh has given up."""
+        """Down the namespace end: the root end stays up without carrier, its route and the
+        pinned ARP entry stay, and packets for sshd vanish without an error, as on a dead NFS
+        server. ssh gives up after ~4 s (requests in flight fail with EIO); each request after
+        that sleeps in sshfs's reconnect until the link is back (or the SYNs run out, ~2 min).
+        With the root end down, every reconnect would fail at once (EHOSTUNREACH)."""
         sh("ip", "-n", self.namespace, "link", "set", self.ns_if, "down")
 
     def restore(self) -> None:
         """Both ends up, addresses back if a test took them away; returns once sshd answers."""
-        sh("ip", "link", "set", self.root_if, "up")
-        sh("ip", "-n", self.namespace, "link", "set", self.ns_if, "up")
-        sh("ip", "addr", "replace", f"{self.host}/30", "dev", self.root_if)
-        sh("ip", "-n", self.namespace, "addr", "replace", f"{self.server}/30", "dev", self.ns_if)
-        self._pin_neighbour()
+        self._up()
         wait_for(self.reachable, 10, "sshd after restore")
 
     def client_pids(self) -> list[int]:
         """The ssh clients that sshfs runs for this rig (none while it is between sessions)."""
-        return [pid for pid in processes_with(str(self.key))
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh"]
+        return processes_with(f"-oIdentityFile={self.key}")  # sshfs has it as "-o a,b"
+
+    def processes(self) -> list[int]:
+        """Every process running for the rig: sshd and its sessions, sshfs, ssh."""
+        return processes_with(f"{self.home}/")
 
     def release(self, mount_point: Path | str) -> None:
         """Abort the mount's FUSE connection, then detach it: every request sleeping on it
@@ -217,48 +207,41 @@ class SshfsRig:
         point = os.path.abspath(mount_point)  # no resolve(): it would stat a hung mount
         if not any(fstype == "fusectl" for _, _, fstype, _ in mounts()):
             quietly("mount", "-t", "fusectl", "none", str(FUSECTL))
-        for _ in range(8):  # mounts stacked on one point go one by one
-            devices = [dev for dev, where, _, _ in mounts() if where == point]
-            if not devices:
-                return
+        stacked = [dev for dev, where, kind, _ in mounts() if where == point and "fuse" in kind]
+        for dev in reversed(stacked):  # the top one first
             with contextlib.suppress(OSError):
-                (FUSECTL / str(devices[-1]) / "abort").write_text("1")
+                (FUSECTL / str(dev) / "abort").write_text("1")
             quietly("umount", "-l", point)
 
     def close(self) -> None:
         """Everything the rig made goes, whatever state the test left it in."""
-        if self.server:
-            for _, point, fstype, source in reversed(mounts()):
-                if fstype == "fuse.sshfs" and source == self.address:
-                    self.release(point)
-        for pid in processes_with(str(self.home)) + (processes_with(str(self._link))
-                                                      if self._link else []):
+        for _, point, fstype, source in reversed(mounts()):
+            if fstype == "fuse.sshfs" and source == self.address and self.server:
+                self.release(point)
+        pids = self.processes()  # sshfs, ssh, sshd; then sshd's sessions in the namespace
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            pids += map(int, sh("ip", "netns", "pids", self.namespace, check=False).stdout.split())
+        for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        if self.sshd is not None:
-            with contextlib.suppress(OSError):
-                self.sshd.kill()
+        if self.sshd is not None:  # our child, reaped here; orphans are reaped by pid 1
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.sshd.wait(TIMEOUT)
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            for pid in sh("ip", "netns", "pids", self.namespace, check=False).stdout.split():
-                with contextlib.suppress(OSError):
-                    os.kill(int(pid), signal.SIGKILL)  # sshd's per-session children
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 3, "reaped")
         quietly("ip", "netns", "del", self.namespace)
         quietly("ip", "link", "del", self.root_if)
-        if self._link is not None:
-            with contextlib.suppress(OSError):
-                self._link.unlink()
+        if self.subnet:
+            quietly("ip", "route", "del", "unreachable", self.subnet, "metric", "4000")
 
 
 @pytest.fixture
 def sshfs_rig(tmp_path: Path) -> Iterator[SshfsRig]:
+    """Function-scoped: a rig of its own (random tag, free subnet) for every test."""
     need(os.geteuid() == 0, "root (network namespaces, mounts)")
-    for tool in ("sshfs", "ssh", "ssh-keygen", "ip", "mount.fuse3"):
-        need(shutil.which(tool) is not None, f"{tool} (apt-get install sshfs openssh-server "
-                                              "fuse3 iproute2)")
-    need(os.access(SSHD, os.X_OK), f"{SSHD} (openssh-server)")
-    need(Path("/dev/fuse").exists(), "/dev/fuse")
+    for tool in ("sshfs", "ssh", "ssh-keygen", "ip", "mount.fuse3", SSHD, "/dev/fuse"):
+        need(shutil.which(tool) is not None or Path(tool).exists(),
+             f"{tool} (apt-get install sshfs openssh-server fuse3 iproute2)")
     rig = SshfsRig(tmp_path)
     try:
         yield rig
