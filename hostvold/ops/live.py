@@ -210,17 +210,16 @@ class LiveVolumes:
         overlay = files.overlay_name(sid)
         path = files.directory / overlay
         others = [d.target for d in await guest.disks() if d.target != disk.target]
+        # one record before any side effect: recovery asks libvirt whether the domain runs
+        # on the overlay (finish) or not (the overlay, whole or partial, is removed)
         meta = await self.store.record(files, meta.evolve(operation={
             "name": "live-create-snapshot", "snapshot": sid, "overlay": overlay,
-            "domain": guest.name, "target": disk.target, "step": "overlay",
+            "domain": guest.name, "target": disk.target, "step": "switch",
             "temporary": temporary}))
         crash.point("live-create-snapshot:intent")
         try:
             await make_overlay(path, meta.size, top, self.store.file_mode)
             crash.point("live-create-snapshot:overlay")
-            op = dict(meta.operation or {}, step="switch")
-            meta = await self.store.record(files, meta.evolve(operation=op))
-            crash.point("live-create-snapshot:switch-recorded")
             quiesced = await self._switch(guest, disk.target, str(path), others)
             crash.point("live-create-snapshot:switched")
             live = await guest.disk(disk.target)

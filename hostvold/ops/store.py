@@ -13,12 +13,10 @@ the volume's metadata file on the share (the truth).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,7 +85,6 @@ class VolumeStore:
         self.recoverers: dict[str, Recoverer] = {}
         # told the id of every volume whose record changed (the D-Bus objects follow)
         self.change_listeners: list[Callable[[str], None]] = []
-        self.index_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
 
     # ---- what is there ----------------------------------------------------------------
 
@@ -227,7 +224,7 @@ class VolumeStore:
         if meta != on_share and not busy(meta):
             await self.record(files, meta)
         elif meta != known:  # the share's record as it is: memory and index follow
-            await self._local(self.index.put, meta)
+            self.index.queue(self.index.put, meta)
             self.volumes[volume_id] = meta
             self._changed(volume_id)
         if error is not None:
@@ -254,10 +251,10 @@ class VolumeStore:
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
         share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
-        if busy and not self.index.is_inflight(meta.id):
-            await self._local(self.index.mark_inflight, meta.id, meta.share)
+        if busy and not await self.index.run(self.index.is_inflight, meta.id):
+            await self.index.run(self.index.mark_inflight, meta.id, meta.share)
         await share.io.run(write_meta, files.meta, meta, self.file_mode)
-        await self._local(self.index.put, meta, busy)
+        self.index.queue(self.index.put, meta, busy)  # a cache of the share: not waited for
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
@@ -271,13 +268,8 @@ class VolumeStore:
             changes["attachment"] = {**meta.attachment, "host": self.host_id}
         return meta.evolve(**changes) if changes else meta
 
-    async def _local(self, function: Callable[..., T], *args: Any) -> T:
-        """A write to the local index (SQLite, synchronous=FULL), in its own thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.index_pool, function,
-                                                                *args)
-
     async def forget(self, volume_id: str) -> None:
-        await self._local(self.index.remove, volume_id)
+        self.index.queue(self.index.remove, volume_id)
         self.volumes.pop(volume_id, None)
         self._changed(volume_id)
 
@@ -397,3 +389,4 @@ async def share_call(store: VolumeStore, meta: VolumeMeta, function: Callable[..
                      *args: Any) -> T:
     """``function(*args)`` on the volume's share, in that share's own pool."""
     return await store.share_of(meta).io.run(function, *args)
+

@@ -6,13 +6,19 @@ is safe: the next start rebuilds it from the shares.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from hostvold.core.records import VolumeMeta
 
 _SCHEMA = 2
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class VolumeIndex:
@@ -33,7 +39,20 @@ class VolumeIndex:
                 PRAGMA user_version = {_SCHEMA};
             """)
 
+        # writes run in one thread of their own (synchronous=FULL costs an fsync), in order
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the index's thread, after every write queued before."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+
+    def queue(self, function: Callable[..., object], *args: Any) -> None:
+        """A write not waited for: the index is a cache of the shares, and a write lost
+        with the process only makes the next start read that volume from its share."""
+        self._writer.submit(function, *args).add_done_callback(_log_failure)
+
     def close(self) -> None:
+        self._writer.shutdown(wait=True)  # local disk: the queued writes land first
         self._db.close()
 
     def load(self) -> list[VolumeMeta]:
@@ -86,3 +105,8 @@ class VolumeIndex:
                 "INSERT INTO volumes (id, share, meta) VALUES (?, ?, ?)",
                 ((m.id, m.share, m.model_dump_json()) for m in metas))
         self.fresh = False
+
+
+def _log_failure(done: Future[object]) -> None:
+    if (error := done.exception()) is not None:
+        log.error("index write failed (the next start re-reads the shares): %s", error)
