@@ -1,5 +1,5 @@
 # Shortcuts for developers; the README's commands work without make.
-.PHONY: run check lint bench
+.PHONY: run check lint bench bench-quick
 
 run:
 	bash .ci/setup run
@@ -11,5 +11,8 @@ lint:
 	/opt/hostvold/venv/bin/ruff check hostvold tests bench
 	/opt/hostvold/venv/bin/mypy
 
-bench:
-	/opt/hostvold/venv/bin/python bench/thick_create.py
+bench:  # every benchmark, one table (root; several minutes)
+	/opt/hostvold/venv/bin/python -m bench.run_all
+
+bench-quick:  # a smoke run with tiny sizes
+	/opt/hostvold/venv/bin/python -m bench.run_all --quick
