@@ -109,3 +109,13 @@ def test_error_type_names_the_key() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("[volumes]\nreserved_percentage = x\n", "f.conf")
     assert info.value.section == "volumes" and info.value.key == "reserved_percentage"
+
+
+@pytest.mark.parametrize(("size", "shown"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+    (64 << 20, "64.0 MiB"), (270553174016, "252.0 GiB"), (3 << 40, "3.0 TiB"),
+    (5 << 50, "5.0 PiB"), (1 << 62, "4096.0 PiB")])
+def test_sizes_for_people(size: int, shown: str) -> None:
+    """hostvolctl's tables: IEC units, one decimal; --json keeps exact bytes."""
+    from hostvold.core.units import human_size
+    assert human_size(size) == shown

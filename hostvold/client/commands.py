@@ -23,7 +23,7 @@ from hostvold.client.connection import (
     resolve,
 )
 from hostvold.client.output import emit, fields, plain, table
-from hostvold.core.units import format_size
+from hostvold.core.units import human_size
 
 # the operations whose job ends with the volume they made or changed as its last object
 MAKES_VOLUME = ("create-volume", "import-volume", "clone", "create-volume-from-snapshot",
@@ -52,15 +52,17 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> None:
 async def cmd_shares(client: Client, args: argparse.Namespace) -> None:
     shares = of_kind(await client.objects(), "Share")
     emit(args, shares, lambda: table(
-        [[s["Address"], "yes" if s["Mounted"] else "NO", format_size(s["Total"]),
-          format_size(s["Free"]), format_size(s["Allocated"]), format_size(s["Provisioned"])]
-         for s in shares], ["SHARE", "MOUNTED", "TOTAL", "FREE", "ALLOCATED", "PROVISIONED"]))
+        [[s["Address"], "yes" if s["Mounted"] else "NO", s.get("StoragePath", ""),
+          human_size(s["Total"]), human_size(s["Free"]), human_size(s["Allocated"]),
+          human_size(s["Provisioned"])]
+         for s in shares],
+        ["SHARE", "MOUNTED", "PATH", "TOTAL", "FREE", "ALLOCATED", "PROVISIONED"]))
 
 
 async def cmd_volumes(client: Client, args: argparse.Namespace) -> None:
     volumes = of_kind(await client.objects(), "Volume")
     emit(args, volumes, lambda: table(
-        [[v["Id"], format_size(v["Size"]), v["Format"], v["State"], str(len(v["Snapshots"])),
+        [[v["Id"], human_size(v["Size"]), v["Format"], v["State"], str(len(v["Snapshots"])),
           "; ".join(v["Problems"])] for v in volumes],
         ["VOLUME", "SIZE", "FORMAT", "STATE", "SNAPSHOTS", "PROBLEMS"]))
 
@@ -72,9 +74,12 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_snapshots(client: Client, args: argparse.Namespace) -> None:
-    snaps = of_kind(await client.objects(), "Snapshot")
+    objects = await client.objects()
+    snaps = of_kind(objects, "Snapshot")
     if args.volume:
         wanted = resolve("volumes", args.volume)
+        if wanted not in objects:
+            raise CliError(f"NotFound: volume {object_id(wanted)} does not exist")
         snaps = [s for s in snaps if s["Volume"] == wanted]
     emit(args, snaps, lambda: table(
         [[s["Id"], object_id(s["Volume"]), s["Created"], "yes" if s["Quiesced"] else "no"]
@@ -113,7 +118,7 @@ async def job_command(client: Client, args: argparse.Namespace, path: str, inter
     if made:
         volume = await client.properties(made[-1], f"{PREFIX}Volume")
         emit(args, {"path": made[-1], **volume, "job": result["job"]},
-             lambda: f"{volume['Id']}  {format_size(volume['Size'])} {volume['Format']}")
+             lambda: f"{volume['Id']}  {human_size(volume['Size'])} {volume['Format']}")
     else:
         emit(args, result, lambda: f"{result['Operation']}: {result['State']}")
 

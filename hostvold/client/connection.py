@@ -57,7 +57,12 @@ def resolve(kind: str, value: str) -> str:
 def _error(name: str, text: str, bus: str) -> CliError:
     if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
                 "org.freedesktop.DBus.Error.NameHasNoOwner"):
-        return CliError(f"hostvold is not running (nobody owns {BUS_NAME} on the {bus} bus)",
+        return CliError(f"hostvold is not running (nobody owns {BUS_NAME} on the {bus} bus); "
+                        "start it with `systemctl start hostvold`", EXIT_NOT_RUNNING)
+    if name.startswith("org.freedesktop.DBus.Error.Spawn.") or name in (
+            "org.freedesktop.DBus.Error.NoServer", "org.freedesktop.DBus.Error.TimedOut"):
+        return CliError(f"hostvold is not running, and the {bus} bus could not start it "
+                        f"({text or name}); start it with `systemctl start hostvold`",
                         EXIT_NOT_RUNNING)
     if name in ("org.freedesktop.DBus.Error.AccessDenied", f"{PREFIX}Error.NotAuthorized"):
         return CliError(f"permission denied: {text.split(';')[0]} (changing volumes needs root "

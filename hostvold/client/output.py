@@ -10,7 +10,7 @@ from typing import Any
 
 from dbus_fast import Variant
 
-from hostvold.core.units import format_size
+from hostvold.core.units import human_size
 
 
 def plain(value: Any) -> Any:
@@ -47,6 +47,6 @@ def fields(data: dict[str, Any], width: int) -> Callable[[], str]:
 def draw_progress(fraction: float, rate: float) -> None:
     width = 30
     filled = int(width * fraction)
-    speed = f" {format_size(int(rate))}/s" if rate >= 1 else ""
+    speed = f" {human_size(int(rate))}/s" if rate >= 1 else ""
     sys.stderr.write(f"\r[{'#' * filled}{' ' * (width - filled)}] {fraction * 100:5.1f}%{speed}")
     sys.stderr.flush()

@@ -67,10 +67,13 @@ class Api:
         jobs.listeners.append(self._job_changed)
 
     def _unknown_object(self, message: Message) -> Message | None:
-        """A call of one of our methods on an object that does not exist: NotFound."""
-        if (message.message_type != MessageType.METHOD_CALL
-                or not (message.interface or "").startswith("org.hostvold1.")
-                or message.path == ROOT_PATH):
+        """A call of one of our methods, or a property read, on an object that does not
+        exist: NotFound naming it (not dbus-fast's UnknownMethod or "no interfaces")."""
+        interface = message.interface or ""
+        if (message.message_type != MessageType.METHOD_CALL or message.path == ROOT_PATH
+                or not (interface.startswith("org.hostvold1.") or (
+                    interface == "org.freedesktop.DBus.Properties"
+                    and (message.path or "").startswith(ROOT_PATH + "/")))):
             return None
         kinds: dict[str, dict[str, Any]] = {
             "shares": self.share_objects, "volumes": self.volume_objects,
@@ -78,8 +81,9 @@ class Api:
         kind, object_id = parse_path(message.path or "") or ("", "")
         if object_id in kinds.get(kind, {}):
             return None
+        what = f"{kind[:-1]} {object_id}" if kind in kinds else f"object {message.path}"
         return Message.new_error(message, f"{ERROR_PREFIX}NotFound",
-                                 f"no object {message.path} (it does not exist or is gone)")
+                                 f"{what} does not exist (or is gone)")
 
     async def admit_new_volume(self, action: str, options: dict[str, Variant],
                                accepted: Accepted, parse: Callable[..., Any],

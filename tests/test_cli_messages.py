@@ -1,0 +1,55 @@
+"""What a new user reads from hostvolctl (issue 14): every form of "the daemon is not
+there" is exit 3 with one sentence saying what to start; a missing object is NotFound
+naming it. The real client against a real dbus-daemon (and a real daemon)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import DaemonProcess, Host, PrivateBus
+from tests.test_dbus import Cli, with_bus
+
+NOT_RUNNING = 3
+
+
+def test_every_form_of_not_running_is_exit_3(tmp_path: Path) -> None:
+    no_socket = Cli(f"unix:path={tmp_path / 'no-bus-here'}").run("status")
+    assert no_socket.returncode == NOT_RUNNING, no_socket.stderr
+    assert "is hostvold running" in no_socket.stderr
+
+    nobody = PrivateBus("")
+    services = tmp_path / "services"
+    services.mkdir()
+    (services / "org.hostvold1.service").write_text(  # activation that cannot work here
+        "[D-BUS Service]\nName=org.hostvold1\nExec=/bin/false\nUser=root\n")
+    failing = PrivateBus(f"<servicedir>{services}</servicedir>")
+    try:
+        unowned = Cli(nobody.address).run("status")
+        assert unowned.returncode == NOT_RUNNING, unowned.stderr
+        assert "hostvold is not running" in unowned.stderr
+        assert "systemctl start hostvold" in unowned.stderr
+        spawned = Cli(failing.address).run("status")
+        assert spawned.returncode == NOT_RUNNING, spawned.stderr
+        assert "could not start it" in spawned.stderr, spawned.stderr
+        assert "Traceback" not in spawned.stderr + unowned.stderr + no_socket.stderr
+        print(f"\n{no_socket.stderr}{unowned.stderr}{spawned.stderr}")
+    finally:
+        nobody.close()
+        failing.close()
+
+
+def test_a_missing_object_is_not_found_with_its_id(
+        host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess]) -> None:
+    address = bus_factory("hostvold")
+    daemon_factory(with_bus(host_factory(128), address))
+    cli = Cli(address)
+    missing = str(uuid.uuid4())
+    for command in (["show", missing], ["delete", missing], ["snapshots", missing],
+                    ["snapshot", "delete", missing], ["job", missing]):
+        result = cli.run(*command)
+        assert result.returncode == 1, (command, result.stderr)
+        assert result.stderr.startswith("hostvolctl: NotFound:"), (command, result.stderr)
+        assert missing in result.stderr, (command, result.stderr)
