@@ -53,3 +53,14 @@ def test_a_missing_object_is_not_found_with_its_id(
         assert result.returncode == 1, (command, result.stderr)
         assert result.stderr.startswith("hostvolctl: NotFound:"), (command, result.stderr)
         assert missing in result.stderr, (command, result.stderr)
+
+
+def test_the_commands_are_on_the_default_path() -> None:
+    """After `bash .ci/setup`, a login shell finds both commands (no venv to activate)."""
+    import subprocess
+    for command in ("hostvolctl", "hostvold"):
+        found = subprocess.run(["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                "/usr/bin:/sbin:/bin", command, "--version"],
+                               capture_output=True, text=True, timeout=60)
+        assert found.returncode == 0, (command, found.stderr)
+        assert "hostvol" in found.stdout + found.stderr
