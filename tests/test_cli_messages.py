@@ -64,3 +64,30 @@ def test_the_commands_are_on_the_default_path() -> None:
                                capture_output=True, text=True, timeout=60)
         assert found.returncode == 0, (command, found.stderr)
         assert "hostvol" in found.stdout + found.stderr
+
+
+def test_connection_info_says_how_to_open_the_volume(
+        host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """Volume.ConnectionInfo (SPEC section 9): what another tool needs, as Cinder's
+    initialize_connection gives it for NFS, plus the path on this host; it follows the
+    active file."""
+    import json
+    import subprocess
+    address = bus_factory("hostvold")
+    daemon_factory(with_bus(host_factory(128), address))
+    cli = Cli(address)
+    volume = cli.json("create", "16M")["Id"]
+    before = cli.json("connection-info", volume)
+    assert before["format"] == "raw" and before["driver_volume_type"] == "ext4"
+    assert Path(before["path"]) == Path(before["mount_point"]) / before["name"]
+    cli.json("snapshot", "create", volume)
+    after = cli.json("connection-info", volume)
+    assert after["format"] == "qcow2" and after["name"] != before["name"]
+    assert after["export"] == before["export"] and after["name"].startswith(before["name"])
+    info = json.loads(subprocess.run(  # what another tool does with it
+        ["qemu-img", "info", "-U", "--output=json", "-f", after["format"], after["path"]],
+        check=True, capture_output=True, text=True).stdout)
+    assert info["virtual-size"] == 16 << 20
+    text = cli.run("connection-info", volume).stdout
+    assert f"path               {after['path']}" in text

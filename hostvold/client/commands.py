@@ -73,6 +73,13 @@ async def cmd_show(client: Client, args: argparse.Namespace) -> None:
     emit(args, props, fields(props, 13))
 
 
+async def cmd_connection_info(client: Client, args: argparse.Namespace) -> None:
+    """Where the volume's active file is and how to open it (Cinder's NFS shape)."""
+    path = resolve("volumes", args.volume)
+    info = (await client.properties(path, f"{PREFIX}Volume"))["ConnectionInfo"]
+    emit(args, info, fields(info, 18))
+
+
 async def cmd_snapshots(client: Client, args: argparse.Namespace) -> None:
     objects = await client.objects()
     snaps = of_kind(objects, "Snapshot")

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("shares", commands.cmd_shares, "shares and their capacity")
     add("volumes", commands.cmd_volumes, "list volumes")
     add("show", commands.cmd_show, "one volume's properties").add_argument("volume")
+    add("connection-info", commands.cmd_connection_info,
+        "how another tool opens the volume: export, mount point, path, format"
+        ).add_argument("volume")
     add("snapshots", commands.cmd_snapshots, "list snapshots").add_argument("volume", nargs="?")
     add("jobs", commands.cmd_jobs, "list jobs")
     job = add("job", commands.cmd_job, "one job's properties")

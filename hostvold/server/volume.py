@@ -10,7 +10,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from dbus_fast import PropertyAccess
+from dbus_fast import PropertyAccess, Variant
 from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
@@ -51,6 +51,7 @@ from hostvold.server.calls import (
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
+    from hostvold.storage.mounts import Share
 
 
 def _volume_properties(meta: VolumeMeta, api: "Api") -> dict[str, Any]:
@@ -65,7 +66,22 @@ def _volume_properties(meta: VolumeMeta, api: "Api") -> dict[str, Any]:
         "Snapshots": [object_path("snapshots", sid) for sid in sorted(
             meta.snapshots, key=lambda sid: (meta.snapshots[sid].get("created", ""), sid))],
         "Problems": list(meta.problems),
+        "ConnectionInfo": _connection_info(meta, share, api.store.naming.base_name(meta.id)),
     }
+
+
+def _connection_info(meta: VolumeMeta, share: "Share | None",
+                     base_name: str) -> dict[str, Variant]:
+    """What another tool needs to open the volume, in the shape of Cinder's
+    ``initialize_connection`` for NFS, plus where it is on this host."""
+    if share is None:
+        return {}
+    fmt = meta.format if meta.active == base_name else "qcow2"
+    kind = "nfs" if share.spec.fstype.startswith("nfs") else share.spec.fstype
+    return {"driver_volume_type": Variant("s", kind), "export": Variant("s", share.spec.address),
+            "name": Variant("s", meta.active), "options": Variant("s", share.spec.options),
+            "format": Variant("s", fmt), "mount_point": Variant("s", str(share.mount_point)),
+            "path": Variant("s", str(share.mount_point / meta.active))}
 
 
 class VolumeProperties(ServiceInterface):
@@ -130,6 +146,13 @@ class VolumeProperties(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Problems(self) -> Strings:
         return list(self.props["Problems"])
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ConnectionInfo(self) -> DBusDict:
+        """How to reach the active file: ``driver_volume_type``, ``export``, ``name``,
+        ``options``, ``format`` (as Cinder's NFS driver gives them), ``mount_point`` and
+        ``path`` on this host."""
+        return dict(self.props["ConnectionInfo"])
 
 
 class VolumeInterface(VolumeProperties):
