@@ -91,3 +91,39 @@ def test_connection_info_says_how_to_open_the_volume(
     assert info["virtual-size"] == 16 << 20
     text = cli.run("connection-info", volume).stdout
     assert f"path               {after['path']}" in text
+
+
+def test_monitor_streams_what_changes(
+        host_factory: Callable[..., Host], bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """`hostvolctl monitor` prints every change from signals: objects added and removed,
+    properties, jobs completed; it stops on SIGTERM."""
+    import json
+    import os
+    import subprocess
+    import sys
+    address = bus_factory("hostvold")
+    daemon_factory(with_bus(host_factory(128), address))
+    cli = Cli(address)
+    monitor = subprocess.Popen([sys.executable, "-m", "hostvold.client", "--json", "monitor"],
+                               env=dict(os.environ, HOSTVOLD_BUS=address),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert monitor.stdout is not None
+        assert json.loads(monitor.stdout.readline())["event"] == "monitoring"
+        volume = cli.json("create", "8M")["Id"]
+        snapshot = cli.json("snapshot", "create", volume)["Id"]
+        cli.json("snapshot", "delete", snapshot)
+        cli.json("delete", volume)
+    finally:
+        monitor.terminate()
+        out, err = monitor.communicate(timeout=30)
+    assert monitor.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    seen = {(e["kind"], e["id"], e["event"]) for e in events}
+    assert ("volume", volume, "added") in seen, events
+    assert ("snapshot", snapshot, "added") in seen and ("snapshot", snapshot, "removed") in seen
+    assert ("volume", volume, "removed") in seen
+    assert any(e["kind"] == "job" and e["event"] == "completed" for e in events)
+    assert any(e["kind"] == "volume" and e["event"] == "changed"
+               and "Snapshots" in e["changes"] for e in events)

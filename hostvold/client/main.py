@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hostvold import __version__
-from hostvold.client import commands
+from hostvold.client import commands, monitor
 from hostvold.client.connection import EXIT_CODES, EXIT_CONFIG, Client, CliError
 from hostvold.core.config import load_config
 from hostvold.core.errors import ConfigError
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--size", type=size_arg)
     snapshot.add_argument("--format", choices=["raw", "qcow2"])
     snapshot.add_argument("--share")
+    add("monitor", monitor.cmd_monitor, "print what changes as it happens (until Ctrl-C)")
     check = sub.add_parser("check-config", help="validate a configuration file (offline)")
     check.add_argument("path", type=Path, nargs="?", default=None)
     return parser
