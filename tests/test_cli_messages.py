@@ -127,3 +127,26 @@ def test_monitor_streams_what_changes(
     assert any(e["kind"] == "job" and e["event"] == "completed" for e in events)
     assert any(e["kind"] == "volume" and e["event"] == "changed"
                and "Snapshots" in e["changes"] for e in events)
+
+
+def test_attach_and_live_snapshot_on_the_embedded_defaults(
+        shared_base: Path, domain: str, bus_factory: Callable[[str], str],
+        daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """No share configured: the embedded local share inside the state directory. QEMU's
+    user reaches it (the state directory lets others pass, not list), so attaching to a
+    running domain and a live snapshot work with no extra configuration."""
+    import stat as stat_module
+    address = bus_factory("hostvold")
+    state = shared_base / f"state-{uuid.uuid4().hex[:8]}"
+    config = shared_base / f"{state.name}.conf"
+    config.write_text(f"[daemon]\nstate_dir = {state}\nbus = {address}\n")
+    daemon_factory(config)
+    mode = state.stat().st_mode
+    assert mode & stat_module.S_IXOTH and not mode & stat_module.S_IROTH  # pass, not list
+    assert (state / "index.sqlite").stat().st_mode & 0o077 == 0
+    cli = Cli(address)
+    volume = cli.json("create", "8M")["Id"]
+    assert cli.json("attach", volume, domain)["State"] == "in-use"
+    snapshot = cli.json("snapshot", "create", volume)["Id"]
+    assert cli.json("connection-info", volume)["name"].endswith(snapshot)
+    assert cli.json("detach", volume)["State"] == "available"

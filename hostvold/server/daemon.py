@@ -34,6 +34,7 @@ from hostvold.storage.locks import LocalLocks
 from hostvold.storage.mounts import Share
 from hostvold.storage.pathwatch import PathWatch
 from hostvold.storage.permissions import file_mode, resolve_secure
+from hostvold.storage.reach import qemu_preconditions
 from hostvold.virt.hypervisor import Hypervisor
 
 log = logging.getLogger("hostvold")
@@ -79,9 +80,17 @@ class Daemon:
         config = self.config
         state_dir = config.daemon.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        # others may pass (QEMU's user reaches the default share and the mount base inside)
+        # but not list; the index and the locks inside stay the daemon's own
+        os.chmod(state_dir, 0o711)
         notify.status("mounting shares")
         base = config.mount_point_base
+        base.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if self.with_libvirt:
+            local = config.local_share_dir if not (
+                config.shares.shares_config or config.shares.nas_host) else None
+            for problem in qemu_preconditions(base, local):
+                log.warning("%s", problem)
         shares = [Share(spec, spec.mount_point(base), timeout=config.shares.storage_timeout)
                   for spec in share_specs(config)]
         self.paths = PathWatch(shares)
@@ -97,6 +106,8 @@ class Daemon:
                 log.error("share %s unavailable: %s", share.spec.address,
                           share.error or share.hung or share.path_detail)
         self.index = VolumeIndex(state_dir / "index.sqlite")
+        for private in state_dir.glob("index.sqlite*"):
+            os.chmod(private, 0o600)
         locks = await self._locks(state_dir / "locks")
         store = VolumeStore(config, shares, self.index, locks, 0o660)
         notify.status("loading the volume index")
