@@ -150,3 +150,22 @@ def test_attach_and_live_snapshot_on_the_embedded_defaults(
     snapshot = cli.json("snapshot", "create", volume)["Id"]
     assert cli.json("connection-info", volume)["name"].endswith(snapshot)
     assert cli.json("detach", volume)["State"] == "available"
+
+
+def test_the_demo_runs(shared_base: Path, libvirtd: str, bus_factory: Callable[[str], str],
+                       daemon_factory: Callable[..., DaemonProcess]) -> None:
+    """`bash .ci/setup demo` runs .ci/demo.py against the running daemon: here a daemon on
+    the embedded defaults (a state directory of its own) on a private bus."""
+    import subprocess
+    import sys
+    address = bus_factory("hostvold")
+    state = shared_base / f"demo-{uuid.uuid4().hex[:8]}"
+    config = shared_base / f"{state.name}.conf"
+    config.write_text(f"[daemon]\nstate_dir = {state}\nbus = {address}\n")
+    daemon_factory(config)
+    demo = Path(__file__).resolve().parent.parent / ".ci" / "demo.py"
+    done = subprocess.run([sys.executable, str(demo), "--bus", address], capture_output=True,
+                          text=True, timeout=600)
+    print("\n" + done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every write reads back" in done.stdout and "demo done" in done.stdout
