@@ -51,13 +51,18 @@ def run(*argv: str, check: bool = True, **kwargs: object) -> subprocess.Complete
 
 # ---- loop-mounted ext4 shares ----------------------------------------------------------
 
-def make_ext4_image(path: Path, size_mib: int) -> Path:
-    """A sparse file formatted as ext4: mounted with ``-o loop`` it is a real filesystem with
-    real capacity and real ENOSPC."""
-    need(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs)")
+MKFS = {"ext4": ["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0"],
+        # extents shared between files (reflink): copy_file_range clones instead of copying
+        "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]}
+
+
+def make_ext4_image(path: Path, size_mib: int, fs: str = "ext4") -> Path:
+    """A sparse file formatted as ext4 (or ``fs``): mounted with ``-o loop`` it is a real
+    filesystem with real capacity and real ENOSPC. XFS needs at least 300 MiB."""
+    need(shutil.which(MKFS[fs][0]) is not None, f"{MKFS[fs][0]} (the {fs} tools)")
     with open(path, "wb") as image:
         image.truncate(size_mib << 20)
-    run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0", str(path))
+    run(*MKFS[fs], str(path))
     return path
 
 
@@ -71,8 +76,24 @@ def mounts_under(base: Path) -> list[Path]:
 
 
 def umount_all(base: Path) -> None:
-    for point in sorted(mounts_under(base), key=lambda p: len(p.parts), reverse=True):
-        run("umount", "-l", str(point), check=False)
+    """Every mount at or under ``base``, stacked ones too (a bind of the mount base over
+    shares mounted before it leaves those beneath it)."""
+    for _ in range(8):
+        points = mounts_under(base)
+        if not points:
+            return
+        for point in sorted(points, key=lambda p: len(p.parts), reverse=True):
+            run("umount", "-l", str(point), check=False)
+
+
+@pytest.fixture(autouse=True)
+def no_mounts_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whatever a test mounted in its temp tree goes with it (a daemon makes its mount base
+    a bind mount of itself; shares are mounted inside)."""
+    used = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if used is not None:
+        umount_all(used)
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +111,8 @@ def ext4_image(tmp_path: Path, loop_supported: bool) -> Callable[..., Path]:
     """Factory: ``ext4_image("a", 64)`` makes a 64 MiB ext4 image file (unmounted)."""
     need(loop_supported, "loop mounts of ext4 images (mount -o loop)")
 
-    def factory(name: str, size_mib: int) -> Path:
-        return make_ext4_image(tmp_path / f"{name}.img", size_mib)
+    def factory(name: str, size_mib: int, fs: str = "ext4") -> Path:
+        return make_ext4_image(tmp_path / f"{name}.img", size_mib, fs)
 
     return factory
 
@@ -120,12 +141,12 @@ class Host:
     """A hostvold set-up on a temporary state directory, restartable in-process."""
 
     def __init__(self, root: Path, images: list[Path], extra: str = "",
-                 mount_point_base: Path | None = None) -> None:
+                 mount_point_base: Path | None = None, fs: str = "ext4") -> None:
         self.root = root
         root.mkdir()
         self.state_dir = root / "state"
         self.shares_file = root / "shares"
-        self.shares_file.write_text("".join(f"{img} -t ext4 -o loop\n" for img in images))
+        self.shares_file.write_text("".join(f"{img} -t {fs} -o loop\n" for img in images))
         base = f"mount_point_base = {mount_point_base}\n" if mount_point_base else ""
         self.mount_point_base = mount_point_base or self.state_dir / "mnt"
         self.config_text = (f"[daemon]\nstate_dir = {self.state_dir}\n"
@@ -174,10 +195,11 @@ def host_factory(tmp_path: Path, ext4_image: Callable[..., Path],
     from these configs talk to it)."""
     hosts: list[Host] = []
 
-    def factory(*sizes_mib: int, extra: str = "", mount_point_base: Path | None = None) -> Host:
-        images = [ext4_image(f"host{len(hosts)}-share{i}", size)
+    def factory(*sizes_mib: int, extra: str = "", mount_point_base: Path | None = None,
+                fs: str = "ext4") -> Host:
+        images = [ext4_image(f"host{len(hosts)}-share{i}", size, fs)
                   for i, size in enumerate(sizes_mib or (256,))]
-        host = Host(tmp_path / f"host{len(hosts)}", images, extra, mount_point_base)
+        host = Host(tmp_path / f"host{len(hosts)}", images, extra, mount_point_base, fs)
         hosts.append(host)
         return host
 

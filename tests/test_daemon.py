@@ -33,7 +33,10 @@ def test_default_config_becomes_ready_and_stops_on_sigterm(tmp_path: Path,
         state = tmp_path / "state"
         assert (state / "share").is_dir()  # the embedded default share
         assert (state / "index.sqlite").exists()
-        assert state.stat().st_mode & 0o777 == 0o700
+        # others may pass (QEMU's user reaches the default share) but not list; the index
+        # stays the daemon's own
+        assert state.stat().st_mode & 0o777 == 0o711
+        assert (state / "index.sqlite").stat().st_mode & 0o777 == 0o600
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=2) == 0

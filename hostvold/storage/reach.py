@@ -51,8 +51,10 @@ def ensure_shared_mount(base: Path) -> str | None:
     point, optional = _mount_of(base)
     if "shared:" in optional:
         return None
-    if point != str(base.resolve()):  # not a mount point itself: bind it onto itself
-        subprocess.run(["mount", "--bind", str(base), str(base)], check=True,
+    if point != str(base.resolve()):
+        # not a mount point itself: bind it onto itself, recursively, so shares already
+        # mounted inside (by an earlier start) stay in sight rather than hidden under it
+        subprocess.run(["mount", "--rbind", str(base), str(base)], check=True,
                        capture_output=True, timeout=30)
     subprocess.run(["mount", "--make-rshared", str(base)], check=True, capture_output=True,
                    timeout=30)
