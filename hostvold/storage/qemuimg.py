@@ -197,10 +197,13 @@ async def convert(src: Path, src_fmt: Format, dst: Path, dst_fmt: Format, *, lim
                   src_cache: str = "none", dst_cache: str = "none") -> None:
     """Copy ``src`` (and its chain) into a new standalone ``dst``, under ``limits``.
 
+    Copy offloading (``-C``: copy_file_range) lets the filesystem share extents (XFS with
+    reflink, btrfs) or copy server-side (NFS 4.2) instead of moving every byte through this
+    host; qemu-img falls back to reading and writing by itself where the filesystem cannot.
     A caller's file (``/dev/fd/N`` with ``pass_fds``) is opened with the default cache: it
     may sit on a filesystem without O_DIRECT (tmpfs)."""
     on_progress = on_progress or progress.current.get()
-    argv = [QEMU_IMG, "convert", "-f", src_fmt, "-O", dst_fmt, "-t", dst_cache,
+    argv = [QEMU_IMG, "convert", "-C", "-f", src_fmt, "-O", dst_fmt, "-t", dst_cache,
             "-T", src_cache]
     if on_progress is not None:
         argv.append("-p")
