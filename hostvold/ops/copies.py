@@ -16,7 +16,7 @@ from hostvold.core.models import CopyVolume
 from hostvold.core.records import VolumeMeta
 from hostvold.ops.store import VolumeStore
 from hostvold.storage import qemuimg
-from hostvold.storage.files import fsync_file
+from hostvold.storage.files import fsync_file, reflink
 
 
 class CopyOps:
@@ -41,7 +41,11 @@ class CopyOps:
 
         async def make(path: Path) -> None:
             limits = self.store.limits
-            await qemuimg.convert(src_path, layer_format(source), path, fmt, limits=limits)
+            # a raw file to a raw file: the filesystem may share the extents outright (one
+            # ioctl); anything else, or where it cannot, is qemu-img's (offloaded) copy
+            if not (fmt == "raw" and layer_format(source) == "raw" and await asyncio.to_thread(
+                    reflink, src_path, path, 0o600)):
+                await qemuimg.convert(src_path, layer_format(source), path, fmt, limits=limits)
             if size > source_size:
                 await qemuimg.resize(path, fmt, size, limits=limits)
             await asyncio.to_thread(fsync_file, path)

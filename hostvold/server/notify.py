@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 from systemd import daemon as _sd  # type: ignore[attr-defined]
 
 
 def notify(*lines: str) -> None:
+    """Best effort, as sd_notify(3) itself: a manager that went away (the socket refuses)
+    must never fail the operation that reported its progress."""
     if os.environ.get("NOTIFY_SOCKET"):
-        _sd.notify("\n".join(lines))
+        with contextlib.suppress(OSError):
+            _sd.notify("\n".join(lines))
 
 
 def ready(status: str) -> None:
