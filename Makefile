@@ -11,8 +11,8 @@ lint:
 	/opt/hostvold/venv/bin/ruff check hostvold tests bench
 	/opt/hostvold/venv/bin/mypy
 
-bench:  # every benchmark, one table (root; several minutes)
-	/opt/hostvold/venv/bin/python -m bench.run_all
+bench:  # every benchmark, one table (root; a few minutes); e.g. make bench ARGS="--only P5,P8"
+	PYTHONPATH=$(CURDIR) /opt/hostvold/venv/bin/python -m bench.run_all $(ARGS)
 
 bench-quick:  # a smoke run with tiny sizes
-	/opt/hostvold/venv/bin/python -m bench.run_all --quick
+	PYTHONPATH=$(CURDIR) /opt/hostvold/venv/bin/python -m bench.run_all --quick $(ARGS)

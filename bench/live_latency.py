@@ -4,10 +4,13 @@
 
 P1: an online snapshot create, D-Bus call to done, against ``qemu-img create -u`` plus
 ``snapshotCreateXML`` made bare on a scratch disk of the same domain (target <= 1.25x).
-P2: for a snapshot delete (active commit + pivot), the time from libvirt's COMPLETED
-event, seen by this process's own libvirt connection, to the Job's Completed signal
-(target <= 20 ms; Nova polls every 500 ms).
-The last line is JSON with the figures.
+P2: for a snapshot delete (active commit + pivot), the time from the D-Bus call to the Job's
+Completed signal against the time from the same call to libvirt's COMPLETED event, seen by
+this process's own libvirt connection (target <= 1.2x; Nova polls every 500 ms); also the
+gap between the two.
+Then a line of JSON with the figures, and as the last two lines the P1 and P2 summaries
+(bench/run_all.py). ``python -m bench.live_rig`` builds the domain, daemon and volume this
+needs and runs it.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     await guest.attach_disk(disk_xml(str(base), "raw", target, "scratch"))
     volume_path = object_path("volumes", args.volume)
 
-    hostvold_times, bare_times, latencies = [], [], []
+    hostvold_times, bare_times, latencies, spans = [], [], [], []
     top = base.name
     for round_number in range(args.rounds):
         start = time.perf_counter()
@@ -96,6 +99,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         top = overlay.name
 
         events.clear()
+        called = time.monotonic()
         (job,) = await dbus_call(bus, str(snapshot), "org.hostvold1.Snapshot", "Delete",
                                  "a{sv}", [{}])
         while str(job) not in completed:
@@ -103,19 +107,35 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         done_events = [t for t, status in events if status == 0]
         if done_events:
             latencies.append((completed[str(job)] - done_events[-1]) * 1000)
+            spans.append((completed[str(job)] - called) / (done_events[-1] - called))
 
     await guest.detach_disk(disk_xml(str(scratch / top), "qcow2", target, "scratch"))
     bus.disconnect()
     hv, bare = statistics.median(hostvold_times), statistics.median(bare_times)
     figures = {"hostvold_create_ms": hv * 1000, "bare_create_ms": bare * 1000,
                "ratio": hv / bare,
-               "event_to_completed_ms": statistics.median(latencies) if latencies else -1.0}
+               "event_to_completed_ms": statistics.median(latencies) if latencies else -1.0,
+               "completed_vs_event_ratio": statistics.median(spans) if spans else -1.0}
     print(f"online snapshot create, median of {args.rounds}: hostvold over D-Bus "
           f"{hv * 1000:.1f} ms, bare qemu-img create -u + snapshotCreateXML "
           f"{bare * 1000:.1f} ms: {hv / bare:.2f}x (P1 target <= 1.25x)")
     print(f"libvirt COMPLETED event to Job Completed signal: "
-          f"{figures['event_to_completed_ms']:.2f} ms (P2 target <= 20 ms)")
+          f"{figures['event_to_completed_ms']:.2f} ms")
     return figures
+
+
+def summary(figures: dict[str, float]) -> list[str]:
+    """The P1 and P2 lines (bench/run_all.py reads them); P2 only when libvirt's event came."""
+    ratio = round(figures["ratio"], 2)
+    lines = [f"P1: online snapshot create over D-Bus vs bare qemu-img create -u + "
+             f"snapshotCreateXML = {ratio:.2f}x (target <= 1.25x): "
+             f"{'met' if ratio <= 1.25 else 'missed'}"]
+    if figures["completed_vs_event_ratio"] > 0:
+        span = round(figures["completed_vs_event_ratio"], 2)
+        lines.append(f"P2: delete's block job, call to the Job's Completed vs to libvirt's "
+                     f"COMPLETED event = {span:.2f}x (target <= 1.2x): "
+                     f"{'met' if span <= 1.2 else 'missed'}")
+    return lines
 
 
 if __name__ == "__main__":
@@ -125,4 +145,7 @@ if __name__ == "__main__":
     parser.add_argument("--domain", required=True)
     parser.add_argument("--scratch", required=True)
     parser.add_argument("--rounds", type=int, default=5)
-    print(json.dumps(asyncio.run(main(parser.parse_args()))))
+    arguments = parser.parse_args()
+    results = asyncio.run(main(arguments))
+    print(json.dumps(results))
+    print("\n".join(summary(results)))

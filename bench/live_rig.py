@@ -1,0 +1,252 @@
+"""The set-up ``bench/live_latency.py`` (P1, P2) needs, built and removed around one run of it.
+
+    python -m bench.live_rig [--rounds 5]
+
+As root: starts ``virtlogd`` + ``libvirtd`` when ``qemu:///system`` does not answer (left
+running afterwards: other users of this host may have connected since), makes a mount base
+that is a shared mount (libvirt starts QEMU in a mount namespace of its own; only mounts
+under a shared mount reach it), a 64 MiB diskless TCG domain with a virtio-scsi controller,
+a private dbus-daemon, a hostvold on a loop-mounted ext4 share under that base
+(``quiesce = never``: the domain runs no guest agent), and an 8 MiB volume attached to the
+domain. Then runs ``bench.live_latency`` against them and passes its output through (its
+last lines are the P1 and P2 summaries). Everything it made is removed at the end.
+
+Exit status 77 with one line on stderr when this host cannot run it (not root, a program
+missing, libvirtd not answering, no domain can start): ``bench/run_all.py`` shows it as a
+skipped row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+URI = "qemu:///system"
+CANNOT_RUN = 77
+PROGRAMS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "dbus-daemon",
+            "mkfs.ext4", "mount")
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+  <controller type='scsi' index='0' model='virtio-scsi'/></devices>
+</domain>"""
+
+
+class CannotRun(Exception):
+    """This host lacks something the benchmark needs (not a failure of hostvold)."""
+
+
+def run(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def libvirt_answers() -> bool:
+    return run("virsh", "-c", URI, "version", check=False).returncode == 0
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float) -> bool:
+    """Set-up only: wait for a daemon started here to come up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def ensure_libvirtd() -> None:
+    """libvirtd on qemu:///system, started as the test suite does when none answers."""
+    if libvirt_answers():
+        return
+    for group in ("kvm", "libvirt", "libvirt-qemu"):
+        if run("getent", "group", group, check=False).returncode != 0:
+            run("groupadd", "--system", group)
+    if run("getent", "passwd", "libvirt-qemu", check=False).returncode != 0:
+        run("useradd", "--system", "--no-create-home", "--gid", "libvirt-qemu", "--groups",
+            "kvm", "--shell", "/usr/sbin/nologin", "libvirt-qemu")
+    for directory in ("/var/log/libvirt", "/var/lib/libvirt/qemu", "/run/libvirt"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    if not Path("/run/libvirt/virtlogd-sock").exists():
+        run("virtlogd", "-d")
+        wait_until(Path("/run/libvirt/virtlogd-sock").exists, 10)
+    run("libvirtd", "-d", check=False)
+    print("started libvirtd (left running)", file=sys.stderr)
+    if not wait_until(libvirt_answers, 30):
+        raise CannotRun(f"libvirtd does not answer on {URI}")
+
+
+class Rig:
+    """Everything made for one run, removed by close() in reverse order."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="hostvold-bench-live-"))
+        self.root.chmod(0o755)  # QEMU's user passes through to the share and the scratch disk
+        self.base = self.root / "mnt"
+        self.base.mkdir()
+        self.undo: list[tuple[str, Any]] = []
+
+    def shared_mount_base(self) -> None:
+        run("mount", "--bind", str(self.base), str(self.base))
+        self.undo.append(("umount", self.base))
+        run("mount", "--make-rshared", str(self.base))
+
+    def domain(self) -> str:
+        import libvirt
+
+        conn = libvirt.open(URI)
+        name = f"hostvold-bench-{os.getpid()}"
+        try:
+            dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
+        except libvirt.libvirtError as exc:
+            conn.close()
+            raise CannotRun(f"no TCG domain can start here: {exc}") from None
+        self.undo.append(("domain", (conn, dom)))
+        return name
+
+    def bus(self) -> str:
+        from bench.scale import POLICY
+
+        config = self.root / "bus.conf"
+        config.write_text(POLICY.format(socket=self.root / "bus"))
+        proc = subprocess.Popen(["dbus-daemon", "--nofork", "--nopidfile", "--print-address=1",
+                                 f"--config-file={config}"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.undo.append(("process", proc))
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        if not address:
+            raise SystemExit("the private dbus-daemon did not start")
+        return address
+
+    def daemon(self, address: str, share_mib: int = 256) -> None:
+        image = self.root / "share.img"
+        with open(image, "wb") as sparse:
+            sparse.truncate(share_mib << 20)
+        run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0",
+            str(image))
+        (self.root / "shares").write_text(f"{image} -t ext4 -o loop\n")
+        config = self.root / "hostvold.conf"
+        config.write_text(f"[daemon]\nstate_dir = {self.root / 'state'}\nbus = {address}\n"
+                          f"[shares]\nshares_config = {self.root / 'shares'}\n"
+                          f"mount_point_base = {self.base / 'shares'}\n"
+                          "[libvirt]\nquiesce = never\n")
+        notify = self.root / "notify.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(str(notify))
+        listener.settimeout(1)
+        log = open(self.root / "hostvold.log", "w")  # noqa: SIM115 (the daemon's stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
+                                env=dict(environment(), NOTIFY_SOCKET=str(notify)),
+                                cwd=REPO, stderr=log)
+        self.undo.append(("process", proc))
+        deadline = time.monotonic() + 60
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    if b"READY=1" in listener.recv(4096):
+                        return
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.root / "hostvold.log").read_text().strip().splitlines()[-5:]
+                    raise SystemExit("hostvold did not become ready: " + " | ".join(tail))
+        finally:
+            listener.close()
+            log.close()
+
+    def close(self) -> None:
+        """The domain first (QEMU lets go of the files), then the rest in reverse order."""
+        undo = sorted(reversed(self.undo), key=lambda step: step[0] != "domain")
+        for kind, thing in undo:
+            with contextlib.suppress(Exception):
+                if kind == "domain":
+                    conn, dom = thing
+                    dom.destroy()
+                    conn.close()
+                elif kind == "process":
+                    stop(thing)
+                elif kind == "umount":
+                    run("umount", "-R", "-l", str(thing))
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def environment() -> dict[str, str]:
+    """This checkout first on the path, whatever the venv's editable install points at."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{path}" if path else str(REPO))
+
+
+def hostvolctl(address: str, *args: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-m", "hostvold.client", "--json", *args],
+                          capture_output=True, text=True, timeout=300, cwd="/",
+                          env=dict(environment(), HOSTVOLD_BUS=address))
+    if done.returncode != 0:
+        raise SystemExit(f"hostvolctl {' '.join(args)}: {done.stderr.strip()}")
+    return dict(json.loads(done.stdout)) if done.stdout.strip() else {}
+
+
+def needs() -> None:
+    """Raise CannotRun when this host lacks what a live benchmark needs."""
+    if os.geteuid() != 0:
+        raise CannotRun("needs root (libvirtd on qemu:///system, loop mounts)")
+    missing = [name for name in PROGRAMS if shutil.which(name) is None]
+    if missing:
+        raise CannotRun(f"missing {', '.join(missing)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    rig = None
+    try:
+        needs()
+        ensure_libvirtd()
+        rig = Rig()
+        rig.shared_mount_base()
+        domain = rig.domain()
+        address = rig.bus()
+        rig.daemon(address)
+        volume = str(hostvolctl(address, "create", "8M")["Id"])
+        hostvolctl(address, "attach", volume, domain)
+        result = subprocess.run(
+            [sys.executable, "-m", "bench.live_latency", "--bus", address, "--volume", volume,
+             "--domain", domain, "--scratch", str(rig.base), "--rounds", str(args.rounds)],
+            cwd=REPO, env=environment(), text=True, capture_output=True, timeout=900)
+        sys.stderr.write(result.stderr)
+        sys.stdout.write(result.stdout)
+        return result.returncode
+    except CannotRun as exc:
+        print(exc, file=sys.stderr)
+        return CANNOT_RUN
+    finally:
+        if rig is not None:
+            rig.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
