@@ -233,9 +233,11 @@ def main() -> int:
         rig.daemon(address)
         volume = str(hostvolctl(address, "create", "8M")["Id"])
         hostvolctl(address, "attach", volume, domain)
+        # the bare calls' files on the volume's own filesystem: the same disk under both
+        share = Path(str(hostvolctl(address, "connection-info", volume)["mount_point"]))
         result = subprocess.run(
             [sys.executable, "-m", "bench.live_latency", "--bus", address, "--volume", volume,
-             "--domain", domain, "--scratch", str(rig.base), "--rounds", str(args.rounds)],
+             "--domain", domain, "--scratch", str(share), "--rounds", str(args.rounds)],
             cwd=REPO, env=environment(), text=True, capture_output=True, timeout=900)
         sys.stderr.write(result.stderr)
         sys.stdout.write(result.stdout)

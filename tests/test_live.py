@@ -241,8 +241,11 @@ def test_live_snapshot_latency(live: Callable[..., tuple[Cli, DaemonProcess, Hos
         timeout=300)
     assert result.returncode == 0, result.stderr
     print("\n" + result.stdout)
-    figures = json.loads(result.stdout.splitlines()[-1])
+    lines = result.stdout.splitlines()
+    figures = json.loads(next(line for line in lines if line.startswith("{")))
     assert figures["ratio"] > 0 and figures["event_to_completed_ms"] >= 0
+    assert any(line.startswith("P1: ") for line in lines[-2:])  # bench/run_all's rows
+    assert lines[-1].startswith("P2: ")
 
 
 def attached_volume(host_factory: Callable[..., Host], bus_factory: Callable[[str], str],

@@ -142,20 +142,28 @@ class Attachments:
 
     async def locate(self, meta: VolumeMeta) -> tuple[Guest, DiskInfo]:
         """The running domain and disk of an attached volume."""
+        guest, disk, _ = await self.locate_among(meta)
+        return guest, disk
+
+    async def locate_among(self, meta: VolumeMeta) -> tuple[Guest, DiskInfo, list[str]]:
+        """As :meth:`locate`, with the targets of the domain's other disks, from the same
+        read of the live XML."""
         domain = (meta.attachment or {}).get("domain")
         if domain:
             try:
                 guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
                 if await guest.is_running():
-                    for disk in await guest.disks():
+                    disks = await guest.disks()
+                    for disk in disks:
                         if self._volume_of(disk) == meta.id:
-                            return guest, disk
+                            return guest, disk, [d.target for d in disks if d is not disk]
             except DomainGone:
                 pass
         found = (await self.running_disks()).get(meta.id)
         if found is None:
             raise InvalidState(f"volume {meta.id} is not attached to a running domain")
-        return found
+        guest, disk = found
+        return guest, disk, [d.target for d in await guest.disks() if d.target != disk.target]
 
     async def running_guest(self, domain: str) -> Guest | None:
         """The domain if it runs; None only when libvirt says it is gone or off."""

@@ -202,14 +202,13 @@ class LiveVolumes:
                               chain: list[Layer], sid: str,
                               temporary: bool = False) -> VolumeMeta:
         """Called under the volume's lock with a validated chain."""
-        guest, disk = await self.attachments.locate(meta)
+        guest, disk, others = await self.attachments.locate_among(meta)
         top = chain[0]
         if disk.source != str(files.directory / top.name):
             raise NeedsRepair(f"domain {guest.name} runs volume {meta.id} on {disk.source}, "
                               f"not on {top.name} as its info file says")
         overlay = files.overlay_name(sid)
         path = files.directory / overlay
-        others = [d.target for d in await guest.disks() if d.target != disk.target]
         # one record before any side effect: recovery asks libvirt whether the domain runs
         # on the overlay (finish) or not (the overlay, whole or partial, is removed)
         meta = await self.store.record(files, meta.evolve(operation={

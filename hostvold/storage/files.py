@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from hostvold.core.errors import Failed, NoSpace
-from hostvold.core.images import Layer
+from hostvold.core.images import Format, Layer
+from hostvold.core.overlay import overlay_layout
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir
 from hostvold.storage.safefile import open_regular
@@ -141,8 +142,33 @@ def file_mtime(path: Path) -> str:
 
 async def make_overlay(path: Path, size: int, backing: Layer, mode: int) -> None:
     """An empty qcow2 overlay on ``backing``: relative name, format given, the chain
-    below not opened (``-u``), mode set, data durable."""
-    await qemuimg.create(path, "qcow2", size, backing=backing.name,
-                         backing_fmt="raw" if backing.format == "raw" else "qcow2")
-    os.chmod(path, mode)
-    await asyncio.to_thread(fsync_file, path)
+    below not opened, mode set, data durable. Written in-process (the layout qemu-img
+    makes, see :mod:`hostvold.core.overlay`); qemu-img for what that does not cover."""
+    backing_fmt: Format = "raw" if backing.format == "raw" else "qcow2"
+    try:
+        pieces = overlay_layout(size, backing.name, backing_fmt)
+    except ValueError:
+        await qemuimg.create(path, "qcow2", size, backing=backing.name,
+                             backing_fmt=backing_fmt)
+        os.chmod(path, mode)
+        await asyncio.to_thread(fsync_file, path)
+        return
+    await asyncio.to_thread(write_pieces, path, pieces, mode)
+
+
+def write_pieces(path: Path, pieces: list[tuple[int, bytes]], mode: int) -> None:
+    """A new file (never an existing one, never through a link) holding ``pieces`` at
+    their offsets, durable before it returns; removed again if writing fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        for offset, data in pieces:
+            if os.pwrite(fd, data, offset) != len(data):
+                raise OSError(errno.EIO, f"short write to {path.name}")
+        os.fchmod(fd, mode)  # the umask must not decide the mode
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
