@@ -101,8 +101,8 @@ def strategy_of(log: Path, snapshot: str) -> str:
     return found.group(1)
 
 
-async def run(args: argparse.Namespace, address: str, domain_name: str, scratch: Path,
-              volumes: dict[str, dict[str, Any]], log: Path) -> dict[str, dict[str, float]]:
+async def run(args: argparse.Namespace, address: str, domain_name: str,
+              log: Path) -> dict[str, dict[str, float]]:
     import libvirt
     import libvirtaio
     from dbus_fast import BusType, Message
@@ -173,8 +173,11 @@ async def run(args: argparse.Namespace, address: str, domain_name: str, scratch:
     for shape in ("below", "active"):
         rows: dict[str, list[float]] = {"hostvold": [], "bare": [], "bare+sync": []}
         moved: list[float] = []
-        for round_number in range(args.rounds):
-            info = volumes[f"{shape}-{round_number}"]
+        for _ in range(args.rounds):
+            info = await asyncio.to_thread(prepare, address, domain_name, args, shape)
+            # the bare chains on the volumes' own filesystem: the same disk under both
+            scratch = Path(info["share"]) / "bare-chains"
+            scratch.mkdir(mode=0o755, exist_ok=True)
             directory, into, active = bare_chain(shape)
             target = await attach_scratch(active)
             settle()
@@ -200,6 +203,7 @@ async def run(args: argparse.Namespace, address: str, domain_name: str, scratch:
             rows["bare+sync"].append(time.monotonic() - start)  # in a volatile cache
             await guest.detach_disk(disk_xml(str(after), "qcow2", target, "scratch"))
             shutil.rmtree(directory, ignore_errors=True)
+            await asyncio.to_thread(remove, address, info["volume"])
         results[shape] = {"hostvold": statistics.median(rows["hostvold"]),
                           "bare": statistics.median(rows["bare"]),
                           "bare+sync": statistics.median(rows["bare+sync"]),
@@ -209,38 +213,39 @@ async def run(args: argparse.Namespace, address: str, domain_name: str, scratch:
     return results
 
 
-def prepare(address: str, domain: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """The volumes, built offline through hostvold, then attached."""
+def prepare(address: str, domain: str, args: argparse.Namespace,
+            shape: str) -> dict[str, Any]:
+    """One volume of ``shape``, built offline through hostvold, then attached."""
     from bench.live_rig import hostvolctl
 
-    made: dict[str, dict[str, Any]] = {}
-    for round_number in range(args.rounds):
-        for shape in ("below", "active"):
-            volume = str(hostvolctl(address, "create", "--format", "raw",
-                                    str(args.size))["Id"])
+    volume = str(hostvolctl(address, "create", "--format", "raw", str(args.size))["Id"])
 
-            def active_file(volume: str = volume) -> Path:
-                return Path(str(hostvolctl(address, "connection-info", volume)["path"]))
+    def active_file() -> Path:
+        return Path(str(hostvolctl(address, "connection-info", volume)["path"]))
 
-            if shape == "below":
-                first = str(hostvolctl(address, "snapshot", "create", volume)["Id"])
-                write(active_file(), "qcow2", args.changes, 0x5A)
-                hostvolctl(address, "snapshot", "create", volume)
-                target = first
-                commit = pull = float(args.changes)
-            else:  # the snapshot's data (O1) is not the volume's base file: both ways open
-                hostvolctl(address, "snapshot", "create", volume)
-                write(active_file(), "qcow2", BASE_DATA, 0x11)
-                below = active_file()
-                target = str(hostvolctl(address, "snapshot", "create", volume)["Id"])
-                write(active_file(), "qcow2", args.changes, 0x5A)
-                commit, pull = float(allocated(active_file())), float(allocated(below))
-            hostvolctl(address, "attach", volume, domain)
-            made[f"{shape}-{round_number}"] = {"volume": volume, "snapshot": target,
-                                               "commit": commit, "pull": pull}
-            made["share"] = {"path": str(hostvolctl(address, "connection-info",
-                                                     volume)["mount_point"])}
-    return made
+    if shape == "below":
+        target = str(hostvolctl(address, "snapshot", "create", volume)["Id"])
+        write(active_file(), "qcow2", args.changes, 0x5A)
+        hostvolctl(address, "snapshot", "create", volume)
+        commit = pull = float(args.changes)
+    else:  # the snapshot's data (O1) is not the volume's base file: both ways open
+        hostvolctl(address, "snapshot", "create", volume)
+        write(active_file(), "qcow2", BASE_DATA, 0x11)
+        below = active_file()
+        target = str(hostvolctl(address, "snapshot", "create", volume)["Id"])
+        write(active_file(), "qcow2", args.changes, 0x5A)
+        commit, pull = float(allocated(active_file())), float(allocated(below))
+    hostvolctl(address, "attach", volume, domain)
+    return {"volume": volume, "snapshot": target, "commit": commit, "pull": pull,
+            "share": str(hostvolctl(address, "connection-info", volume)["mount_point"])}
+
+
+def remove(address: str, volume: str) -> None:
+    """Detached and deleted: the domain's disk bus holds only so many."""
+    from bench.live_rig import hostvolctl
+
+    hostvolctl(address, "detach", volume)
+    hostvolctl(address, "delete", volume)
 
 
 def main() -> int:
@@ -260,14 +265,8 @@ def main() -> int:
         rig.shared_mount_base()
         domain = rig.domain()
         address = rig.bus()
-        rig.daemon(address, share_mib=args.rounds * (4 * args.changes_mib + 512))
-        volumes = prepare(address, domain, args)
-        # the bare chains on the same filesystem as the volumes: the same disk under both
-        share = Path(volumes.pop("share")["path"])
-        scratch = share / "bare-chains"
-        scratch.mkdir(mode=0o755)
-        results = asyncio.run(run(args, address, domain, scratch, volumes,
-                                  rig.root / "hostvold.log"))
+        rig.daemon(address, share_mib=6 * args.changes_mib + 1024)
+        results = asyncio.run(run(args, address, domain, rig.root / "hostvold.log"))
     except CannotRun as exc:
         print(exc, file=sys.stderr)
         return CANNOT_RUN

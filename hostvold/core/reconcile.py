@@ -14,7 +14,7 @@ from typing import Any
 
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.errors import HostvoldError
-from hostvold.core.images import FORMAT_UNCONFIRMED
+from hostvold.core.images import FORMAT_UNCONFIRMED, Layer
 from hostvold.core.records import VolumeMeta
 
 # problems a look at the info file and the chain cannot judge, kept until a check or a
@@ -38,6 +38,7 @@ class ShareView:
     problems: list[str] = field(default_factory=list)
     created: dict[str, str] = field(default_factory=dict)
     error: HostvoldError | None = None
+    chain: list[Layer] = field(default_factory=list)  # walked from the active file down
 
 
 def busy(meta: VolumeMeta) -> bool:

@@ -3,11 +3,12 @@ the file is :mod:`hostvold.storage.metadata`)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 VolumeState = Literal["creating", "available", "in-use", "deleting"]
 Provisioning = Literal["thin", "thick"]
@@ -44,7 +45,22 @@ class VolumeMeta(BaseModel):
     operation: dict[str, Any] | None = None
 
     def evolve(self, **changes: Any) -> VolumeMeta:
-        return self.model_validate(self.model_dump() | changes)
+        """A copy with ``changes``, each checked against its field's type. The unchanged
+        fields are shared, not copied and checked again (a volume with hundreds of snapshots
+        would pay for its whole record on every step); records are never changed in place."""
+        unknown = set(changes) - set(type(self).model_fields)
+        if unknown:
+            raise ValueError(f"not fields of a volume record: {', '.join(sorted(unknown))}")
+        checked = {name: _field_adapter(name).validate_python(value)
+                   for name, value in changes.items()}
+        return self.model_copy(update=checked)
+
+
+@functools.cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    annotation = VolumeMeta.model_fields[name].annotation
+    assert annotation is not None
+    return TypeAdapter(annotation)
 
 
 @dataclass(frozen=True)

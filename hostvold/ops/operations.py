@@ -150,7 +150,7 @@ class Operations:
             if meta.state != "in-use":
                 users.refuse_live("extend", volume_id)
             await self.volumes.check_growth(meta, request.size)
-            await self.store.validated_chain(files, meta)
+            await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
                 return await self._require_live().extend(meta, files, request.size)
             return await self.volumes.extend(files, meta, request.size)
@@ -207,7 +207,7 @@ class Operations:
         async with self._volume(volume_id):
             _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
-            chain_map, chain = await self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             overlay = files.overlay_name(sid)
             if sid in chain_map.snapshots or await share_call(
                     self.store, meta, os.path.lexists, files.directory / overlay):
@@ -235,7 +235,7 @@ class Operations:
                 return await self._resume(self.store.get_volume(volume_id))  # a retry
             _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
-            chain_map, chain = await self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
                 if sid not in chain_map.snapshots:
                     raise NotFound(f"snapshot {sid} does not exist")
@@ -256,7 +256,7 @@ class Operations:
             _meta, files, users = await self._observe(volume_id)
             users.refuse_live("revert", volume_id)
             meta = self.store.require_available(volume_id)
-            chain_map, chain = await self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             await self.snapshots.revert(files, meta, chain_map, chain, sid)
             log.info("reverted volume %s to snapshot %s", volume_id, sid,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
@@ -270,7 +270,7 @@ class Operations:
             await self._observe(volume_id)
             meta = self.store.require_available(volume_id)
             files = self.store.files_of(meta)
-            chain_map, chain = await self.store.validated_chain(files, meta)
+            chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             source = snapshot_data(chain, chain_map, sid)
             size = await self.copies.source_size(files, source)
             return await self.copies.copy_out(files, source, size, "create-from-snapshot",

@@ -1,14 +1,12 @@
 """The volume store: the one place that owns volume state.
 
-It holds the in-memory map of volumes (loaded from the index, a cache of the shares), reads
-and writes each volume's records (metadata file, info file, chain), takes the per-volume
-locks, names the files, validates the chain, and keeps the registry of recovery steps. The
-use cases, offline (:mod:`hostvold.ops.volumes`, :mod:`hostvold.ops.snapshots`) and live
-(:mod:`hostvold.ops.live`), build on it and never on each other.
+It holds the in-memory map of volumes (from the index, a cache of the shares), reads and
+writes each volume's records, takes the per-volume locks, names the files, validates the
+chain, and keeps the registry of recovery steps. The use cases, offline (``ops.volumes``,
+``ops.snapshots``) and live (``ops.live``), build on it and never on each other.
 
-Every multi-step operation records its intent before its first side effect: first a row in
-the local index's ``inflight`` table (so a restart knows which volumes to re-read), then
-the volume's metadata file on the share (the truth).
+Every multi-step operation records its intent before its first side effect: a row in the
+index's ``inflight`` table (a restart re-reads those volumes), then the metadata file.
 """
 
 from __future__ import annotations
@@ -85,6 +83,8 @@ class VolumeStore:
         self.recoverers: dict[str, Recoverer] = {}
         # told the id of every volume whose record changed (the D-Bus objects follow)
         self.change_listeners: list[Callable[[str], None]] = []
+        # the chain a refresh just walked, for the operation that asked (validated_chain)
+        self.just_read: dict[str, tuple[SnapshotMap, list[Layer]]] = {}
 
     # ---- what is there ----------------------------------------------------------------
 
@@ -147,21 +147,23 @@ class VolumeStore:
             raise NeedsRepair(f"volume {volume_id} needs a repair: {'; '.join(meta.problems)}")
         return meta
 
-    async def validated_chain(self, files: VolumeFiles,
-                              meta: VolumeMeta) -> tuple[SnapshotMap, list[Layer]]:
+    async def validated_chain(self, files: VolumeFiles, meta: VolumeMeta,
+                              fresh: bool = False) -> tuple[SnapshotMap, list[Layer]]:
         """The info file and the chain from its active file down, checked against each other.
 
         No process is spawned: the chain is read from the image headers. A mismatch (a
         damaged info file, a missing or foreign layer) is recorded on the volume as a health
-        problem and raised as NeedsRepair; nothing else is done.
+        problem and raised as NeedsRepair; nothing else is done. ``fresh``: the caller holds
+        the volume's lock since its refresh, whose walk is used instead of a second one.
         """
         def read() -> tuple[SnapshotMap, list[Layer]]:
             chain_map = read_info(files)
             top_format = meta.format if chain_map.active == files.base_name else "qcow2"
             return chain_map, validate_chain(files, chain_map.active, top_format)
 
+        walked = self.just_read.pop(meta.id, None) if fresh else None
         try:
-            chain_map, chain = await self.share_of(meta).io.run(read)
+            chain_map, chain = walked if walked else await self.share_of(meta).io.run(read)
         except (InfoFileDamaged, UnsafeFile) as exc:  # a symlink, a device: a named problem
             await self.record(files, meta.evolve(problems=[exc.message]))
             raise
@@ -178,12 +180,14 @@ class VolumeStore:
     # ---- the share's word ---------------------------------------------------------------
 
     async def refresh(self, volume_id: str, share: Share | None = None) -> VolumeMeta | None:
-        """The volume re-read from its share (in the share's pool) and reconciled; None
-        when it is not a volume. The info file and chain decide the snapshots and the active
-        file, the metadata file the rest; a volume whose base file is gone is forgotten.
-        Left as they are: this host's own operation under way (recovery's), and another
-        writer's in-flight record. Damaged files are recorded as a problem, then raised."""
+        """The volume re-read from its share (in its pool) and reconciled; None when it is
+        not a volume. The info file and chain decide the snapshots and the active file, the
+        metadata file the rest; a volume whose base file is gone is forgotten. Left as they
+        are: this host's own operation under way, another writer's in-flight record.
+        Damaged files are recorded as a problem, then raised."""
         known = self.volumes.get(volume_id)
+        self.just_read.pop(volume_id, None)  # only this refresh's own walk may be used
+        walked: list[tuple[SnapshotMap, list[Layer]]] = []
         if known is not None and self.index.is_inflight(volume_id):
             return known
         if share is None:
@@ -208,6 +212,8 @@ class VolumeStore:
             if busy(meta):
                 return on_share, False, meta, None
             view = observe_chain(files, meta.format, set(meta.snapshots))
+            if view.chain_map is not None and view.chain and not view.problems:
+                walked.append((view.chain_map, view.chain))
             return on_share, False, merge_record(meta, view), view.error
 
         on_share, gone, found, error = await share.io.run(read)
@@ -229,6 +235,8 @@ class VolumeStore:
             self._changed(volume_id)
         if error is not None:
             raise error
+        if walked:
+            self.just_read[volume_id] = walked[0]
         return meta
 
     async def _gone(self, share: Share, files: VolumeFiles, known: VolumeMeta | None,

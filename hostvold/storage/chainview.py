@@ -55,4 +55,4 @@ def observe_chain(files: VolumeFiles, base_format: str,
     if chain_names:
         problems = [p for p in chain_problems(files, chain, chain_map, present)
                     if not p.endswith(STALE_SUFFIX)]  # "not in the active chain" says it
-    return ShareView(chain_map, problems, created, error)
+    return ShareView(chain_map, problems, created, error, chain if chain_names else [])
