@@ -3,9 +3,9 @@
 
 Starts a small TCG domain of its own (64 MiB, no OS: the block layer runs in QEMU), makes
 a volume on hostvold's share, attaches it, writes through QEMU's own disk driver, takes
-live snapshots, deletes them (a commit below the active file, then the active file's own
-merge), checks every write reads back, prints what it did with timings, and removes
-everything it made. Exit 0 when all held.
+live snapshots, deletes them by each of the three ways (a pull, a commit below the active
+file, an active commit with a pivot), checks every write reads back, prints what it did
+with timings, and removes everything it made. Exit 0 when all held.
 """
 
 from __future__ import annotations
@@ -78,19 +78,36 @@ def main() -> None:
         volume = str(demo.ctl("create", "256M")["Id"])
         demo.ctl("attach", volume, name)
         drive = drive_of(dom, volume)
-        patterns = [(0x11, 0), (0x22, 1), (0x33, 2)]
-        demo.guest(name, drive, f"write -P {patterns[0][0]} {patterns[0][1]}M 1M")
+        # (pattern, offset MiB, MiB): a small write, a small one, a large one, a small one
+        writes = [(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 8), (0x44, 12, 1)]
+
+        def write(index: int) -> None:
+            pattern, offset, size = writes[index]
+            demo.guest(name, drive, f"write -P {pattern} {offset}M {size}M")
+
+        write(0)
         first = str(demo.ctl("snapshot", "create", volume)["Id"])
-        demo.guest(name, drive, f"write -P {patterns[1][0]} {patterns[1][1]}M 1M")
+        write(1)
         second = str(demo.ctl("snapshot", "create", volume)["Id"])
-        demo.guest(name, drive, f"write -P {patterns[2][0]} {patterns[2][1]}M 1M")
+        write(2)
         demo.guest(name, drive, "flush")
         info = demo.ctl("connection-info", volume)
         demo.say(f"the guest runs on {info['name']} ({info['format']}) at {info['path']}")
-        demo.ctl("snapshot", "delete", first)   # below the active file: a commit
-        demo.ctl("snapshot", "delete", second)  # the active file's own: active commit or pull
-        for pattern, offset in patterns:
-            demo.guest(name, drive, f"read -P {pattern} {offset}M 1M")
+        # the active file holds 8 MiB, the snapshot's data below it 1 MiB: hostvold pulls
+        # the 1 MiB up (blockRebase) rather than commit 8 MiB down
+        demo.ctl("snapshot", "delete", second)
+        assert demo.ctl("connection-info", volume)["name"] == info["name"]  # top kept
+        demo.say("  deleted by a pull: the guest's file stayed, the smaller side moved up")
+        third = str(demo.ctl("snapshot", "create", volume)["Id"])
+        write(3)
+        demo.ctl("snapshot", "delete", first)  # its overlay is below the active file
+        demo.say("  deleted by a commit below the active file (blockCommit)")
+        before = demo.ctl("connection-info", volume)["name"]
+        demo.ctl("snapshot", "delete", third)  # the active file's own, and the smaller side
+        assert demo.ctl("connection-info", volume)["name"] != before  # pivoted down
+        demo.say("  deleted by an active commit: the guest pivoted to the file below")
+        for pattern, offset, size in writes:
+            demo.guest(name, drive, f"read -P {pattern} {offset}M {size}M")
         demo.say("every write reads back through the guest's disk")
         shown = demo.ctl("show", volume)
         assert shown["Snapshots"] == [] and shown["State"] == "in-use", shown
