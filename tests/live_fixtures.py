@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -49,8 +48,14 @@ def domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
     name = f"hostvold-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
     dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
     yield name
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.destroy()
+    for _ in range(5):  # libvirt refuses while a job of the domain still winds down
+        try:
+            dom.destroy()
+            break
+        except libvirt.libvirtError:
+            if not dom.isActive():
+                break
+            time.sleep(1)
     conn.close()
 
 
