@@ -53,8 +53,11 @@ def domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
             dom.destroy()
             break
         except libvirt.libvirtError:
-            if not dom.isActive():
-                break
+            try:
+                if not dom.isActive():
+                    break
+            except libvirt.libvirtError:
+                break  # a transient domain the test destroyed itself: gone
             time.sleep(1)
     conn.close()
 
