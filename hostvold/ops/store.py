@@ -170,8 +170,8 @@ class VolumeStore:
         except FileNotFoundError as exc:
             missing = Path(str(exc.filename)).name
             problems = [f"{missing}, a file of the chain, is missing"]
-        else:
-            problems = chain_problems(files, chain, chain_map)
+        else:  # a walk of the refresh was kept only when it found nothing wrong
+            problems = [] if walked else chain_problems(files, chain, chain_map)
         if problems:
             await self.record(files, meta.evolve(problems=problems))
             raise NeedsRepair(f"volume {meta.id} needs a repair: {'; '.join(problems)}")

@@ -52,7 +52,10 @@ def observe_chain(files: VolumeFiles, base_format: str,
         present.add(overlay)
         if sid not in known:
             created[overlay] = datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
+    found: list[str] = []
     if chain_names:
-        problems = [p for p in chain_problems(files, chain, chain_map, present)
-                    if not p.endswith(STALE_SUFFIX)]  # "not in the active chain" says it
-    return ShareView(chain_map, problems, created, error, chain if chain_names else [])
+        found = chain_problems(files, chain, chain_map, present)
+        # a stale overlay is also "not in the active chain": said once
+        problems = [p for p in found if not p.endswith(STALE_SUFFIX)]
+    healthy = chain if chain_names and not found else []  # an operation may use this walk
+    return ShareView(chain_map, problems, created, error, healthy)
