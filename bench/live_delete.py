@@ -255,24 +255,14 @@ def main() -> int:
     args = parser.parse_args()
     args.changes = args.changes_mib * MiB
     args.size = args.changes + 64 * MiB
-    from bench.live_rig import CANNOT_RUN, CannotRun, Rig, ensure_libvirtd, needs
+    from bench.live_rig import CANNOT_RUN, CannotRun, running
 
-    rig = None
     try:
-        needs()
-        ensure_libvirtd()
-        rig = Rig()
-        rig.shared_mount_base()
-        domain = rig.domain()
-        address = rig.bus()
-        rig.daemon(address, share_mib=6 * args.changes_mib + 1024)
-        results = asyncio.run(run(args, address, domain, rig.root / "hostvold.log"))
+        with running(share_mib=6 * args.changes_mib + 1024) as (rig, domain, address):
+            results = asyncio.run(run(args, address, domain, rig.root / "hostvold.log"))
     except CannotRun as exc:
         print(exc, file=sys.stderr)
         return CANNOT_RUN
-    finally:
-        if rig is not None:
-            rig.close()
     print(json.dumps(results))
     below, active = results["below"], results["active"]
     print(f"snapshot below the active file, {args.changes_mib} MiB committed: hostvold "

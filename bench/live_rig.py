@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,36 +218,48 @@ def needs() -> None:
         raise CannotRun(f"missing {', '.join(missing)}")
 
 
+@contextlib.contextmanager
+def running(share_mib: int = 256) -> Iterator[tuple[Rig, str, str]]:
+    """(the rig, its domain's name, its bus address) with hostvold ready; all of it removed
+    on leaving. CannotRun when this host lacks what it needs."""
+    needs()
+    ensure_libvirtd()
+    rig = Rig()
+    try:
+        rig.shared_mount_base()
+        domain = rig.domain()
+        address = rig.bus()
+        rig.daemon(address, share_mib)
+        yield rig, domain, address
+    finally:
+        rig.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    rig = None
     try:
-        needs()
-        ensure_libvirtd()
-        rig = Rig()
-        rig.shared_mount_base()
-        domain = rig.domain()
-        address = rig.bus()
-        rig.daemon(address)
-        volume = str(hostvolctl(address, "create", "8M")["Id"])
-        hostvolctl(address, "attach", volume, domain)
-        # the bare calls' files on the volume's own filesystem: the same disk under both
-        share = Path(str(hostvolctl(address, "connection-info", volume)["mount_point"]))
-        result = subprocess.run(
-            [sys.executable, "-m", "bench.live_latency", "--bus", address, "--volume", volume,
-             "--domain", domain, "--scratch", str(share), "--rounds", str(args.rounds)],
-            cwd=REPO, env=environment(), text=True, capture_output=True, timeout=900)
-        sys.stderr.write(result.stderr)
-        sys.stdout.write(result.stdout)
-        return result.returncode
+        with running() as (_, domain, address):
+            return measure(address, domain, args.rounds)
     except CannotRun as exc:
         print(exc, file=sys.stderr)
         return CANNOT_RUN
-    finally:
-        if rig is not None:
-            rig.close()
+
+
+def measure(address: str, domain: str, rounds: int) -> int:
+    """bench.live_latency against an 8 MiB volume attached to the rig's domain."""
+    volume = str(hostvolctl(address, "create", "8M")["Id"])
+    hostvolctl(address, "attach", volume, domain)
+    # the bare calls' files on the volume's own filesystem: the same disk under both
+    share = Path(str(hostvolctl(address, "connection-info", volume)["mount_point"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.live_latency", "--bus", address, "--volume", volume,
+         "--domain", domain, "--scratch", str(share), "--rounds", str(rounds)],
+        cwd=REPO, env=environment(), text=True, capture_output=True, timeout=900)
+    sys.stderr.write(result.stderr)
+    sys.stdout.write(result.stdout)
+    return result.returncode
 
 
 if __name__ == "__main__":

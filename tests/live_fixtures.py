@@ -13,17 +13,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from bench.live_rig import DOMAIN_XML  # one small TCG domain for tests and benchmarks
 from tests.conftest import DaemonProcess, Host
 from tests.test_dbus import Cli, with_bus
-
-DOMAIN_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-  <controller type='scsi' index='0' model='virtio-scsi'/></devices>
-</domain>"""
 
 
 @pytest.fixture

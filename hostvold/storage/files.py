@@ -111,15 +111,15 @@ NO_CLONE = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENO
 
 def reflink(src: Path, dst: Path, mode: int) -> bool:
     """Make ``dst`` a new file sharing all of ``src``'s extents (one FICLONE ioctl: no data
-    moves, no space used until either file is written). False, with ``dst`` not left
-    behind, where the filesystem cannot (ext4, or two filesystems)."""
+    moves, no space used until either file is written); the caller makes it durable.
+    False, with ``dst`` not left behind, where the filesystem cannot (ext4, or two
+    filesystems)."""
     source = open_regular(src)
     try:
         out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                       | os.O_CLOEXEC, mode)
         try:
             fcntl.ioctl(out, FICLONE, source)
-            os.fsync(out)
         except OSError as exc:
             os.close(out)
             out = -1
