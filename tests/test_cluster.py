@@ -4,9 +4,11 @@ own bus, own host id) over one share image, coordinated by a real etcd through t
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -161,11 +163,13 @@ def test_a_host_cut_from_etcd_stops_before_another_takes_over(
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 500M", str(overlay)],
                        check=True, capture_output=True)
         job = cli_a.json("--no-wait", "snapshot", "delete", sid)["job"]
-        deadline = time.monotonic() + 20
-        while "commit" not in (json.loads(base.with_name(f"{base.name}.meta").read_text())
-                               .get("operation") or {}).get("step", ""):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # however fast this machine commits, a's commit must still run when the link goes:
+        # freeze it (a kills it when it fences; a stopped process dies of SIGKILL too)
+        committing = _process_with(["qemu-img", "commit"], str(overlay))
+        os.kill(committing, signal.SIGSTOP)
+        step = json.loads(base.with_name(f"{base.name}.meta").read_text())["operation"]["step"]
+        assert step == "commit", step
+        cut_wall = datetime.datetime.now()
         network.cut_host()
         cut = time.monotonic()
         deadline = cut + 30
@@ -186,8 +190,11 @@ def test_a_host_cut_from_etcd_stops_before_another_takes_over(
         assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
         fenced = _logged_at(log_a, "lost its coordination session")
         taken = _logged_at(daemon_log(cluster, "b"), "taking over")
-        print(f"\na fenced at {fenced}, b took over at {taken}")
+        print(f"\nlink cut at {cut_wall}, a fenced at {fenced}, b took over at {taken}")
         assert fenced < taken
+        # fenced once half the lease passed without a renewal, well before the lease's end
+        since_cut = datetime.datetime.fromisoformat(fenced.replace(",", ".")) - cut_wall
+        assert since_cut.total_seconds() < cluster.lease, since_cut
     finally:
         umount_all(tmp_path / "cluster" / "mnt")
         server.close()
@@ -195,6 +202,22 @@ def test_a_host_cut_from_etcd_stops_before_another_takes_over(
 
 def daemon_log(cluster: Cluster, name: str) -> str:
     return "".join(p.read_text() for p in (cluster.root / name).glob("hostvold-*.log"))
+
+
+def _process_with(words: list[str], path: str) -> int:
+    """The pid of the one process whose command line holds ``words`` and ``path``."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                except OSError:
+                    continue
+                if all(word in argv for word in words) and any(path in a for a in argv):
+                    return int(entry.name)
+        time.sleep(0.01)
+    raise AssertionError(f"no process runs {' '.join(words)} on {path}")
 
 
 def _logged_at(log: str, words: str) -> str:
