@@ -72,7 +72,7 @@ BENCHES = [
           ("--size", "256M", "--rounds", "1"), needs=("dd",)),
     Bench(("P5", "P8"), "snapshot_chain", ("--depths", "1,8,256", "--rounds", "5"),
           ("--depths", "1,8,16", "--rounds", "1"), needs=("qemu-img",)),
-    Bench(("P6",), "scale", ("--volumes", "1000",), ("--volumes", "200"),
+    Bench(("P6",), "scale", ("--volumes", "10000",), ("--volumes", "200"),
           needs=("qemu-img", "dbus-daemon", "mount"), root=True),
     Bench(("P7",), "parallel_snapshots", ("--volumes", "32"), ("--volumes", "4"),
           needs=("qemu-img",)),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -81,6 +82,7 @@ async def measure(root: Path, depths: list[int],
             start = time.perf_counter()
             ids.append((await snapshots.create_snapshot(volume_id)).id)
             times.setdefault("create hostvold", []).append(time.perf_counter() - start)
+            times.setdefault("walk floor", []).append(revalidate(files.directory, files.base_name))
             active = read_info(files).active
             start = time.perf_counter()
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", active, "-F",
@@ -108,6 +110,20 @@ async def measure(root: Path, depths: list[int],
     assert daemon.index is not None
     daemon.index.close()
     return results
+
+
+def revalidate(directory: Path, prefix: str) -> float:
+    """Seconds to open, fstat and close every file of the chain once: what any walk that
+    may not trust a cached header must do per layer (on NFS an open revalidates the file
+    with the server; a bare stat may answer from the client's attribute cache)."""
+    names = [str(p) for p in directory.iterdir()
+             if p.name.startswith(prefix) and p.suffix not in (".info", ".meta")]
+    start = time.perf_counter()
+    for name in names:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.fstat(fd)
+        os.close(fd)
+    return time.perf_counter() - start
 
 
 def active_in(directory: Path) -> str:
@@ -144,6 +160,12 @@ def main() -> None:
     shallow = 8 if 8 in results and deep > 8 else low
     summary = [("P5", "middle snapshot delete", "delete hostvold", shallow),
                ("P8", "snapshot create", "create hostvold", low)]
+    walk = results[deep]["walk floor"] - results[low]["walk floor"]
+    floor = results[low]["create hostvold"] + walk
+    print(f"P8 floor: depth {low}'s create + what opening {deep - low} more layers costs "
+          f"({walk * 1000:.2f} ms) = {floor * 1000:.2f} ms; hostvold at depth {deep}: "
+          f"{results[deep]['create hostvold'] * 1000:.2f} ms = "
+          f"{results[deep]['create hostvold'] / floor:.2f}x of that floor")
     for target, what, column, base in summary:
         ratio = round(results[deep][column] / results[base][column], 2)
         print(f"{target}: {what}, chain depth {deep} vs {base} = {ratio:.2f}x "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.core.crash import CRASH_EXIT_STATUS
@@ -202,6 +202,39 @@ async def test_signals_arrive_without_polling(
     assert 0 <= latency < 0.05
     removed = [m for _, m in received if m.member == "InterfacesRemoved"]
     assert any(m.body[0] == snapshot for m in removed)
+    bus.disconnect()
+
+
+async def test_objects_answer_alike_through_every_door(
+        running: Callable[..., tuple[Host, Cli]]) -> None:
+    """GetManagedObjects (built in one pass by hostvold) gives what Properties.GetAll gives
+    for every object; a method reaches the object whose path it was sent to, though one
+    handler serves every object of an interface; a call that wants no reply still runs."""
+    _, cli = running()
+    ids = [cli.json("create", "8M")["Id"] for _ in range(3)]
+    bus = await _client(cli.address)
+    paths = [f"/org/hostvold1/volumes/{vid.replace('-', '_')}" for vid in ids]
+    snapshot = (await _call(bus, paths[1], "org.hostvold1.Volume", "CreateSnapshot", "a{sv}",
+                            [{}]))[0]
+    await bus.send(Message(destination="org.hostvold1", path=paths[2],
+                           interface="org.hostvold1.Volume", member="CreateSnapshot",
+                           signature="a{sv}", body=[{}], flags=MessageFlag.NO_REPLY_EXPECTED))
+    deadline = time.monotonic() + 10
+    while not cli.json("snapshots", ids[2]):
+        assert time.monotonic() < deadline, "the call sent without a reply did not run"
+        await asyncio.sleep(0.05)
+    (managed,) = await _call(bus, "/org/hostvold1", "org.freedesktop.DBus.ObjectManager",
+                             "GetManagedObjects")
+    assert set(paths) | {snapshot} <= set(managed)
+    for path, interfaces in managed.items():
+        for interface, values in interfaces.items():
+            (direct,) = await _call(bus, path, "org.freedesktop.DBus.Properties", "GetAll",
+                                    "s", [interface])
+            assert {k: v.value for k, v in values.items()} == \
+                {k: v.value for k, v in direct.items()}, (path, interface)
+    assert [len(managed[p]["org.hostvold1.Volume"]["Snapshots"].value) for p in paths] == \
+        [0, 1, 1]
+    assert managed[snapshot]["org.hostvold1.Snapshot"]["Volume"].value == paths[1]
     bus.disconnect()
 
 

@@ -270,7 +270,7 @@ LIVE_CRASHES = [
       for step in ("intent", "overlay", "switched", "info")],
     *[("delete", strategy, f"live-delete-snapshot:{step}")
       for strategy in ("commit", "active-commit", "pull")
-      for step in ("intent", "job-started", "job-done", "finish-recorded", "info")],
+      for step in ("intent", "job-started", "job-done", "gone-from-chain", "info")],
 ]
 
 

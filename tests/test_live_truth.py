@@ -186,7 +186,7 @@ def test_defined_domain_follows_offline_snapshots(
 # ---- the daemon dies around a live delete --------------------------------------------------
 
 DELETE_POINTS = ["intent", "job-started", "pivot-recorded", "pivoted", "job-done",
-                 "finish-recorded", "info"]
+                 "gone-from-chain", "info"]
 CASES = [*[("active-commit", point, fate) for point in DELETE_POINTS
            for fate in ("alive", "destroyed")],
          *[(strategy, point, fate) for strategy in ("commit", "pull")

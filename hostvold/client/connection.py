@@ -18,6 +18,7 @@ from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.client.output import draw_progress, plain
+from hostvold.core.collector import collector_paused
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED, EXIT_CONFIG = 1, 2, 3, 4, 78
 EXIT_CODES = """Exit codes: 0 success; 1 the operation failed (the message names the error); 2 usage
@@ -135,8 +136,9 @@ class Client:
         return list(reply.body)
 
     async def objects(self) -> dict[str, dict[str, dict[str, Any]]]:
-        (managed,) = await self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager",
-                                     "GetManagedObjects")
+        with collector_paused():  # the answer is decoded into many acyclic objects
+            (managed,) = await self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager",
+                                         "GetManagedObjects")
         return {str(path): {iface: plain(props) for iface, props in ifaces.items()}
                 for path, ifaces in managed.items()}
 

@@ -5,6 +5,7 @@ Pure logic; mounting and measuring live in :mod:`hostvold.storage.mounts`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shlex
@@ -25,9 +26,9 @@ class ShareSpec:
     options: str = ""
     local_dir: bool = False  # the embedded default: a directory used in place, never mounted
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
-        return share_hash(self.address)
+        return share_hash(self.address)  # read for every volume object: hashed once
 
     def mount_point(self, base: Path) -> Path:
         return Path(self.address) if self.local_dir else base / self.id

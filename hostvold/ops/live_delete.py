@@ -8,14 +8,16 @@ live-delete-snapshot (S; top = info[S], base = its backing)
     Steps, each recorded before the libvirt call it names:
     ``job``      before the block job starts (or is followed again);
     ``pivot``    before ``blockJobAbort(PIVOT)`` (active-commit only);
-    ``pivoted``  the moment the pivot call returned: from here the guest writes into base;
-    ``finish``   the file that leaves the chain is gone from the live chain; then the info
-                 file, then that file is removed.
+    ``pivoted``  the moment the pivot call returned: from here the guest writes into base.
+    Once the file that leaves the chain is gone from the live chain: the info file, then
+    that file is removed, then the record cleared (no step of its own: the live chain, or
+    with the domain gone the headers, show it; ``finish`` from older records is honoured).
 
 Recovery asks libvirt first; only "no such domain" or "not running" counts as gone, any
 other libvirt error leaves the operation recorded for later.
     domain running: the live chain decides: the file still in it: follow the block job
         (or start it again, or pivot a ready one); gone from it: finish.
+    domain gone, the file gone from the headers' chain: the job ended; finish.
     domain gone, step ``job``: no pivot was asked, so top (or, for a commit below the
         active file, the active file above it) holds every guest write: commit top into
         base offline (idempotent).
@@ -131,15 +133,18 @@ class LiveDelete:
                 op = dict(meta.operation or {})
             crash.point("live-delete-snapshot:job-done")
             # the connection may have been replaced while we waited: ask through the new one
-            guest = await self.attachments.running_guest(op["domain"])
-            if guest is None:
+            if not guest.on(self.hypervisor):
+                guest = await self.attachments.running_guest(op["domain"])
+            disks = await guest.running_disks() if guest is not None else None
+            if guest is None or disks is None:
                 return await self._finish_offline(files, meta, op)
-            if gone in await self._live_chain(guest, op["target"]):
+            disk = next((d for d in disks if d.target == op["target"]), None)
+            if disk is None or gone in [Path(p).name for p in disk.chain]:
                 raise Failed(f"{gone} is still in the live chain of {guest.name}; the "
                              "operation is kept and resumed at the next start")
-            op["step"] = "finish"
-            meta = await self.store.record(files, meta.evolve(operation=op))
-            crash.point("live-delete-snapshot:finish-recorded")
+            # no record of its own: a recovery sees ``gone`` out of the live chain (or, the
+            # domain gone, out of the headers) and finishes the same way
+            crash.point("live-delete-snapshot:gone-from-chain")
         await self._finish_delete(files, meta, op)
 
     async def _live_chain(self, guest: Guest, target: str) -> list[str]:

@@ -55,28 +55,43 @@ if TYPE_CHECKING:
 
 
 def _volume_properties(meta: VolumeMeta, api: "Api") -> dict[str, Any]:
-    share = next((s for s in api.store.shares if s.spec.address == meta.share), None)
-    attachment = meta.attachment or {}
+    """Every property's value, for the changes an update announces."""
     return {
         "Id": meta.id, "Size": meta.size, "Format": meta.format,
         "Provisioning": meta.provisioning, "Created": meta.created,
-        "Share": object_path("shares", share.id) if share else "/",
-        "ActiveFile": meta.active, "State": meta.state,
-        "Attachment": (attachment.get("domain", ""), attachment.get("target", "")),
-        "Snapshots": [object_path("snapshots", sid) for sid in sorted(
-            meta.snapshots, key=lambda sid: (meta.snapshots[sid].get("created", ""), sid))],
-        "Problems": list(meta.problems),
-        "ConnectionInfo": _connection_info(meta, share, api.store.naming.base_name(meta.id)),
+        "Share": _share_path(meta, api), "ActiveFile": meta.active, "State": meta.state,
+        "Attachment": _attachment(meta), "Snapshots": _snapshot_paths(meta),
+        "Problems": list(meta.problems), "ConnectionInfo": _connection_info(meta, api),
     }
 
 
-def _connection_info(meta: VolumeMeta, share: "Share | None",
-                     base_name: str) -> dict[str, Variant]:
+def _share_of(meta: VolumeMeta, api: "Api") -> "Share | None":
+    return next((s for s in api.store.shares if s.spec.address == meta.share), None)
+
+
+def _share_path(meta: VolumeMeta, api: "Api") -> str:
+    share = _share_of(meta, api)
+    return object_path("shares", share.id) if share else "/"
+
+
+def _attachment(meta: VolumeMeta) -> tuple[str, str]:
+    attachment = meta.attachment or {}
+    return (str(attachment.get("domain", "")), str(attachment.get("target", "")))
+
+
+def _snapshot_paths(meta: VolumeMeta) -> list[str]:
+    """Oldest first."""
+    return [object_path("snapshots", sid) for sid in sorted(
+        meta.snapshots, key=lambda sid: (meta.snapshots[sid].get("created", ""), sid))]
+
+
+def _connection_info(meta: VolumeMeta, api: "Api") -> dict[str, Variant]:
     """What another tool needs to open the volume, in the shape of Cinder's
     ``initialize_connection`` for NFS, plus where it is on this host."""
+    share = _share_of(meta, api)
     if share is None:
         return {}
-    fmt = meta.format if meta.active == base_name else "qcow2"
+    fmt = meta.format if meta.active == api.store.naming.base_name(meta.id) else "qcow2"
     kind = "nfs" if share.spec.fstype.startswith("nfs") else share.spec.fstype
     return {"driver_volume_type": Variant("s", kind), "export": Variant("s", share.spec.address),
             "name": Variant("s", meta.active), "options": Variant("s", share.spec.options),
@@ -85,74 +100,75 @@ def _connection_info(meta: VolumeMeta, share: "Share | None",
 
 
 class VolumeProperties(ServiceInterface):
-    """The Volume interface's properties, read from the cache :meth:`update` keeps."""
+    """The Volume interface's properties, read from the volume's record as the store last
+    gave it (:meth:`update`); nothing else is kept per object (memory per volume, P6)."""
 
     def __init__(self, api: "Api", meta: VolumeMeta) -> None:
         super().__init__("org.hostvold1.Volume")
         self.api = api
         self.meta = meta
-        self.props = _volume_properties(meta, api)
 
     @property
     def path(self) -> str:
         return object_path("volumes", self.meta.id)
 
     def update(self, meta: VolumeMeta) -> None:
-        before = self.props
-        self.meta, self.props = meta, _volume_properties(meta, self.api)
-        announce_changes(self, before, self.props)
+        if meta is self.meta:
+            return
+        before = _volume_properties(self.meta, self.api)
+        self.meta = meta
+        announce_changes(self, before, _volume_properties(meta, self.api))
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> DBusStr:
-        return str(self.props["Id"])
+        return self.meta.id
 
     @dbus_property(access=PropertyAccess.READ)
     def Size(self) -> DBusUInt64:
-        return int(self.props["Size"])
+        return self.meta.size
 
     @dbus_property(access=PropertyAccess.READ)
     def Format(self) -> DBusStr:
-        return str(self.props["Format"])
+        return self.meta.format
 
     @dbus_property(access=PropertyAccess.READ)
     def Provisioning(self) -> DBusStr:
-        return str(self.props["Provisioning"])
+        return self.meta.provisioning
 
     @dbus_property(access=PropertyAccess.READ)
     def Created(self) -> DBusStr:
-        return str(self.props["Created"])
+        return self.meta.created
 
     @dbus_property(access=PropertyAccess.READ)
     def Share(self) -> DBusObjectPath:
-        return str(self.props["Share"])
+        return _share_path(self.meta, self.api)
 
     @dbus_property(access=PropertyAccess.READ)
     def ActiveFile(self) -> DBusStr:
-        return str(self.props["ActiveFile"])
+        return self.meta.active
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> DBusStr:
-        return str(self.props["State"])
+        return self.meta.state
 
     @dbus_property(access=PropertyAccess.READ)
     def Attachment(self) -> Pair:
-        domain, target = self.props["Attachment"]
-        return (str(domain), str(target))
+        return _attachment(self.meta)
 
     @dbus_property(access=PropertyAccess.READ)
     def Snapshots(self) -> ObjectPaths:
-        return list(self.props["Snapshots"])
+        return _snapshot_paths(self.meta)
 
     @dbus_property(access=PropertyAccess.READ)
     def Problems(self) -> Strings:
-        return list(self.props["Problems"])
+        return list(self.meta.problems)
 
     @dbus_property(access=PropertyAccess.READ)
     def ConnectionInfo(self) -> DBusDict:
         """How to reach the active file: ``driver_volume_type``, ``export``, ``name``,
         ``options``, ``format`` (as Cinder's NFS driver gives them), ``mount_point`` and
         ``path`` on this host."""
-        return dict(self.props["ConnectionInfo"])
+        return _connection_info(self.meta, self.api)
 
 
 class VolumeInterface(VolumeProperties):

@@ -115,6 +115,20 @@ class Guest:
         """The disks QEMU has open now (live XML, with the live backing chains)."""
         return parse_disks(await self._call(self.domain.XMLDesc, 0))
 
+    async def running_disks(self) -> list[DiskInfo] | None:
+        """The disks QEMU has open now, or None when libvirt says the domain is off or
+        gone: one call, as only a running domain's XML carries its ``id``."""
+        try:
+            xml: str = await self._call(self.domain.XMLDesc, 0)
+        except DomainGone:
+            return None
+        return parse_disks(xml) if ET.fromstring(xml).get("id") is not None else None
+
+    def on(self, hypervisor: Hypervisor) -> bool:
+        """Whether this handle came through the hypervisor's current connection (after a
+        reconnection, handles of the old one answer nothing)."""
+        return hypervisor.conn is not None and self.domain.connect() is hypervisor.conn
+
     async def defined_disks(self) -> list[DiskInfo]:
         """The disks the next start will open (the inactive definition)."""
         return parse_disks(await self._call(self.domain.XMLDesc,
