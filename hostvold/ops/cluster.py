@@ -14,7 +14,7 @@ from typing import Any
 from hostvold.core.layout import VolumeFiles
 from hostvold.ops.operations import Operations
 from hostvold.ops.store import VolumeStore
-from hostvold.storage.coordination import Coordination
+from hostvold.storage.coordination import ClusterLocks, Coordination
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,12 @@ class ClusterFollower:
         self.coordination = coordination
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stops: list[Callable[[], None]] = []
+        self._changed_under_lock: set[str] = set()
 
     async def start(self) -> None:
         self.store.change_listeners.append(self._changed_here)
+        if isinstance(self.store.locks, ClusterLocks):
+            self.store.locks.on_released.append(self._released)
         self._stops.append(await self.coordination.watch(self._changed_elsewhere))
         self._stops.append(await self.coordination.watch_members(
             lambda: self._spawn(self.ops.take_over())))
@@ -48,7 +51,18 @@ class ClusterFollower:
         task.add_done_callback(self._tasks.discard)
 
     def _changed_here(self, volume_id: str) -> None:
-        self._spawn(self.coordination.announce(volume_id))
+        """Tell the other hosts, once per operation: while this host holds the volume's
+        lock no other host may act on it, so its steps are announced together when the
+        lock is let go (one etcd write, off the operation's path)."""
+        if self.store.locks.busy(volume_id):
+            self._changed_under_lock.add(volume_id)
+        else:
+            self._spawn(self.coordination.announce(volume_id))
+
+    def _released(self, volume_id: str) -> None:
+        if volume_id in self._changed_under_lock and not self.store.locks.busy(volume_id):
+            self._changed_under_lock.discard(volume_id)
+            self._spawn(self.coordination.announce(volume_id))
 
     def _changed_elsewhere(self, volume_id: str, host: str) -> None:
         if host != self.coordination.host_id:

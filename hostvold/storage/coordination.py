@@ -200,14 +200,20 @@ def _prefix_end(prefix: str) -> str:
 
 
 class ClusterLocks(LocalLocks):
-    """Per-volume locks: this daemon's own (asyncio + flock), then the cluster's."""
+    """Per-volume locks: this daemon's own (asyncio + flock), then the cluster's.
+    ``on_released`` hears of every volume whose lock this host let go."""
 
     def __init__(self, local_directory: Any, coordination: Coordination) -> None:
         super().__init__(local_directory)
         self.coordination = coordination
+        self.on_released: list[Callable[[str], None]] = []
 
     @contextlib.asynccontextmanager
     async def volume(self, volume_id: str) -> AsyncIterator[None]:
-        async with super().volume(volume_id), \
-                self.coordination.lock(f"hostvold-volume-{volume_id}"):
-            yield
+        try:
+            async with super().volume(volume_id), \
+                    self.coordination.lock(f"hostvold-volume-{volume_id}"):
+                yield
+        finally:
+            for released in self.on_released:
+                released(volume_id)
