@@ -259,7 +259,7 @@ class VolumeStore:
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
         share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
-        if busy and not await self.index.run(self.index.is_inflight, meta.id):
+        if busy:  # durable before the share hears of the operation (a no-op once noted)
             await self.index.run(self.index.mark_inflight, meta.id, meta.share)
         await share.io.run(write_meta, files.meta, meta, self.file_mode)
         self.index.queue(self.index.put, meta, busy)  # a cache of the share: not waited for

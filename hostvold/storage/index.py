@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,17 +40,59 @@ class VolumeIndex:
                 PRAGMA user_version = {_SCHEMA};
             """)
 
-        # writes run in one thread of their own (synchronous=FULL costs an fsync), in order
+        # writes run in one thread of their own (synchronous=FULL costs an fsync), in order;
+        # whatever is waiting when the thread gets to it goes in one transaction (one sync)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = []
+        self._pending_lock = threading.Lock()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` in the index's thread, after every write queued before."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
+        """``function(*args)`` in the index's thread, after every write queued before; its
+        result once the transaction that holds it is committed (durable)."""
+        result: T = await asyncio.wrap_future(self._submit(function, args))
+        return result
 
     def queue(self, function: Callable[..., object], *args: Any) -> None:
         """A write not waited for: the index is a cache of the shares, and a write lost
         with the process only makes the next start read that volume from its share."""
-        self._writer.submit(function, *args).add_done_callback(_log_failure)
+        self._submit(function, args).add_done_callback(_log_failure)
+
+    def _submit(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._pending_lock:
+            self._pending.append((function, args, future))
+            first = len(self._pending) == 1
+        if first:  # otherwise the batch already waiting for the thread takes it along
+            self._writer.submit(self._commit_pending)
+        return future
+
+    def _commit_pending(self) -> None:
+        """Every write waiting, in order, in one transaction: a burst of records from
+        parallel operations costs one sync, not one each. Each write has a savepoint of
+        its own, so one that fails is undone alone and the others still land."""
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            with self._db:  # commit at the end; roll all back if the commit itself fails
+                self._db.execute("BEGIN")
+                for function, args, future in batch:
+                    self._db.execute("SAVEPOINT write")
+                    try:
+                        outcomes.append((future, function(*args), None))
+                    except Exception as exc:
+                        self._db.execute("ROLLBACK TO write")
+                        outcomes.append((future, None, exc))
+                    self._db.execute("RELEASE write")
+        except Exception as exc:
+            for _, _, future in batch:
+                future.set_exception(exc)
+            return
+        for future, value, error in outcomes:
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)  # local disk: the queued writes land first
@@ -59,30 +102,28 @@ class VolumeIndex:
         rows = self._db.execute("SELECT meta FROM volumes").fetchall()
         return [VolumeMeta.model_validate_json(meta) for (meta,) in rows]
 
+    # the writes below run in the writer's transaction (``run`` or ``queue`` them)
+
     def put(self, meta: VolumeMeta, inflight: bool = False) -> None:
-        """Store ``meta`` and, in the same transaction (one sync), whether an operation on
-        the volume is under way."""
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT OR REPLACE INTO volumes (id, share, meta) VALUES (?, ?, ?)",
-                             (meta.id, meta.share, meta.model_dump_json()))
-            if inflight:
-                self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
-                                 (meta.id, meta.share))
-            else:
-                self._db.execute("DELETE FROM inflight WHERE id = ?", (meta.id,))
+        """Store ``meta`` and, in the same transaction, whether an operation on the volume
+        is under way."""
+        self._db.execute("INSERT OR REPLACE INTO volumes (id, share, meta) VALUES (?, ?, ?)",
+                         (meta.id, meta.share, meta.model_dump_json()))
+        if inflight:
+            self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
+                             (meta.id, meta.share))
+        else:
+            self._db.execute("DELETE FROM inflight WHERE id = ?", (meta.id,))
 
     def remove(self, volume_id: str) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
-            self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
+        self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+        self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
 
     def mark_inflight(self, volume_id: str, share: str) -> None:
         """Durably note that ``volume_id`` has an operation under way, before its metadata
         file says so: a restart then re-reads that volume from its share, even if the
         crash came before this index heard the rest."""
-        self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
+        self._db.execute("INSERT OR IGNORE INTO inflight (id, share) VALUES (?, ?)",
                          (volume_id, share))
 
     def is_inflight(self, volume_id: str) -> bool:
