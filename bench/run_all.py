@@ -64,7 +64,7 @@ class Bench:
 
 
 BENCHES = [
-    Bench(("P1", "P2"), "live_rig", ("--rounds", "5"), ("--rounds", "1"), root=True),
+    Bench(("P1", "P2"), "live_rig", ("--rounds", "11"), ("--rounds", "1"), root=True),
     Bench(("P3",), "live_delete", ("--changes-mib", "1024", "--rounds", "3"),
           ("--changes-mib", "32"),
           root=True),

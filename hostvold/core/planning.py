@@ -75,17 +75,18 @@ def chain_problems(files: VolumeFiles, chain: list[Layer], chain_map: SnapshotMa
     present in the directory. Empty: healthy."""
     problems = []
     names = [layer.name for layer in chain]
+    in_chain = set(names)  # membership per snapshot: linear in the depth, not quadratic
     if chain[-1].name != files.base_name:
         problems.append(f"the chain ends at {chain[-1].name}, not at the base file")
     for snapshot_id, overlay in sorted(chain_map.snapshots.items()):
         if present is not None and overlay not in present:
             problems.append(f"snapshot {snapshot_id}: its file {overlay} is missing")
-        elif overlay not in names:
+        elif overlay not in in_chain:
             problems.append(f"snapshot {snapshot_id}: {overlay} is not in the active chain")
     recorded = set(chain_map.snapshots.values())
     for name in names[:-1]:
         if name not in recorded:
             problems.append(f"{name} is in the chain but not in the info file")
-    for name in sorted((present or set()) - set(names)):
+    for name in sorted((present or set()) - in_chain):
         problems.append(f"{name} is not used by the volume (stale overlay)")
     return problems

@@ -45,7 +45,7 @@ async def rebuild_index(store: VolumeStore) -> None:
                 continue
             if meta is not None:
                 found[volume_id] = meta
-    store.index.replace_all(found.values())
+    await store.index.run(store.index.replace_all, list(found.values()))
     store.volumes = found
     await reconcile_all(store)  # a metadata file is a belief: the info file and chain decide
     log.info("index rebuilt from %d shares: %d volumes",

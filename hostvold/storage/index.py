@@ -138,13 +138,12 @@ class VolumeIndex:
                 self._db.execute("SELECT id, share FROM inflight ORDER BY id").fetchall()]
 
     def replace_all(self, metas: Iterable[VolumeMeta]) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM volumes")
-            self._db.execute("DELETE FROM inflight")
-            self._db.executemany(
-                "INSERT INTO volumes (id, share, meta) VALUES (?, ?, ?)",
-                ((m.id, m.share, m.model_dump_json()) for m in metas))
+        """Everything the index holds, replaced in one transaction (``run`` it)."""
+        self._db.execute("DELETE FROM volumes")
+        self._db.execute("DELETE FROM inflight")
+        self._db.executemany(
+            "INSERT INTO volumes (id, share, meta) VALUES (?, ?, ?)",
+            ((m.id, m.share, m.model_dump_json()) for m in metas))
         self.fresh = False
 
 
