@@ -21,7 +21,7 @@ from hostvold.core.errors import (
     UnsafeFile,
     UnsafeImage,
 )
-from hostvold.core.images import Layer, Qcow2Header, pair_commit_safe
+from hostvold.core.images import Format, Layer, Qcow2Header, pair_commit_safe
 from hostvold.core.layout import VolumeFiles
 from hostvold.storage.safefile import open_regular, require_regular
 from hostvold.storage.stamped import StampedCache
@@ -195,21 +195,40 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
             return layers
         if fmt != "qcow2":
             raise UnsafeImage(f"{name}: format {fmt!r} is not allowed (raw or qcow2 only)")
-        header = read_cached_header(path)
-        if header.data_file is not None or header.incompatible_features & _INCOMPAT_DATA_FILE:
-            raise ExternalDataFile(
-                f"{name} uses an external data file {header.data_file!r}; refused")
-        unknown = header.incompatible_features & ~_INCOMPAT_KNOWN
-        if unknown:
-            raise UnknownImageFeature(f"{name} has unknown incompatible features {unknown:#x}")
-        if header.backing_file is None:
+        below = _checked_link(files, path, name)
+        if below is None:
             return layers
-        check_backing_name(files, header.backing_file)
-        if header.backing_format not in ("raw", "qcow2"):
-            raise UnsafeImage(
-                f"{name}: backing format {header.backing_format!r} is not recorded as raw or "
-                f"qcow2; hostvold never lets qemu-img probe it")
-        name, fmt = header.backing_file.rsplit("/", 1)[-1], header.backing_format
+        name, fmt = below
+
+
+# each layer's link to the one below, checked for the volume named in the key: a walk of a
+# deep chain repeats no check for a file that has not changed since it was checked
+LINKS: StampedCache[tuple[str, Format] | None] = StampedCache(65536)
+
+
+def _checked_link(files: VolumeFiles, path: str, name: str) -> tuple[str, Format] | None:
+    """The (name, format) of the layer below the qcow2 file ``path``, every check of its
+    header passed (None: it has no backing file)."""
+    return LINKS.get(path, lambda: _link_of(files, read_qcow2_header(Path(path)), name),
+                     lambda fd: _link_of(files, read_qcow2_header_fd(fd, name), name),
+                     key=f"{files.base_name}:{path}")
+
+
+def _link_of(files: VolumeFiles, header: Qcow2Header, name: str) -> tuple[str, Format] | None:
+    if header.data_file is not None or header.incompatible_features & _INCOMPAT_DATA_FILE:
+        raise ExternalDataFile(f"{name} uses an external data file {header.data_file!r}; refused")
+    unknown = header.incompatible_features & ~_INCOMPAT_KNOWN
+    if unknown:
+        raise UnknownImageFeature(f"{name} has unknown incompatible features {unknown:#x}")
+    if header.backing_file is None:
+        return None
+    check_backing_name(files, header.backing_file)
+    if header.backing_format not in ("raw", "qcow2"):
+        raise UnsafeImage(
+            f"{name}: backing format {header.backing_format!r} is not recorded as raw or "
+            f"qcow2; hostvold never lets qemu-img probe it")
+    below: Format = "raw" if header.backing_format == "raw" else "qcow2"
+    return header.backing_file.rsplit("/", 1)[-1], below
 
 
 def standalone_qcow2(head: bytes, what: str) -> Qcow2Header:

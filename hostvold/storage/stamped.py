@@ -46,10 +46,11 @@ class StampedCache(Generic[T]):
         self._lock = threading.Lock()
 
     def get(self, path: Path | str, parse: Callable[[], T],
-            parse_fd: Callable[[int], T] | None = None) -> T:
+            parse_fd: Callable[[int], T] | None = None, key: str | None = None) -> T:
         """``parse()``'s result for ``path``, parsed again only when the file changed
-        (``parse_fd`` reads the descriptor already open, when given). Anything but a
-        regular file is never cached: ``parse`` names the problem."""
+        (``parse_fd`` reads the descriptor already open, when given; ``key`` when the
+        result depends on more than the file). Anything but a regular file is never
+        cached: ``parse`` names the problem."""
         opened = open_stamped(path)
         if opened is None:
             return parse()
@@ -59,7 +60,7 @@ class StampedCache(Generic[T]):
                 return parse_fd(fd) if parse_fd is not None else parse()
             finally:
                 os.close(fd)
-        key = str(path)
+        key = str(path) if key is None else key
         try:
             with self._lock:
                 hit = self._entries.get(key)
