@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,23 @@ async def test_writes_from_many_tasks_all_land(tmp_path: Path) -> None:
     await asyncio.gather(*(index.run(index.put, meta) for meta in metas))
     assert len(index.load()) == 200
     index.close()
+
+
+async def test_a_cancelled_waiter_leaves_the_others_answered(tmp_path: Path) -> None:
+    """A task cancelled while its write waits (Job.Cancel, SIGTERM) must not leave the
+    other writes of its batch unanswered; its own write still lands."""
+    index = VolumeIndex(tmp_path / "index.sqlite")
+    busy = asyncio.ensure_future(index.run(time.sleep, 0.3))  # holds the writer a while
+    await asyncio.sleep(0.05)
+    cancelled = asyncio.ensure_future(index.run(index.put, _meta(1)))
+    waited = asyncio.ensure_future(index.run(index.put, _meta(2)))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.wait_for(waited, 5)
+    await busy
+    assert {m.id for m in index.load()} == {_meta(1).id, _meta(2).id}
+    index.close()
+    with pytest.raises(RuntimeError):
+        await index.run(index.put, _meta(3))
+    with pytest.raises(RuntimeError):  # and again: a failed call leaves nothing waiting
+        await index.run(index.put, _meta(3))

@@ -100,19 +100,23 @@ class Coordination:
         self.coordinator.stop()
 
     async def _renew(self) -> None:
-        """Renew the lease a few times per lease. A renewal that has not answered by the time
-        half the lease has passed since the last one fences this host at that very moment
-        (not at the next try, which could be as late as the lease's end)."""
+        """Renew the lease a few times per lease. Half the lease after the last renewal was
+        sent, a renewal that has not succeeded fences this host at that very moment: a try
+        is cut short there, and after a failed try the next comes no later than that."""
         pause = max(self.lease_seconds / 6, 0.5)
         while True:
-            await asyncio.sleep(pause)  # the lease's own clock: a renewal, not a poll
             fence_at = self._last_renewal + self.lease_seconds / 2
-            wait = fence_at - time.monotonic() if self.healthy else pause * 2
+            if self.healthy:  # the lease's own clock: a renewal, not a poll
+                await asyncio.sleep(max(min(pause, fence_at - time.monotonic()), 0))
+            else:
+                await asyncio.sleep(pause)
+            sent = time.monotonic()  # etcd counts the lease from the request, not the reply
+            wait = fence_at - sent if self.healthy else pause * 2
             try:
                 await asyncio.wait_for(self._call(self.coordinator.heartbeat), max(wait, 0.05))
                 if not self.healthy:
                     log.warning("coordination session of %s is back", self.host_id)
-                self.healthy, self._last_renewal = True, time.monotonic()
+                self.healthy, self._last_renewal = True, sent
             except Exception as exc:  # whatever failed, the lease's clock decides
                 overdue = time.monotonic() - self._last_renewal
                 log.warning("lease renewal failed (%.1f s since the last): %s", overdue,

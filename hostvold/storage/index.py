@@ -40,6 +40,9 @@ class VolumeIndex:
                 PRAGMA user_version = {_SCHEMA};
             """)
 
+        # reads from the event loop have a connection of their own: they see committed data
+        # only, and never wait for the writer's open transaction (WAL: readers do not block)
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # writes run in one thread of their own (synchronous=FULL costs an fsync), in order;
         # whatever is waiting when the thread gets to it goes in one transaction (one sync)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
@@ -59,11 +62,17 @@ class VolumeIndex:
 
     def _submit(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
         future: Future[Any] = Future()
+        entry = (function, args, future)
         with self._pending_lock:
-            self._pending.append((function, args, future))
+            self._pending.append(entry)
             first = len(self._pending) == 1
         if first:  # otherwise the batch already waiting for the thread takes it along
-            self._writer.submit(self._commit_pending)
+            try:
+                self._writer.submit(self._commit_pending)
+            except RuntimeError:  # closed: fail now, and leave no entry that waits forever
+                with self._pending_lock:
+                    self._pending.remove(entry)
+                raise
         return future
 
     def _commit_pending(self) -> None:
@@ -71,8 +80,12 @@ class VolumeIndex:
         parallel operations costs one sync, not one each. Each write has a savepoint of
         its own, so one that fails is undone alone and the others still land."""
         with self._pending_lock:
-            batch, self._pending = self._pending, []
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+            taken, self._pending = self._pending, []
+        # a waiter cancelled before this point gives up its future: the write still lands
+        # (it may be part of a record already on its way), its result goes nowhere
+        batch = [(function, args, future if future.set_running_or_notify_cancel() else None)
+                 for function, args, future in taken]
+        outcomes: list[tuple[Future[Any] | None, Any, BaseException | None]] = []
         try:
             with self._db:  # commit at the end; roll all back if the commit itself fails
                 self._db.execute("BEGIN")
@@ -85,10 +98,10 @@ class VolumeIndex:
                         outcomes.append((future, None, exc))
                     self._db.execute("RELEASE write")
         except Exception as exc:
-            for _, _, future in batch:
-                future.set_exception(exc)
-            return
+            outcomes = [(future, None, exc) for _, _, future in batch]
         for future, value, error in outcomes:
+            if future is None:
+                continue
             if error is None:
                 future.set_result(value)
             else:
@@ -97,9 +110,10 @@ class VolumeIndex:
     def close(self) -> None:
         self._writer.shutdown(wait=True)  # local disk: the queued writes land first
         self._db.close()
+        self._reader.close()
 
     def load(self) -> list[VolumeMeta]:
-        rows = self._db.execute("SELECT meta FROM volumes").fetchall()
+        rows = self._reader.execute("SELECT meta FROM volumes").fetchall()
         return [VolumeMeta.model_validate_json(meta) for (meta,) in rows]
 
     # the writes below run in the writer's transaction (``run`` or ``queue`` them)
@@ -127,15 +141,15 @@ class VolumeIndex:
                          (volume_id, share))
 
     def is_inflight(self, volume_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM inflight WHERE id = ?",
-                                (volume_id,)).fetchone() is not None
+        return self._reader.execute("SELECT 1 FROM inflight WHERE id = ?",
+                                    (volume_id,)).fetchone() is not None
 
     def clear_inflight(self, volume_id: str) -> None:
         self._db.execute("DELETE FROM inflight WHERE id = ?", (volume_id,))
 
     def inflight(self) -> list[tuple[str, str]]:
         return [(row[0], row[1]) for row in
-                self._db.execute("SELECT id, share FROM inflight ORDER BY id").fetchall()]
+                self._reader.execute("SELECT id, share FROM inflight ORDER BY id").fetchall()]
 
     def replace_all(self, metas: Iterable[VolumeMeta]) -> None:
         """Everything the index holds, replaced in one transaction (``run`` it)."""
