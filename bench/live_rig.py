@@ -70,10 +70,8 @@ def wait_until(predicate: Callable[[], bool], seconds: float) -> bool:
     return predicate()
 
 
-def ensure_libvirtd() -> None:
-    """libvirtd on qemu:///system, started as the test suite does when none answers."""
-    if libvirt_answers():
-        return
+def ensure_libvirt_accounts() -> None:
+    """The groups, user and directories libvirtd expects (no systemd to make them here)."""
     for group in ("kvm", "libvirt", "libvirt-qemu"):
         if run("getent", "group", group, check=False).returncode != 0:
             run("groupadd", "--system", group)
@@ -82,13 +80,31 @@ def ensure_libvirtd() -> None:
             "kvm", "--shell", "/usr/sbin/nologin", "libvirt-qemu")
     for directory in ("/var/log/libvirt", "/var/lib/libvirt/qemu", "/run/libvirt"):
         Path(directory).mkdir(parents=True, exist_ok=True)
+    # /dev/kvm that QEMU's user cannot open makes libvirt re-probe QEMU's capabilities on
+    # every lookup (tens of seconds per domain start); Debian's udev rule is root:kvm 0660.
+    kvm = Path("/dev/kvm")
+    if kvm.exists():
+        shutil.chown(kvm, group="kvm")
+        kvm.chmod(0o660)
+
+
+def ensure_libvirtd() -> list[str]:
+    """libvirtd on qemu:///system, started when none answers (for the benchmarks and the
+    test suite alike); the names of the daemons started here."""
+    if libvirt_answers():
+        return []
+    ensure_libvirt_accounts()
+    started = []
     if not Path("/run/libvirt/virtlogd-sock").exists():
         run("virtlogd", "-d")
+        started.append("virtlogd")
         wait_until(Path("/run/libvirt/virtlogd-sock").exists, 10)
     run("libvirtd", "-d", check=False)
+    started.append("libvirtd")
     print("started libvirtd (left running)", file=sys.stderr)
     if not wait_until(libvirt_answers, 30):
         raise CannotRun(f"libvirtd does not answer on {URI}")
+    return started
 
 
 class Rig:

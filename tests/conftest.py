@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.live_rig import URI, CannotRun, ensure_libvirtd, libvirt_answers
 from hostvold.core.config import Config, parse_config
 from hostvold.ops.operations import Operations
 from hostvold.server.daemon import Daemon
@@ -218,56 +219,17 @@ async def service(host_factory: Callable[..., Host]) -> AsyncIterator[Operations
 
 # ---- libvirtd ------------------------------------------------------------------------------
 
-LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
-
-
-def _ensure_libvirt_accounts() -> None:
-    for group in ("kvm", "libvirt", "libvirt-qemu"):
-        if run("getent", "group", group, check=False).returncode != 0:
-            run("groupadd", "--system", group)
-    if run("getent", "passwd", "libvirt-qemu", check=False).returncode != 0:
-        run("useradd", "--system", "--no-create-home", "--gid", "libvirt-qemu",
-            "--groups", "kvm", "--shell", "/usr/sbin/nologin", "libvirt-qemu")
-    for directory in ("/var/log/libvirt", "/var/lib/libvirt/qemu", "/run/libvirt"):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-    # /dev/kvm that QEMU's user cannot open makes libvirt re-probe QEMU's capabilities on
-    # every lookup (tens of seconds per domain start); Debian's udev rule is root:kvm 0660.
-    kvm = Path("/dev/kvm")
-    if kvm.exists():
-        shutil.chown(kvm, group="kvm")
-        kvm.chmod(0o660)
-
-
-def _wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
-    """Wait for a daemon we just forked to create its socket (test set-up only)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.fixture(scope="session")
 def libvirtd() -> Iterator[str]:
-    """A running libvirtd on qemu:///system (started here when none runs)."""
+    """A running libvirtd on qemu:///system (started here when none runs, stopped after)."""
     need(shutil.which("libvirtd") is not None or Path("/usr/sbin/libvirtd").exists(),
          "libvirtd (Debian package libvirt-daemon)")
-    started: list[str] = []
-    if not LIBVIRT_SOCK.exists() or run("virsh", "-c", "qemu:///system", "version",
-                                       check=False).returncode != 0:
-        _ensure_libvirt_accounts()
-        if run("pgrep", "-x", "virtlogd", check=False).returncode != 0:
-            run("virtlogd", "-d")
-            started.append("virtlogd")
-        _wait_for(Path("/run/libvirt/virtlogd-sock").exists, 10)
-        run("libvirtd", "-d")
-        started.append("libvirtd")
-        _wait_for(lambda: run("virsh", "-c", "qemu:///system", "version",
-                              check=False).returncode == 0, 30)
-    ok = run("virsh", "-c", "qemu:///system", "version", check=False).returncode == 0
-    need(ok, "libvirtd answering on qemu:///system")
-    yield "qemu:///system"
+    try:
+        started = ensure_libvirtd()
+    except CannotRun:
+        started = []
+    need(libvirt_answers(), "libvirtd answering on qemu:///system")
+    yield URI
     for name in reversed(started):
         run("pkill", "-x", name, check=False)
 
