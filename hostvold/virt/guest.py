@@ -34,10 +34,11 @@ class JobInfo:
     end: int
 
 
-def parse_disks(domain_xml: str) -> list[DiskInfo]:
+def parse_disks(domain_xml: str | ET.Element) -> list[DiskInfo]:
     """Every file disk of a live domain XML, with its backing chain as libvirt sees it."""
+    root = ET.fromstring(domain_xml) if isinstance(domain_xml, str) else domain_xml
     disks = []
-    for disk in ET.fromstring(domain_xml).iterfind("./devices/disk"):
+    for disk in root.iterfind("./devices/disk"):
         target = disk.find("target")
         if target is None or disk.get("device", "disk") != "disk":
             continue
@@ -122,7 +123,8 @@ class Guest:
             xml: str = await self._call(self.domain.XMLDesc, 0)
         except DomainGone:
             return None
-        return parse_disks(xml) if ET.fromstring(xml).get("id") is not None else None
+        root = ET.fromstring(xml)
+        return parse_disks(root) if root.get("id") is not None else None
 
     def on(self, hypervisor: Hypervisor) -> bool:
         """Whether this handle came through the hypervisor's current connection (after a
