@@ -88,17 +88,33 @@ def ensure_libvirt_accounts() -> None:
         kvm.chmod(0o660)
 
 
+VIRTLOGD_SOCK = Path("/run/libvirt/virtlogd-sock")
+
+
+def virtlogd_listens() -> bool:
+    """A connect, not the socket file: a file left from an earlier boot or a killed
+    virtlogd refuses every domain start ("Connection refused")."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(VIRTLOGD_SOCK))
+        except OSError:
+            return False
+    return True
+
+
 def ensure_libvirtd() -> list[str]:
-    """libvirtd on qemu:///system, started when none answers (for the benchmarks and the
-    test suite alike); the names of the daemons started here."""
-    if libvirt_answers():
-        return []
-    ensure_libvirt_accounts()
+    """virtlogd and libvirtd on qemu:///system, each started when it does not answer (for
+    the benchmarks and the test suite alike); the names of the daemons started here."""
     started = []
-    if not Path("/run/libvirt/virtlogd-sock").exists():
+    if not virtlogd_listens():
+        ensure_libvirt_accounts()
         run("virtlogd", "-d")
         started.append("virtlogd")
-        wait_until(Path("/run/libvirt/virtlogd-sock").exists, 10)
+        if not wait_until(virtlogd_listens, 10):
+            raise CannotRun(f"virtlogd does not listen on {VIRTLOGD_SOCK}")
+    if libvirt_answers():
+        return started
+    ensure_libvirt_accounts()
     run("libvirtd", "-d", check=False)
     started.append("libvirtd")
     print("started libvirtd (left running)", file=sys.stderr)
