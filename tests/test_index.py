@@ -73,3 +73,37 @@ async def test_a_cancelled_waiter_leaves_the_others_answered(tmp_path: Path) -> 
         await index.run(index.put, _meta(3))
     with pytest.raises(RuntimeError):  # and again: a failed call leaves nothing waiting
         await index.run(index.put, _meta(3))
+
+
+async def test_an_operation_notes_itself_once_and_again_after_it_ended(tmp_path: Path) -> None:
+    """The in-flight note costs one index write per operation, not one per step; once the
+    operation's end is queued the next operation writes (and commits) its note again."""
+    index = VolumeIndex(tmp_path / "index.sqlite")
+    meta = _meta(7)
+    writes: list[str] = []
+    index._db.set_trace_callback(lambda sql: writes.append(sql) if "inflight" in sql else None)
+
+    def noted() -> bool:  # another connection's eyes: committed
+        with sqlite3.connect(tmp_path / "index.sqlite") as other:
+            return other.execute("SELECT 1 FROM inflight WHERE id = ?",
+                                 (meta.id,)).fetchone() is not None
+
+    await index.note_inflight(meta.id, meta.share)
+    assert noted() and len(writes) == 1
+    index.queue_put(meta, True)  # a later step of the same operation
+    await index.note_inflight(meta.id, meta.share)
+    await index.run(lambda: None)  # every queued write done
+    assert len(writes) == 2, writes  # the put only: no second note
+    index.queue_put(meta)  # the operation ended: the note is cleared
+    await index.note_inflight(meta.id, meta.share)  # the next operation
+    assert noted() and len(writes) == 4, writes
+    # a clear queued while a note is on its way: the note is not counted as made
+    index.queue_remove(meta.id)
+    pending = asyncio.ensure_future(index.note_inflight(meta.id, meta.share))
+    await asyncio.sleep(0)
+    index.queue_put(meta)
+    await pending
+    await index.note_inflight(meta.id, meta.share)
+    await index.run(lambda: None)
+    assert noted()
+    index.close()

@@ -230,7 +230,7 @@ class VolumeStore:
         if meta != on_share and not busy(meta):
             await self.record(files, meta)
         elif meta != known:  # the share's record as it is: memory and index follow
-            self.index.queue(self.index.put, meta)
+            self.index.queue_put(meta)
             self.volumes[volume_id] = meta
             self._changed(volume_id)
         if error is not None:
@@ -260,9 +260,9 @@ class VolumeStore:
         share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
         if busy:  # durable before the share hears of the operation (a no-op once noted)
-            await self.index.run(self.index.mark_inflight, meta.id, meta.share)
+            await self.index.note_inflight(meta.id, meta.share)
         await share.io.run(write_meta, files.meta, meta, self.file_mode)
-        self.index.queue(self.index.put, meta, busy)  # a cache of the share: not waited for
+        self.index.queue_put(meta, busy)  # a cache of the share: not waited for
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
@@ -277,7 +277,7 @@ class VolumeStore:
         return meta.evolve(**changes) if changes else meta
 
     async def forget(self, volume_id: str) -> None:
-        self.index.queue(self.index.remove, volume_id)
+        self.index.queue_remove(volume_id)
         self.volumes.pop(volume_id, None)
         self._changed(volume_id)
 

@@ -48,6 +48,10 @@ class VolumeIndex:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = []
         self._pending_lock = threading.Lock()
+        # ids whose in-flight note is committed and not cleared since (event loop only): an
+        # operation's later steps need no index write before their metadata file
+        self._noted: set[str] = set()
+        self._noting: dict[str, object] = {}
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the index's thread, after every write queued before; its
@@ -118,6 +122,31 @@ class VolumeIndex:
 
     # the writes below run in the writer's transaction (``run`` or ``queue`` them)
 
+    async def note_inflight(self, volume_id: str, share: str) -> None:
+        """``mark_inflight``, committed before this returns; once per operation, not once
+        per step (a note cleared meanwhile is not counted as made)."""
+        if volume_id in self._noted:
+            return
+        token = self._noting[volume_id] = object()
+        await self.run(self.mark_inflight, volume_id, share)
+        if self._noting.get(volume_id) is token:
+            del self._noting[volume_id]
+            self._noted.add(volume_id)
+
+    def queue_put(self, meta: VolumeMeta, inflight: bool = False) -> None:
+        """``put`` queued (not waited for)."""
+        if not inflight:
+            self._forget_note(meta.id)
+        self.queue(self.put, meta, inflight)
+
+    def queue_remove(self, volume_id: str) -> None:
+        self._forget_note(volume_id)
+        self.queue(self.remove, volume_id)
+
+    def _forget_note(self, volume_id: str) -> None:
+        self._noted.discard(volume_id)
+        self._noting.pop(volume_id, None)
+
     def put(self, meta: VolumeMeta, inflight: bool = False) -> None:
         """Store ``meta`` and, in the same transaction, whether an operation on the volume
         is under way."""
@@ -152,7 +181,8 @@ class VolumeIndex:
                 self._reader.execute("SELECT id, share FROM inflight ORDER BY id").fetchall()]
 
     def replace_all(self, metas: Iterable[VolumeMeta]) -> None:
-        """Everything the index holds, replaced in one transaction (``run`` it)."""
+        """Everything the index holds, replaced in one transaction (``run`` it, at start,
+        before any operation has noted itself)."""
         self._db.execute("DELETE FROM volumes")
         self._db.execute("DELETE FROM inflight")
         self._db.executemany(
