@@ -5,6 +5,7 @@ through the running QEMU's own block layer."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -493,3 +494,53 @@ def test_libvirt_unreachable_refuses_changes(host_factory: Callable[..., Host],
     assert refused.returncode == 1 and "HypervisorUnavailable" in refused.stderr, refused.stderr
     assert cli.json("show", vid)["State"] == "available"
     assert "Traceback" not in process.log_text()
+
+
+# ---- a cancel that cuts off a pivot --------------------------------------------------------
+
+async def test_a_cancel_cutting_off_a_pivot_is_read_from_the_live_chain(
+        host_factory: Callable[..., Host], shared_base: Path, domain: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job.Cancel lands while libvirt's pivot call runs: the pivot happens, the caller only
+    hears the cancel. The record must then say ``pivoted`` (read from the live chain), never
+    ``job``: after the domain's end a ``job`` record would commit the stale overlay over the
+    guest's newer writes in the base."""
+    from hostvold.server.daemon import Daemon
+    from hostvold.virt.guest import BlockDevice
+
+    host = host_factory(256, extra="[libvirt]\nquiesce = never\n",
+                        mount_point_base=shared_base / str(time.monotonic_ns()))
+    daemon = Daemon(host.config)
+    ops = await daemon.start()
+    try:
+        vid = (await ops.create_volume(size=32 << 20)).id
+        await ops.attach(vid, domain)
+        alias = str(live_disk(domain, vid).alias)
+        monitor_write(domain, alias, 0x41, 0)
+        snap = (await ops.create_snapshot(vid)).id
+        monitor_write(domain, alias, 0x42, 2)  # into the overlay the delete commits
+        original = BlockDevice.pivot
+
+        async def pivot_then_cancelled(self: BlockDevice) -> None:
+            await original(self)
+            raise asyncio.CancelledError  # the cancel, delivered as libvirt's call returns
+
+        monkeypatch.setattr(BlockDevice, "pivot", pivot_then_cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await ops.delete_snapshot(vid, snap)
+        monkeypatch.undo()
+        operation = ops.store.get_volume(vid).operation or {}
+        assert operation.get("step") == "pivoted", operation
+        share = Path(live_disk(domain, vid).source).parent
+        monitor_write(domain, alias, 0x4f, 2)  # the guest writes into the base now
+        virsh("destroy", domain)
+    finally:
+        await daemon.stop()
+    daemon = Daemon(host.config)
+    ops = await daemon.start()  # recovery finishes the delete offline
+    try:
+        meta = ops.store.get_volume(vid)
+        assert meta.operation is None and meta.snapshots == {}, meta
+        check_files(share, vid, [(0x41, 0), (0x4f, 2)], {})
+    finally:
+        await daemon.stop()

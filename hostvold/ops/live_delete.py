@@ -60,7 +60,7 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.space import require_space
-from hostvold.virt.guest import Guest
+from hostvold.virt.guest import DiskInfo, Guest
 from hostvold.virt.hypervisor import JOB_COMPLETED, JOB_READY, RECONNECTED, Hypervisor
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,10 @@ class LiveDelete:
             return await self._finish_offline(files, meta, op)
         gone = op["base"] if op["strategy"] == "pull" else op["top"]
         if op["step"] in ("job", "pivot", "pivoted"):
+            looked: list[DiskInfo] | None = None  # the live disks, read right after a pivot
             if op["step"] != "pivoted" and gone in await self._live_chain(guest, op["target"]):
                 try:
-                    meta = await self._run_job(guest, files, meta, op)
+                    meta, looked = await self._run_job(guest, files, meta, op)
                 except Failed:
                     if await self.attachments.running_guest(op["domain"]) is not None:
                         raise
@@ -132,10 +133,12 @@ class LiveDelete:
                     return await self._finish_offline(files, meta, dict(meta.operation or {}))
                 op = dict(meta.operation or {})
             crash.point("live-delete-snapshot:job-done")
-            # the connection may have been replaced while we waited: ask through the new one
-            if not guest.on(self.hypervisor):
-                guest = await self.attachments.running_guest(op["domain"])
-            disks = await guest.running_disks() if guest is not None else None
+            disks = looked
+            if disks is None:
+                # the connection may have been replaced while we waited: ask the new one
+                if not guest.on(self.hypervisor):
+                    guest = await self.attachments.running_guest(op["domain"])
+                disks = await guest.running_disks() if guest is not None else None
             if guest is None or disks is None:
                 return await self._finish_offline(files, meta, op)
             disk = next((d for d in disks if d.target == op["target"]), None)
@@ -152,9 +155,11 @@ class LiveDelete:
         return [Path(p).name for p in (disk.chain if disk else [])]
 
     async def _run_job(self, guest: Guest, files: VolumeFiles, meta: VolumeMeta,
-                       op: dict[str, Any]) -> VolumeMeta:
+                       op: dict[str, Any]) -> tuple[VolumeMeta, list[DiskInfo] | None]:
         """Start (or follow) the block job and wait for libvirt's events; no polling.
-        Returns the record as the job left it (``pivoted`` after a pivot)."""
+        Returns the record as the job left it (``pivoted`` after a pivot) and, after a
+        pivot, the live disks read once it was done."""
+        looked: list[DiskInfo] | None = None
         directory, target, strategy = files.directory, op["target"], op["strategy"]
         with self.hypervisor.block_job_events(guest.uuid, target) as events:
             device = guest.block(target)
@@ -174,19 +179,19 @@ class LiveDelete:
                 while True:
                     if ready and strategy == "active-commit" and \
                             (meta.operation or {}).get("step") != "pivoted":
-                        meta = await self._pivot(guest, files, meta)
+                        meta, looked = await self._pivot(guest, files, meta)
                     ready = False
                     event = await events.get()
                     if event.status == RECONNECTED:  # libvirtd restarted: look again
                         guest = Guest(self.hypervisor, await self.hypervisor.lookup(guest.name))
                         info = await guest.block(target).job_info()
                         if info is None:
-                            return meta  # ended while we were away; the caller checks
+                            return meta, looked  # ended while we were away; the caller checks
                         ready = bool(info.end and info.cur == info.end)
                     elif event.status == JOB_READY:
                         ready = True
                     elif event.status == JOB_COMPLETED:
-                        return meta
+                        return meta, looked
                     else:
                         raise Failed(f"block job on {guest.name} {target} "
                                      f"{event.status_name}; the chain is unchanged")
@@ -196,10 +201,12 @@ class LiveDelete:
             finally:
                 ticker.cancel()
 
-    async def _pivot(self, guest: Guest, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
+    async def _pivot(self, guest: Guest, files: VolumeFiles,
+                     meta: VolumeMeta) -> tuple[VolumeMeta, list[DiskInfo] | None]:
         """Pivot to the commit's base, recorded before and after; retried while QEMU says
         the copy is still active, up to ``pivot_retries`` times, then the job is aborted
-        with the chain intact."""
+        with the chain intact. Returns the ``pivoted`` record and the live disks, read
+        while that record is written (libvirt's pivot returns once the job is gone)."""
         op = dict(meta.operation or {}, step="pivot")
         target = op["target"]
         meta = await self.store.record(files, meta.evolve(operation=op))
@@ -216,19 +223,36 @@ class LiveDelete:
                 if attempt < self.pivot_retries:
                     await asyncio.sleep(next(pauses))
                 continue
-            meta = await self.store.record(files, meta.evolve(operation=dict(op, step="pivoted")))
+            look = asyncio.ensure_future(guest.running_disks())
+            try:  # recorded whatever comes: a cancel must not leave "pivot" behind
+                meta = await uninterrupted(self.store.record(
+                    files, meta.evolve(operation=dict(op, step="pivoted"))))
+            except BaseException:
+                look.cancel()
+                raise
             crash.point("live-delete-snapshot:pivoted")
-            return meta
+            return meta, await look
         await guest.block(target).abort_job()
         await self.store.record(files, meta.evolve(operation=dict(op, step="job")))
         raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
                      "the block job was aborted and the chain is unchanged")
 
     async def _stop(self, guest: Guest, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
-        """Cancelled: abort the block job (synchronous in libvirt) unless it pivoted."""
+        """Cancelled: abort the block job (synchronous in libvirt) unless it pivoted. A
+        pivot asked for whose outcome the cancel cut off is read from the live chain; if
+        that cannot be read the record keeps saying ``pivot`` (never a guess)."""
+        meta = self.store.get_volume(meta.id)  # newest: a step may have ended unawaited
         op = dict(meta.operation or {})
         if op.get("step") == "pivoted":
             return meta  # the guest writes into base now: only the bookkeeping is left
+        if op.get("step") == "pivot":
+            try:
+                chain = await self._live_chain(guest, op["target"])
+            except HypervisorError:
+                return meta
+            if op["top"] not in chain:
+                return await self.store.record(
+                    files, meta.evolve(operation=dict(op, step="pivoted")))
         with contextlib.suppress(HypervisorError):
             await guest.block(op["target"]).abort_job()
         log.warning("block job of %s %s aborted (cancelled)", guest.name, op["target"],
@@ -250,21 +274,9 @@ class LiveDelete:
 
     async def _finish_delete(self, files: VolumeFiles, meta: VolumeMeta,
                              op: dict[str, Any]) -> None:
-        sid, top, base = op["snapshot"], op["top"], op["base"]
-        chain_map = await share_call(self.store, meta, read_info, files)
-        if op["strategy"] == "pull":
-            # base's data now lives in top: a snapshot whose overlay was base now has top
-            snapshots = {k: (top if v == base else v) for k, v in chain_map.snapshots.items()
-                         if k != sid}
-            new_map, gone = SnapshotMap(chain_map.active, snapshots), base
-        else:
-            new_map = chain_map.without(sid, active=base if op["strategy"] == "active-commit"
-                                        else None)
-            gone = top
-        await share_call(self.store, meta, write_info, files, new_map, self.store.file_mode)
-        crash.point("live-delete-snapshot:info")
-        await share_call(self.store, meta, unlink_durable, files.directory / gone)
-        snapshots = {k: v for k, v in meta.snapshots.items() if k != sid}
+        new_map = await share_call(self.store, meta, _drop_from_chain, files, op,
+                                   self.store.file_mode)
+        snapshots = {k: v for k, v in meta.snapshots.items() if k != op["snapshot"]}
         await self.store.record(files, meta.evolve(active=new_map.active, snapshots=snapshots,
                                                operation=None, problems=[]))
 
@@ -356,3 +368,22 @@ class LiveDelete:
 def _fmt(name: str) -> Format:
     return "raw" if name == "raw" else "qcow2"
 
+
+def _drop_from_chain(files: VolumeFiles, op: dict[str, Any], mode: int) -> SnapshotMap:
+    """In the share's pool, in one trip: the info file without the snapshot, durable, then
+    the file that left the chain removed, durable. Repeatable from either state."""
+    sid, top, base = op["snapshot"], op["top"], op["base"]
+    chain_map = read_info(files)
+    if op["strategy"] == "pull":
+        # base's data now lives in top: a snapshot whose overlay was base now has top
+        snapshots = {k: (top if v == base else v) for k, v in chain_map.snapshots.items()
+                     if k != sid}
+        new_map, gone = SnapshotMap(chain_map.active, snapshots), base
+    else:
+        new_map = chain_map.without(sid, active=base if op["strategy"] == "active-commit"
+                                    else None)
+        gone = top
+    write_info(files, new_map, mode)
+    crash.point("live-delete-snapshot:info")
+    unlink_durable(files.directory / gone)
+    return new_map
