@@ -95,7 +95,9 @@ async def test_an_operation_notes_itself_once_and_again_after_it_ended(tmp_path:
     await index.run(lambda: None)  # every queued write done
     assert len(writes) == 2, writes  # the put only: no second note
     index.queue_put(meta)  # the operation ended: the note is cleared
+    assert not index.is_inflight(meta.id)  # at once, not once the clear is committed
     await index.note_inflight(meta.id, meta.share)  # the next operation
+    assert index.is_inflight(meta.id)
     assert noted() and len(writes) == 4, writes
     # a clear queued while a note is on its way: the note is not counted as made
     index.queue_remove(meta.id)

@@ -83,6 +83,38 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
+def test_a_record_written_here_is_read_back_without_parsing_until_another_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deep volume's record is rewritten at every step: reading back what this process
+    just wrote parses nothing; a file another writer puts in its place (or changes in
+    place) is parsed again, whatever its timing."""
+    from hostvold.core.records import VolumeMeta
+    from hostvold.storage.metadata import read_meta, write_meta
+
+    vid = "0c0c0c0c-0000-4000-8000-00000000000c"
+    meta = VolumeMeta(id=vid, size=1 << 20, format="raw", created="x", state="available",
+                      share="/s", active=f"volume-{vid}",
+                      snapshots={f"0d0d0d0d-0000-4000-8000-{n:012d}": {"created": "x"}
+                                 for n in range(128)})  # over the cache's 4 KiB
+    path = tmp_path / f"volume-{vid}.meta"
+    write_meta(path, meta, 0o600)
+    parsed: list[int] = []
+    original = VolumeMeta.model_validate_json
+    monkeypatch.setattr(VolumeMeta, "model_validate_json",
+                        lambda data: parsed.append(1) or original(data))
+    assert read_meta(path) == meta and parsed == []
+    other = meta.evolve(state="in-use")
+    foreign = tmp_path / "foreign"  # another host's atomic write: a new inode
+    foreign.write_bytes(path.read_bytes().replace(b'"available"', b'"in-use"'))
+    os.replace(foreign, path)
+    assert read_meta(path) == other and parsed == [1]
+    with open(path, "r+b") as in_place:  # changed in place: same inode
+        data = in_place.read()
+        in_place.seek(0)
+        in_place.write(data.replace(b'"in-use"', b'"deleting"'))
+    assert read_meta(path) == meta.evolve(state="deleting") and parsed == [1, 1]
+
+
 @pytest.mark.integration
 async def test_a_failed_share_leaves_the_others_working(
         tmp_path: Path, host_factory: Callable[..., Host]) -> None:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from hostvold.core.layout import temp_name
+from hostvold.storage.stamped import Stamp, stamp_of
 
 
 def fsync_dir(directory: Path) -> None:
@@ -22,7 +23,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(target: Path, data: bytes, mode: int = 0o644) -> Stamp:
+    """Returns the stamp of the file written, taken from its own descriptor after the
+    rename: what a later fresh open of ``target`` shows while the file is still ours."""
     tmp = temp_name(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -33,14 +36,16 @@ def write_atomic(target: Path, data: bytes, mode: int = 0o644) -> None:
                 view = view[written:]
             os.fchmod(fd, mode)  # the umask must not decide the mode
             os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        stamp = stamp_of(os.fstat(fd))
+    finally:
+        os.close(fd)
     fsync_dir(target.parent)
+    return stamp
 
 
 def unlink_durable(path: Path) -> bool:

@@ -52,6 +52,9 @@ class VolumeIndex:
         # operation's later steps need no index write before their metadata file
         self._noted: set[str] = set()
         self._noting: dict[str, object] = {}
+        # ids whose note's removal is queued: is_inflight answers for the queue, not for a
+        # commit that may still be on its way (a volume must not look busy after its end)
+        self._cleared: set[str] = set()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the index's thread, after every write queued before; its
@@ -127,6 +130,7 @@ class VolumeIndex:
         per step (a note cleared meanwhile is not counted as made)."""
         if volume_id in self._noted:
             return
+        self._cleared.discard(volume_id)
         token = self._noting[volume_id] = object()
         await self.run(self.mark_inflight, volume_id, share)
         if self._noting.get(volume_id) is token:
@@ -135,7 +139,9 @@ class VolumeIndex:
 
     def queue_put(self, meta: VolumeMeta, inflight: bool = False) -> None:
         """``put`` queued (not waited for)."""
-        if not inflight:
+        if inflight:
+            self._cleared.discard(meta.id)
+        else:
             self._forget_note(meta.id)
         self.queue(self.put, meta, inflight)
 
@@ -146,6 +152,7 @@ class VolumeIndex:
     def _forget_note(self, volume_id: str) -> None:
         self._noted.discard(volume_id)
         self._noting.pop(volume_id, None)
+        self._cleared.add(volume_id)
 
     def put(self, meta: VolumeMeta, inflight: bool = False) -> None:
         """Store ``meta`` and, in the same transaction, whether an operation on the volume
@@ -170,6 +177,9 @@ class VolumeIndex:
                          (volume_id, share))
 
     def is_inflight(self, volume_id: str) -> bool:
+        """Whether an operation on the volume is noted (from the event loop)."""
+        if volume_id in self._cleared:
+            return False
         return self._reader.execute("SELECT 1 FROM inflight WHERE id = ?",
                                     (volume_id,)).fetchone() is not None
 

@@ -61,4 +61,5 @@ def _parse(files: VolumeFiles) -> SnapshotMap:
 
 def write_info(files: VolumeFiles, chain_map: SnapshotMap, mode: int) -> None:
     data = {"active": chain_map.active, **chain_map.snapshots}
-    write_atomic(files.info, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
+    stamp = write_atomic(files.info, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
+    _PARSED.remember(files.info, stamp, chain_map)

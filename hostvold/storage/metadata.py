@@ -38,7 +38,7 @@ def write_meta(path: Path, meta: VolumeMeta, mode: int) -> None:
     # sorted keys, one line: json's C encoder (an indented dump runs in Python, and a
     # record with hundreds of snapshots is written at every step)
     data = json.dumps(meta.model_dump(), sort_keys=True, separators=(", ", ": ")).encode()
-    write_atomic(path, data + b"\n", mode)
+    _PARSED.remember(path, write_atomic(path, data + b"\n", mode), meta)
 
 
 def read_record(share: Share, path: Path, volume_id: str) -> VolumeMeta | None:

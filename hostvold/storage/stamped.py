@@ -35,7 +35,11 @@ def open_stamped(path: Path | str) -> tuple[int, Stamp] | None:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         return None
-    return fd, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return fd, stamp_of(st)
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class StampedCache(Generic[T]):
@@ -69,8 +73,17 @@ class StampedCache(Generic[T]):
             value = parse_fd(fd) if parse_fd is not None else parse()
         finally:
             os.close(fd)
+        self._keep(key, stamp, value)
+        return value
+
+    def remember(self, path: Path | str, stamp: Stamp, value: T) -> None:
+        """``value`` is what ``path`` holds while its stamp is ``stamp``: for a file this
+        process just wrote (atomically), so that its next read parses nothing."""
+        if stamp[2] >= self.min_size:
+            self._keep(str(path), stamp, value)
+
+    def _keep(self, key: str, stamp: Stamp, value: T) -> None:
         with self._lock:  # a change after the stamp was taken shows as a new stamp
             if len(self._entries) >= self.limit:
                 self._entries.clear()
             self._entries[key] = (stamp, value)
-        return value
