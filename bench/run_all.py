@@ -65,7 +65,7 @@ class Bench:
 
 BENCHES = [
     Bench(("P1", "P2"), "live_rig", ("--rounds", "11"), ("--rounds", "1"), root=True),
-    Bench(("P3",), "live_delete", ("--changes-mib", "1024", "--rounds", "3"),
+    Bench(("P3",), "live_delete", ("--changes-mib", "1024", "--rounds", "4"),
           ("--changes-mib", "32"),
           root=True),
     Bench(("P4",), "thick_create", ("--size", "4G", "--rounds", "2"),

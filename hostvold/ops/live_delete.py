@@ -49,7 +49,7 @@ from hostvold.core.aio import uninterrupted
 from hostvold.core.backoff import backoff
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.errors import Failed, HypervisorError, NeedsRepair
-from hostvold.core.images import Format, Layer, layer_format
+from hostvold.core.images import Format, Layer
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.planning import AMBIGUOUS_PIVOT, plan_delete
 from hostvold.core.records import VolumeMeta
@@ -60,6 +60,7 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.space import require_space
+from hostvold.storage.volumefiles import allocated_bytes
 from hostvold.virt.guest import DiskInfo, Guest
 from hostvold.virt.hypervisor import JOB_COMPLETED, JOB_READY, RECONNECTED, Hypervisor
 
@@ -81,11 +82,10 @@ class LiveDelete:
                               chain_map: SnapshotMap, chain: list[Layer], sid: str) -> None:
         guest, disk = await self.attachments.locate(meta)
         plan = plan_delete(chain, chain_map, sid)
-        # one qemu-img for the whole chain; -U: the running QEMU holds the images' locks
-        seen = await qemuimg.info_chain(files.directory / chain[0].name,
-                                        layer_format(chain[0]), self.store.limits,
-                                        force_share=True)
-        allocated = {Path(layer.filename).name: layer.actual_size for layer in seen}
+        # the bytes each direction would move: the two layers' allocation, from lstat (the
+        # chain itself was read from the headers, checked, under the lock)
+        allocated = await share_call(self.store, meta, _allocated, files,
+                                     {plan.top.name, plan.base.name})
         if not plan.top_is_active:
             strategy = "commit"
         elif plan.base.name == files.base_name or \
@@ -367,6 +367,10 @@ class LiveDelete:
 
 def _fmt(name: str) -> Format:
     return "raw" if name == "raw" else "qcow2"
+
+
+def _allocated(files: VolumeFiles, names: set[str]) -> dict[str, int]:
+    return {name: allocated_bytes(files.directory / name) for name in names}
 
 
 def _drop_from_chain(files: VolumeFiles, op: dict[str, Any], mode: int) -> SnapshotMap:

@@ -140,25 +140,6 @@ async def info(path: Path, fmt: Format, limits: Limits) -> ImageInfo:
     return result
 
 
-async def info_chain(path: Path, fmt: Format, limits: Limits,
-                     force_share: bool = False) -> list[ImageInfo]:
-    """Info of every layer from ``path`` down, in one process (top first).
-
-    Callers validate the chain's backing references before calling this (see
-    :mod:`hostvold.storage.qcow2`), so qemu-img only opens files that belong to the volume.
-    """
-    argv = [QEMU_IMG, "info", "-f", fmt, "--output=json", "--backing-chain", str(path)]
-    if force_share:  # read-only look at images a running QEMU holds open
-        argv.insert(2, "-U")
-    out = await run(limits.prefix() + argv, timeout=limits.cpu_seconds * 2,
-                    context=_limits_text(limits))
-    try:
-        raw = json.loads(out)
-        return [ImageInfo.model_validate(layer) for layer in raw]
-    except (ValueError, ValidationError, TypeError) as exc:
-        raise Failed(f"unexpected output from qemu-img info --backing-chain: {exc}") from None
-
-
 def _limits_text(limits: Limits) -> str:
     return (f"qemu-img ran under limits cpu={limits.cpu_seconds}s "
             f"address-space={limits.address_space} bytes")
