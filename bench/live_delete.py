@@ -216,7 +216,7 @@ async def run(args: argparse.Namespace, address: str, domain_name: str,
             # who goes first changes every round: neither side always meets the disk's
             # writeback of the other's gigabyte
             for side in ("hostvold", "bare") if round_number % 2 == 0 else ("bare", "hostvold"):
-                settle()
+                await asyncio.to_thread(settle)  # off the loop: libvirt keep-alives go on
                 if side == "hostvold":
                     total, event = await hostvold_delete(info["snapshot"], info["volume"])
                     rows["hostvold"].append(total)
