@@ -95,8 +95,11 @@ def virtlogd_listens() -> bool:
     """A connect, not the socket file: a file left from an earlier boot or a killed
     virtlogd refuses every domain start ("Connection refused")."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
         try:
             probe.connect(str(VIRTLOGD_SOCK))
+        except PermissionError:
+            return True  # root's socket, seen by another user: someone runs it
         except OSError:
             return False
     return True
@@ -107,13 +110,17 @@ def ensure_libvirtd() -> list[str]:
     the benchmarks and the test suite alike); the names of the daemons started here."""
     started = []
     if not virtlogd_listens():
+        if os.geteuid() != 0:
+            raise CannotRun("virtlogd does not run, and only root may start it")
         ensure_libvirt_accounts()
-        run("virtlogd", "-d")
+        run("virtlogd", "-d", check=False)
         started.append("virtlogd")
         if not wait_until(virtlogd_listens, 10):
             raise CannotRun(f"virtlogd does not listen on {VIRTLOGD_SOCK}")
     if libvirt_answers():
         return started
+    if os.geteuid() != 0:
+        raise CannotRun(f"libvirtd does not answer on {URI}, and only root may start it")
     ensure_libvirt_accounts()
     run("libvirtd", "-d", check=False)
     started.append("libvirtd")

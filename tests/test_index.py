@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -94,8 +95,11 @@ async def test_an_operation_notes_itself_once_and_again_after_it_ended(tmp_path:
     await index.note_inflight(meta.id, meta.share)
     await index.run(lambda: None)  # every queued write done
     assert len(writes) == 2, writes  # the put only: no second note
+    held = threading.Event()
+    index.queue(held.wait, 5)  # the writer waits: nothing queued after this is committed
     index.queue_put(meta)  # the operation ended: the note is cleared
-    assert not index.is_inflight(meta.id)  # at once, not once the clear is committed
+    assert noted() and not index.is_inflight(meta.id)  # at once, not once committed
+    held.set()
     await index.note_inflight(meta.id, meta.share)  # the next operation
     assert index.is_inflight(meta.id)
     assert noted() and len(writes) == 4, writes

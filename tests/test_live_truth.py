@@ -501,10 +501,27 @@ def test_libvirt_unreachable_refuses_changes(host_factory: Callable[..., Host],
 async def test_a_cancel_cutting_off_a_pivot_is_read_from_the_live_chain(
         host_factory: Callable[..., Host], shared_base: Path, domain: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Job.Cancel lands while libvirt's pivot call runs: the pivot happens, the caller only
-    hears the cancel. The record must then say ``pivoted`` (read from the live chain), never
-    ``job``: after the domain's end a ``job`` record would commit the stale overlay over the
-    guest's newer writes in the base."""
+    """Job.Cancel lands while libvirt's pivot call runs: the pivot happens. Delivered at
+    the next await (``during-the-call``, what a Job.Cancel does) or raised out of the call
+    itself (``cut-off-the-call``: the record's step is then read from the live chain), the
+    record must say ``pivoted``, never ``job``: after the domain's end a ``job`` record
+    would commit the stale overlay over the guest's newer writes in the base. (One test,
+    both ways in turn: libvirt takes one event loop registration per process.)"""
+    conn = libvirt.open("qemu:///system")
+    second = f"hostvold-cancel-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    spare = conn.createXML(DOMAIN_XML.format(name=second), 0)  # the first one is destroyed
+    try:
+        for cancel, name in (("during-the-call", domain), ("cut-off-the-call", second)):
+            await _cancel_during_a_pivot(host_factory, shared_base, name, monkeypatch, cancel)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            spare.destroy()
+        conn.close()
+
+
+async def _cancel_during_a_pivot(host_factory: Callable[..., Host], shared_base: Path,
+                                 domain: str, monkeypatch: pytest.MonkeyPatch,
+                                 cancel: str) -> None:
     from hostvold.server.daemon import Daemon
     from hostvold.virt.guest import BlockDevice
 
@@ -522,8 +539,13 @@ async def test_a_cancel_cutting_off_a_pivot_is_read_from_the_live_chain(
         original = BlockDevice.pivot
 
         async def pivot_then_cancelled(self: BlockDevice) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            if cancel == "during-the-call":
+                task.cancel()  # arrives while libvirt's call runs in its thread
             await original(self)
-            raise asyncio.CancelledError  # the cancel, delivered as libvirt's call returns
+            if cancel == "cut-off-the-call":
+                raise asyncio.CancelledError
 
         monkeypatch.setattr(BlockDevice, "pivot", pivot_then_cancelled)
         with pytest.raises(asyncio.CancelledError):

@@ -87,7 +87,7 @@ def test_a_record_written_here_is_read_back_without_parsing_until_another_writer
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deep volume's record is rewritten at every step: reading back what this process
     just wrote parses nothing; a file another writer puts in its place (or changes in
-    place) is parsed again, whatever its timing."""
+    place, here with a new size) is parsed again."""
     from hostvold.core.records import VolumeMeta
     from hostvold.storage.metadata import read_meta, write_meta
 

@@ -209,7 +209,8 @@ class LiveDelete:
         while that record is written (libvirt's pivot returns once the job is gone)."""
         op = dict(meta.operation or {}, step="pivot")
         target = op["target"]
-        meta = await self.store.record(files, meta.evolve(operation=op))
+        # whole or not at all: a cancel during this write must not let a later "job" race it
+        meta = await uninterrupted(self.store.record(files, meta.evolve(operation=op)))
         crash.point("live-delete-snapshot:pivot-recorded")
         pauses = backoff(0.1, 1.0)
         for attempt in range(self.pivot_retries + 1):
@@ -229,9 +230,13 @@ class LiveDelete:
                     files, meta.evolve(operation=dict(op, step="pivoted"))))
             except BaseException:
                 look.cancel()
+                look.add_done_callback(_retrieved)
                 raise
             crash.point("live-delete-snapshot:pivoted")
-            return meta, await look
+            try:
+                return meta, await look
+            except HypervisorError:  # the caller's own check reads them again
+                return meta, None
         await guest.block(target).abort_job()
         await self.store.record(files, meta.evolve(operation=dict(op, step="job")))
         raise Failed(f"pivot of {guest.name} {target} refused {self.pivot_retries + 1} times; "
@@ -250,6 +255,8 @@ class LiveDelete:
                 chain = await self._live_chain(guest, op["target"])
             except HypervisorError:
                 return meta
+            if not chain or op["base"] not in chain:
+                return meta  # the disk is not where it was: still unknown
             if op["top"] not in chain:
                 return await self.store.record(
                     files, meta.evolve(operation=dict(op, step="pivoted")))
@@ -367,6 +374,12 @@ class LiveDelete:
 
 def _fmt(name: str) -> Format:
     return "raw" if name == "raw" else "qcow2"
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A look cut short: its error, if any, is not worth a log line."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _allocated(files: VolumeFiles, names: set[str]) -> dict[str, int]:
