@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -32,3 +32,10 @@ async def uninterrupted(awaitable: Awaitable[T]) -> T:
         if task is not None:
             task.cancel()
     return future.result()
+
+
+def quietly_ended(task: asyncio.Future[Any]) -> None:
+    """Done-callback for a task cut short on purpose: its error is retrieved, not logged
+    as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -45,7 +45,7 @@ from typing import Any
 import libvirt
 
 from hostvold.core import crash, progress
-from hostvold.core.aio import uninterrupted
+from hostvold.core.aio import quietly_ended, uninterrupted
 from hostvold.core.backoff import backoff
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.errors import Failed, HypervisorError, NeedsRepair
@@ -60,7 +60,7 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.space import require_space
-from hostvold.storage.volumefiles import allocated_bytes
+from hostvold.storage.volumefiles import allocated_in
 from hostvold.virt.guest import DiskInfo, Guest
 from hostvold.virt.hypervisor import JOB_COMPLETED, JOB_READY, RECONNECTED, Hypervisor
 
@@ -84,7 +84,7 @@ class LiveDelete:
         plan = plan_delete(chain, chain_map, sid)
         # the bytes each direction would move: the two layers' allocation, from lstat (the
         # chain itself was read from the headers, checked, under the lock)
-        allocated = await share_call(self.store, meta, _allocated, files,
+        allocated = await share_call(self.store, meta, allocated_in, files.directory,
                                      {plan.top.name, plan.base.name})
         if not plan.top_is_active:
             strategy = "commit"
@@ -230,7 +230,7 @@ class LiveDelete:
                     files, meta.evolve(operation=dict(op, step="pivoted"))))
             except BaseException:
                 look.cancel()
-                look.add_done_callback(_retrieved)
+                look.add_done_callback(quietly_ended)
                 raise
             crash.point("live-delete-snapshot:pivoted")
             try:
@@ -374,16 +374,6 @@ class LiveDelete:
 
 def _fmt(name: str) -> Format:
     return "raw" if name == "raw" else "qcow2"
-
-
-def _retrieved(task: asyncio.Future[Any]) -> None:
-    """A look cut short: its error, if any, is not worth a log line."""
-    if not task.cancelled():
-        task.exception()
-
-
-def _allocated(files: VolumeFiles, names: set[str]) -> dict[str, int]:
-    return {name: allocated_bytes(files.directory / name) for name in names}
 
 
 def _drop_from_chain(files: VolumeFiles, op: dict[str, Any], mode: int) -> SnapshotMap:

@@ -24,6 +24,10 @@ def allocated_bytes(path: Path) -> int:
     return os.lstat(path).st_blocks * 512
 
 
+def allocated_in(directory: Path, names: set[str]) -> dict[str, int]:
+    return {name: allocated_bytes(directory / name) for name in names}
+
+
 def measure_directory(directory: Path, naming: Naming) -> tuple[int, int, int]:
     """(total, free, allocated) bytes: the filesystem as unprivileged users see it, and
     the apparent size of the volume images in ``directory`` (one readdir)."""
