@@ -113,3 +113,25 @@ async def test_an_operation_notes_itself_once_and_again_after_it_ended(tmp_path:
     await index.run(lambda: None)
     assert noted()
     index.close()
+
+
+async def test_only_a_waited_write_pays_for_a_sync(tmp_path: Path) -> None:
+    """A queued write (a cache of the shares) commits without a sync of its own; the next
+    waited one (an in-flight note) is synced, and takes every earlier commit along; a
+    queued write's JSON, when given, is stored as it is; close keeps everything."""
+    index = VolumeIndex(tmp_path / "index.sqlite")
+    modes: list[str] = []
+    index._db.set_trace_callback(lambda sql: modes.append(sql) if "synchronous" in sql else None)
+    first, second = _meta(1), _meta(2)
+    # the same as queue_put(first, text=...), its landing waited for here
+    await asyncio.wrap_future(index._submit(index.put, (first, False, first.model_dump_json()),
+                                            durable=False))
+    assert modes == ["PRAGMA synchronous=NORMAL"]
+    index.queue_put(second)
+    await index.note_inflight(first.id, first.share)  # waited: synced, the put along with it
+    assert modes[-1] == "PRAGMA synchronous=FULL"
+    index.close()
+    again = VolumeIndex(tmp_path / "index.sqlite")
+    assert {m.id: m for m in again.load()} == {first.id: first, second.id: second}
+    assert again.inflight() == [(first.id, first.share)]
+    again.close()

@@ -217,7 +217,8 @@ class LiveVolumes:
             "temporary": temporary}))
         crash.point("live-create-snapshot:intent")
         try:
-            await make_overlay(path, meta.size, top, self.store.file_mode)
+            await make_overlay(self.store.share_of(meta).io.run, path, meta.size, top,
+                               self.store.file_mode)
             crash.point("live-create-snapshot:overlay")
             quiesced = await self._switch(guest, disk.target, str(path), others)
             crash.point("live-create-snapshot:switched")

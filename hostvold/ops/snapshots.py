@@ -28,7 +28,6 @@ revert (to the newest snapshot S)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Any
@@ -68,11 +67,15 @@ class SnapshotOps:
         meta = await store.record(files, meta.evolve(operation={
             "name": "create-snapshot", "snapshot": sid, "overlay": overlay, "step": "overlay"}))
         crash.point("create-snapshot:intent")
-        try:
-            await make_overlay(files.directory / overlay, meta.size, chain[0], store.file_mode)
+        new_map = chain_map.with_snapshot(sid, overlay)
+
+        def link() -> None:  # in the overlay's trip to the share, once it is durable
             crash.point("create-snapshot:overlay")
-            await share_call(self.store, meta, write_info, files,
-                             chain_map.with_snapshot(sid, overlay), store.file_mode)
+            write_info(files, new_map, store.file_mode)
+
+        try:
+            await make_overlay(store.share_of(meta).io.run, files.directory / overlay,
+                               meta.size, chain[0], store.file_mode, then=link)
             crash.point("create-snapshot:info")
         except BaseException:
             await self._recover_create(files, meta)
@@ -162,11 +165,15 @@ class SnapshotOps:
         crash.point("revert:intent")
         target = files.directory / overlay.name
         tmp = temp_name(target)
-        try:
-            await make_overlay(tmp, meta.size, backing, store.file_mode)
+
+        def replace() -> None:  # in the overlay's trip to the share, once it is durable
             crash.point("revert:overlay")
-            await share_call(self.store, meta, os.replace, tmp, target)
-            await asyncio.to_thread(fsync_dir, files.directory)
+            os.replace(tmp, target)
+            fsync_dir(files.directory)
+
+        try:
+            await make_overlay(store.share_of(meta).io.run, tmp, meta.size, backing,
+                               store.file_mode, then=replace)
             crash.point("revert:replaced")
         finally:
             tmp.unlink(missing_ok=True)

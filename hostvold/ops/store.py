@@ -52,11 +52,7 @@ from hostvold.storage.mounts import Share, find_share
 from hostvold.storage.qcow2 import validate_chain
 from hostvold.storage.qemuimg import Limits
 from hostvold.storage.space import measure
-from hostvold.storage.volumefiles import (
-    own_file,
-    remove_temp_files,
-    remove_volume_files,
-)
+from hostvold.storage.volumefiles import own_file, remove_temp_files, remove_volume_files
 
 log = logging.getLogger(__name__)
 
@@ -253,16 +249,17 @@ class VolumeStore:
 
     async def record(self, files: VolumeFiles, meta: VolumeMeta) -> VolumeMeta:
         """Persist ``meta``: an in-flight note in the index first when an operation is under
-        way, then the metadata file on the share (atomically), then the index and memory.
-        Each write runs off the event loop: the share's in its own pool."""
+        way, then the metadata file on the share (atomically, in the share's pool), then
+        memory and, once the operation ended, the index (a restart re-reads a noted volume)."""
         meta = self._stamped(meta)
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
         share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
         if busy:  # durable before the share hears of the operation (a no-op once noted)
             await self.index.note_inflight(meta.id, meta.share)
-        await share.io.run(write_meta, files.meta, meta, self.file_mode)
-        self.index.queue_put(meta, busy)  # a cache of the share: not waited for
+        text = await share.io.run(write_meta, files.meta, meta, self.file_mode)
+        if not busy:  # a cache of the share: not waited for
+            self.index.queue_put(meta, text=text)
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import errno
 import fcntl
 import os
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from hostvold.core.errors import Failed, NoSpace
 from hostvold.core.images import Format, Layer
@@ -17,6 +18,9 @@ from hostvold.core.overlay import overlay_layout
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import fsync_dir
 from hostvold.storage.safefile import open_regular
+
+# a share's pool: ShareIO.run
+ShareRun = Callable[..., Awaitable[Any]]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -140,20 +144,36 @@ def file_mtime(path: Path) -> str:
     return datetime.fromtimestamp(path.lstat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
-async def make_overlay(path: Path, size: int, backing: Layer, mode: int) -> None:
+async def make_overlay(run: ShareRun, path: Path, size: int, backing: Layer, mode: int,
+                       then: Callable[[], object] | None = None) -> None:
     """An empty qcow2 overlay on ``backing``: relative name, format given, the chain
     below not opened, mode set, data durable. Written in-process (the layout qemu-img
-    makes, see :mod:`hostvold.core.overlay`); qemu-img for what that does not cover."""
+    makes, see :mod:`hostvold.core.overlay`); qemu-img for what that does not cover.
+    ``run`` is the share's pool (:meth:`ShareIO.run`); ``then``, the write that links the
+    overlay in, goes to the share in the same trip, once the overlay is durable."""
     backing_fmt: Format = "raw" if backing.format == "raw" else "qcow2"
     try:
         pieces = overlay_layout(size, backing.name, backing_fmt)
     except ValueError:
         await qemuimg.create(path, "qcow2", size, backing=backing.name,
                              backing_fmt=backing_fmt)
-        os.chmod(path, mode)
-        await asyncio.to_thread(fsync_file, path)
+        await run(_own_durably, path, mode, then)
         return
-    await asyncio.to_thread(write_pieces, path, pieces, mode)
+    await run(_write_then, path, pieces, mode, then)
+
+
+def _own_durably(path: Path, mode: int, then: Callable[[], object] | None) -> None:
+    os.chmod(path, mode)
+    fsync_file(path)
+    if then is not None:
+        then()
+
+
+def _write_then(path: Path, pieces: list[tuple[int, bytes]], mode: int,
+                then: Callable[[], object] | None) -> None:
+    write_pieces(path, pieces, mode)
+    if then is not None:
+        then()
 
 
 def write_pieces(path: Path, pieces: list[tuple[int, bytes]], mode: int) -> None:

@@ -28,6 +28,7 @@ class VolumeIndex:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._synchronous = "FULL"
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         self.fresh = version != _SCHEMA
         if self.fresh:
@@ -43,10 +44,10 @@ class VolumeIndex:
         # reads from the event loop have a connection of their own: they see committed data
         # only, and never wait for the writer's open transaction (WAL: readers do not block)
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # writes run in one thread of their own (synchronous=FULL costs an fsync), in order;
-        # whatever is waiting when the thread gets to it goes in one transaction (one sync)
+        # writes run in one thread of their own, in order; whatever is waiting when the
+        # thread gets to it goes in one transaction, synced only when someone waits for it
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
-        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = []
+        self._pending: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any], bool]] = []
         self._pending_lock = threading.Lock()
         # ids whose in-flight note is committed and not cleared since (event loop only): an
         # operation's later steps need no index write before their metadata file
@@ -59,17 +60,20 @@ class VolumeIndex:
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in the index's thread, after every write queued before; its
         result once the transaction that holds it is committed (durable)."""
-        result: T = await asyncio.wrap_future(self._submit(function, args))
+        result: T = await asyncio.wrap_future(self._submit(function, args, durable=True))
         return result
 
     def queue(self, function: Callable[..., object], *args: Any) -> None:
         """A write not waited for: the index is a cache of the shares, and a write lost
-        with the process only makes the next start read that volume from its share."""
-        self._submit(function, args).add_done_callback(_log_failure)
+        with the process or the power only makes the next start read that volume from its
+        share. Its commit is not synced; the next durable one syncs it along (WAL: the log
+        is written in order, and SQLite stays consistent when its tail is lost)."""
+        self._submit(function, args, durable=False).add_done_callback(_log_failure)
 
-    def _submit(self, function: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+    def _submit(self, function: Callable[..., Any], args: tuple[Any, ...],
+                durable: bool) -> Future[Any]:
         future: Future[Any] = Future()
-        entry = (function, args, future)
+        entry = (function, args, future, durable)
         with self._pending_lock:
             self._pending.append(entry)
             first = len(self._pending) == 1
@@ -91,9 +95,10 @@ class VolumeIndex:
         # a waiter cancelled before this point gives up its future: the write still lands
         # (it may be part of a record already on its way), its result goes nowhere
         batch = [(function, args, future if future.set_running_or_notify_cancel() else None)
-                 for function, args, future in taken]
+                 for function, args, future, _durable in taken]
         outcomes: list[tuple[Future[Any] | None, Any, BaseException | None]] = []
         try:
+            self._sync_commits(any(durable for *_, durable in taken))
             with self._db:  # commit at the end; roll all back if the commit itself fails
                 self._db.execute("BEGIN")
                 for function, args, future in batch:
@@ -113,6 +118,13 @@ class VolumeIndex:
                 future.set_result(value)
             else:
                 future.set_exception(error)
+
+    def _sync_commits(self, durable: bool) -> None:
+        """FULL: the commit returns once the log is on disk (with every commit before it)."""
+        wanted = "FULL" if durable else "NORMAL"
+        if wanted != self._synchronous:
+            self._db.execute(f"PRAGMA synchronous={wanted}")
+            self._synchronous = wanted
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)  # local disk: the queued writes land first
@@ -137,13 +149,14 @@ class VolumeIndex:
             del self._noting[volume_id]
             self._noted.add(volume_id)
 
-    def queue_put(self, meta: VolumeMeta, inflight: bool = False) -> None:
-        """``put`` queued (not waited for)."""
+    def queue_put(self, meta: VolumeMeta, inflight: bool = False,
+                  text: str | None = None) -> None:
+        """``put`` queued (not waited for); ``text``: ``meta`` as JSON, when already made."""
         if inflight:
             self._cleared.discard(meta.id)
         else:
             self._forget_note(meta.id)
-        self.queue(self.put, meta, inflight)
+        self.queue(self.put, meta, inflight, text)
 
     def queue_remove(self, volume_id: str) -> None:
         self._forget_note(volume_id)
@@ -154,11 +167,11 @@ class VolumeIndex:
         self._noting.pop(volume_id, None)
         self._cleared.add(volume_id)
 
-    def put(self, meta: VolumeMeta, inflight: bool = False) -> None:
-        """Store ``meta`` and, in the same transaction, whether an operation on the volume
-        is under way."""
+    def put(self, meta: VolumeMeta, inflight: bool = False, text: str | None = None) -> None:
+        """Store ``meta`` (``text``: its JSON, when already made) and, in the same
+        transaction, whether an operation on the volume is under way."""
         self._db.execute("INSERT OR REPLACE INTO volumes (id, share, meta) VALUES (?, ?, ?)",
-                         (meta.id, meta.share, meta.model_dump_json()))
+                         (meta.id, meta.share, meta.model_dump_json() if text is None else text))
         if inflight:
             self._db.execute("INSERT OR REPLACE INTO inflight (id, share) VALUES (?, ?)",
                              (meta.id, meta.share))

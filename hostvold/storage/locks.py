@@ -44,8 +44,11 @@ class LocalLocks:
     async def _file_lock(self, volume_id: str) -> AsyncIterator[None]:
         fd = os.open(self.directory / f"{volume_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            # blocking flock in a worker thread: waits for another process, never polls
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            try:  # free (the usual case): taken at once, no thread
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process holds it: wait in a worker thread,
+                # blocked in the kernel, never polling
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
