@@ -38,20 +38,34 @@ def domain(libvirtd: str, shared_base: Path) -> Iterator[str]:
     guest cooperation on SCSI), started after the mount base became shared."""
     conn = libvirt.open(libvirtd)
     name = f"hostvold-test-{os.getpid()}-{time.monotonic_ns() % 100000}"
-    dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
-    yield name
-    for _ in range(5):  # libvirt refuses while a job of the domain still winds down
-        try:
-            dom.destroy()
-            break
-        except libvirt.libvirtError:
-            try:
-                if not dom.isActive():
-                    break
-            except libvirt.libvirtError:
-                break  # a transient domain the test destroyed itself: gone
-            time.sleep(1)
+    conn.createXML(DOMAIN_XML.format(name=name), 0)
     conn.close()
+    yield name
+    destroy_by_name(libvirtd, name)
+
+
+def destroy_by_name(uri: str, name: str) -> None:
+    """The domain called ``name`` is gone when this returns: looked up on a connection of
+    its own (a test may have restarted libvirtd, which closes older connections, or
+    started the domain again under the same name)."""
+    conn = libvirt.open(uri)
+    try:
+        for _ in range(10):  # libvirt refuses while a job of the domain still winds down
+            try:
+                conn.lookupByName(name).destroy()
+                return
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return  # gone already (the test destroyed it itself)
+                try:
+                    if not conn.lookupByName(name).isActive():
+                        return
+                except libvirt.libvirtError:
+                    return
+            time.sleep(1)
+        raise RuntimeError(f"test domain {name} could not be destroyed")
+    finally:
+        conn.close()
 
 
 @pytest.fixture

@@ -173,6 +173,45 @@ async def test_guest_rewritten_backing_stops_every_operation(host: Host) -> None
     assert len(lab.volumes.store.list_volumes()) == 1
 
 
+async def test_a_create_opens_only_the_top_while_the_info_file_is_the_one_walked(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot create opens nothing below the active file (SPEC section 5) while the info
+    file is the very file the chain was last walked (or written) for: every change below the
+    top, by any host, rewrites it. Once it changed, the whole chain is walked again."""
+    import hostvold.storage.stamped as stamped
+
+    lab: Lab = await lab_on(host)(12)  # type: ignore[assignment]
+    files = lab.files
+    opened: list[str] = []
+    real_open = stamped.open_stamped
+
+    def counting(path: Path | str) -> tuple[int, stamped.Stamp] | None:
+        opened.append(os.path.basename(path))
+        return real_open(path)
+
+    monkeypatch.setattr(stamped, "open_stamped", counting)
+    top = read_info(files).active
+    await lab.snapshot()
+    layers = [n for n in opened if n.startswith(files.base_name) and not n.endswith(
+        (".info", ".meta"))]
+    assert layers == [top], opened  # the top only: its link re-checked, fresh
+
+    # below the top, a layer's backing rewritten to a file outside the volume, and the
+    # info file rewritten as another host's change would (a new file, the same content)
+    second = read_info(files).snapshots[next(iter(lab.generation_of))]
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", "/etc/shadow", "-F",
+                    "raw", str(files.directory / second)], check=True)
+    moved = files.info.with_name(files.info.name + ".new")
+    moved.write_bytes(files.info.read_bytes())
+    os.replace(moved, files.info)
+    before = {p.name: p.stat().st_mtime_ns for p in files.existing()}
+    opened.clear()
+    with pytest.raises(BackingFileOutsideVolume):
+        await lab.snapshots.create_snapshot(lab.volume_id)
+    assert second in opened  # walked down to it
+    assert {p.name: p.stat().st_mtime_ns for p in files.existing()} == before
+
+
 async def test_cinder_laid_out_share_is_adopted(host_factory: Callable[..., Host]) -> None:
     """Files made the way Cinder makes them (no hostvold metadata) are adopted at start."""
     host = host_factory(256)

@@ -194,7 +194,8 @@ class LiveVolumes:
         finally:
             new_map = await share_call(self.store, meta, read_info, files)
             fmt = meta.format if new_map.active == files.base_name else "qcow2"
-            new_chain = validate_chain(files, new_map.active, fmt)
+            new_chain = await share_call(self.store, meta, validate_chain, files,
+                                         new_map.active, fmt)
             await uninterrupted(self.deleter.delete_snapshot(
                 self.store.get_volume(meta.id), files, new_map, new_chain, sid))
 
@@ -229,7 +230,8 @@ class LiveVolumes:
         if live is None or live.source != str(path):
             await uninterrupted(self._recover_create(files, meta))
             raise Failed(f"domain {guest.name} did not switch to {overlay}")
-        return await self._finish_create(files, meta, sid, overlay, quiesced, temporary)
+        return await self._finish_create(files, meta, sid, overlay, quiesced, temporary,
+                                         [Layer(overlay, "qcow2"), *chain])
 
     async def _switch(self, guest: Guest, target: str, overlay: str, others: list[str]) -> bool:
         """snapshotCreateXML with the quiesce policy; returns whether the guest was frozen."""
@@ -258,11 +260,13 @@ class LiveVolumes:
         return frozen
 
     async def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,
-                       quiesced: bool, temporary: bool = False) -> VolumeMeta:
+                             quiesced: bool, temporary: bool = False,
+                             chain: list[Layer] | None = None) -> VolumeMeta:
+        """``chain``: the new chain, overlay first, when the caller checked the one below."""
         chain_map = await share_call(self.store, meta, read_info, files)
         if chain_map.snapshots.get(sid) != overlay:
             await share_call(self.store, meta, write_info, files,
-                             chain_map.with_snapshot(sid, overlay), self.store.file_mode)
+                             chain_map.with_snapshot(sid, overlay), self.store.file_mode, chain)
         crash.point("live-create-snapshot:info")
         return await self.store.record(files, meta.evolve(
             active=overlay, operation=None,

@@ -60,18 +60,19 @@ class Operations:
 
     # ---- libvirt's word -----------------------------------------------------------------
 
-    async def _observe(self, volume_id: str,
-                       damaged_ok: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
+    async def _observe(self, volume_id: str, damaged_ok: bool = False,
+                       top_only: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
         """Under the lock: the volume re-read from its share (another writer may have
         changed it), and as libvirt says it is used now, its record in line. Damaged files
         seen for the first time are raised as such; once recorded, the use case refuses
         with NeedsRepair (``damaged_ok``: a repair, delete or detach goes on). A volume
-        attached on another host is that host's to change (InUse)."""
+        attached on another host is that host's to change (InUse). ``top_only``: for a
+        snapshot create, which opens nothing below the active file (:func:`observe_chain`)."""
         if self.coordination is not None:
             self.coordination.require()  # a fenced host starts nothing that changes data
         known = self.store.find(volume_id)
         try:
-            await self.store.refresh(volume_id)
+            await self.store.refresh(volume_id, top_only=top_only)
         except (InfoFileDamaged, UnsafeFile):
             if not damaged_ok and (known is None or not known.problems):
                 raise
@@ -205,7 +206,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
         async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id)
+            _meta, files, users = await self._observe(volume_id, top_only=True)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             overlay = files.overlay_name(sid)

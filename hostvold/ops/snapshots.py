@@ -71,7 +71,7 @@ class SnapshotOps:
 
         def link() -> None:  # in the overlay's trip to the share, once it is durable
             crash.point("create-snapshot:overlay")
-            write_info(files, new_map, store.file_mode)
+            write_info(files, new_map, store.file_mode, [Layer(overlay, "qcow2"), *chain])
 
         try:
             await make_overlay(store.share_of(meta).io.run, files.directory / overlay,

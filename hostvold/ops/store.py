@@ -175,12 +175,14 @@ class VolumeStore:
 
     # ---- the share's word ---------------------------------------------------------------
 
-    async def refresh(self, volume_id: str, share: Share | None = None) -> VolumeMeta | None:
+    async def refresh(self, volume_id: str, share: Share | None = None,
+                      top_only: bool = False) -> VolumeMeta | None:
         """The volume re-read from its share (in its pool) and reconciled; None when it is
         not a volume. The info file and chain decide the snapshots and the active file, the
         metadata file the rest; a volume whose base file is gone is forgotten. Left as they
         are: this host's own operation under way, another writer's in-flight record.
-        Damaged files are recorded as a problem, then raised."""
+        Damaged files are recorded as a problem, then raised. ``top_only``: see
+        :func:`observe_chain` (a snapshot create)."""
         known = self.volumes.get(volume_id)
         self.just_read.pop(volume_id, None)  # only this refresh's own walk may be used
         walked: list[tuple[SnapshotMap, list[Layer]]] = []
@@ -207,7 +209,7 @@ class VolumeStore:
                 meta = meta.evolve(share=address)
             if busy(meta):
                 return on_share, False, meta, None
-            view = observe_chain(files, meta.format, set(meta.snapshots))
+            view = observe_chain(files, meta.format, set(meta.snapshots), top_only)
             if view.chain_map is not None and view.chain and not view.problems:
                 walked.append((view.chain_map, view.chain))
             return on_share, False, merge_record(meta, view), view.error

@@ -12,10 +12,12 @@ import json
 from hostvold.core.chainmap import SnapshotMap
 from hostvold.core.errors import InfoFileDamaged, UnsafeFile
 from hostvold.core.ids import valid_id
+from hostvold.core.images import Layer
 from hostvold.core.layout import VolumeFiles
 from hostvold.storage.atomic import write_atomic
+from hostvold.storage.qcow2 import remember_chain
 from hostvold.storage.safefile import read_regular
-from hostvold.storage.stamped import StampedCache
+from hostvold.storage.stamped import Stamp, StampedCache
 
 _PARSED: StampedCache[SnapshotMap] = StampedCache(min_size=4096)  # deep chains only
 
@@ -23,10 +25,15 @@ _PARSED: StampedCache[SnapshotMap] = StampedCache(min_size=4096)  # deep chains 
 def read_info(files: VolumeFiles) -> SnapshotMap:
     """The chain map of a volume; InfoFileDamaged when it cannot be trusted (a symbolic
     link, a device, or names that are not the volume's own files)."""
+    return read_info_stamped(files)[0]
+
+
+def read_info_stamped(files: VolumeFiles) -> tuple[SnapshotMap, Stamp | None]:
+    """:func:`read_info`, and the stamp of the file read (None: there is no info file)."""
     try:
-        return _PARSED.get(files.info, lambda: _parse(files))
+        return _PARSED.get_stamped(files.info, lambda: _parse(files))
     except FileNotFoundError:
-        return SnapshotMap(files.base_name)
+        return SnapshotMap(files.base_name), None
 
 
 def _parse(files: VolumeFiles) -> SnapshotMap:
@@ -59,7 +66,12 @@ def _parse(files: VolumeFiles) -> SnapshotMap:
     return SnapshotMap(raw["active"], snapshots)
 
 
-def write_info(files: VolumeFiles, chain_map: SnapshotMap, mode: int) -> None:
+def write_info(files: VolumeFiles, chain_map: SnapshotMap, mode: int,
+               chain: list[Layer] | None = None) -> None:
+    """``chain``: the chain from the new active file down, when the caller knows it
+    checked (it just put a new overlay on a validated chain): kept for this very file."""
     data = {"active": chain_map.active, **chain_map.snapshots}
     stamp = write_atomic(files.info, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
     _PARSED.remember(files.info, stamp, chain_map)
+    if chain is not None:
+        remember_chain(files, stamp, chain)

@@ -24,7 +24,7 @@ from hostvold.core.errors import (
 from hostvold.core.images import Format, Layer, Qcow2Header, pair_commit_safe
 from hostvold.core.layout import VolumeFiles
 from hostvold.storage.safefile import open_regular, require_regular
-from hostvold.storage.stamped import StampedCache
+from hostvold.storage.stamped import Stamp, StampedCache
 
 QCOW2_MAGIC = b"QFI\xfb"
 _EXT_END = 0
@@ -199,6 +199,41 @@ def validate_chain(files: VolumeFiles, top: str, top_format: str) -> list[Layer]
         if below is None:
             return layers
         name, fmt = below
+
+
+# the chain below each volume's active file as a whole walk (or this process's own write of
+# the info file) found it, by the stamp of the info file it holds for (key: its path)
+_WALKED: dict[str, tuple[Stamp, list[Layer]]] = {}
+_WALKED_LIMIT = 16384
+
+
+def remember_chain(files: VolumeFiles, info_stamp: Stamp, chain: list[Layer]) -> None:
+    """``chain`` (validated, top first) is the chain of the info file with ``info_stamp``."""
+    if len(_WALKED) >= _WALKED_LIMIT:
+        _WALKED.clear()
+    _WALKED[str(files.info)] = (info_stamp, chain)
+
+
+def chain_from_top(files: VolumeFiles, info_stamp: Stamp, top: str,
+                   top_format: str) -> list[Layer] | None:
+    """The chain, opening only its top, or None when a whole walk is needed.
+
+    Every change hostvold makes below the active file, on any host, rewrites the info file
+    (and runs under an in-flight record that stops other operations); a revert replaces the
+    top alone. So while the info file is the very file a walk was made for, only the top
+    can differ, and it is opened (fresh) and its link checked again. Used where nothing
+    opens the layers below (a snapshot create, SPEC section 5); every other operation walks
+    the whole chain."""
+    known = _WALKED.get(str(files.info))
+    if known is None or known[0] != info_stamp or known[1][0] != Layer(top, top_format):
+        return None
+    chain = known[1]
+    if top_format == "raw":
+        require_regular(Path(f"{files.directory}/{top}"))
+        return chain if len(chain) == 1 else None
+    below = _checked_link(files, f"{files.directory}/{top}", top)
+    expected = (chain[1].name, chain[1].format) if len(chain) > 1 else None
+    return chain if below == expected else None
 
 
 # each layer's link to the one below, checked for the volume named in the key: a walk of a

@@ -55,13 +55,19 @@ class StampedCache(Generic[T]):
         (``parse_fd`` reads the descriptor already open, when given; ``key`` when the
         result depends on more than the file). Anything but a regular file is never
         cached: ``parse`` names the problem."""
+        return self.get_stamped(path, parse, parse_fd, key)[0]
+
+    def get_stamped(self, path: Path | str, parse: Callable[[], T],
+                    parse_fd: Callable[[int], T] | None = None,
+                    key: str | None = None) -> tuple[T, Stamp | None]:
+        """:meth:`get`, and the stamp of the file read (None: not a regular file)."""
         opened = open_stamped(path)
         if opened is None:
-            return parse()
+            return parse(), None
         fd, stamp = opened
         if stamp[2] < self.min_size:
             try:
-                return parse_fd(fd) if parse_fd is not None else parse()
+                return (parse_fd(fd) if parse_fd is not None else parse()), stamp
             finally:
                 os.close(fd)
         key = str(path) if key is None else key
@@ -69,12 +75,12 @@ class StampedCache(Generic[T]):
             with self._lock:
                 hit = self._entries.get(key)
             if hit is not None and hit[0] == stamp:
-                return hit[1]
+                return hit[1], stamp
             value = parse_fd(fd) if parse_fd is not None else parse()
         finally:
             os.close(fd)
         self._keep(key, stamp, value)
-        return value
+        return value, stamp
 
     def remember(self, path: Path | str, stamp: Stamp, value: T) -> None:
         """``value`` is what ``path`` holds while its stamp is ``stamp``: for a file this
