@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -37,6 +38,8 @@ async def measure(root: Path, count: int,
     ids = [(await volumes.create_volume(size=64 << 20)).id for _ in range(count)]
     figures, cpu_seconds = [], 0.0
     for _ in range(rounds):
+        os.sync()  # the same start every round: no writeback of earlier work (or of an
+        # earlier benchmark) competing with the fsyncs measured
         start = time.perf_counter()
         for volume_id in ids:
             await snapshots.create_snapshot(volume_id)

@@ -7,7 +7,8 @@ Volumes are created through the service (sparse raw 64 MiB, a snapshot on every 
 then the daemon is started in a process of its own on a private dbus-daemon for each size.
 The last three lines are the P6 summaries (bench/run_all.py): start with the index loaded and
 GetManagedObjects, N volumes against 100 (target: no worse than linear, N / 100; the SPEC's
-100x is at 10,000), and the RSS each volume adds (target <= 10 KiB).
+100x is at 10,000), and the RSS each volume adds (target <= 10 KiB), taken after the
+GetManagedObjects answers (each volume then holds its marshalled entry).
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
         if proc.poll() is not None:
             raise SystemExit(f"hostvold exited {proc.returncode}")
     started = time.perf_counter() - start
-    rss = rss_kib(proc.pid)
     query, objects = asyncio.run(managed_objects(address))
+    rss = rss_kib(proc.pid)  # after the answers: with each volume's marshalled entry kept
     proc.terminate()
     proc.wait()
     listener.close()

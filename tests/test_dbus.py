@@ -207,13 +207,18 @@ async def test_signals_arrive_without_polling(
 
 async def test_objects_answer_alike_through_every_door(
         running: Callable[..., tuple[Host, Cli]]) -> None:
-    """GetManagedObjects (built in one pass by hostvold) gives what Properties.GetAll gives
-    for every object; a method reaches the object whose path it was sent to, though one
-    handler serves every object of an interface; a call that wants no reply still runs."""
+    """GetManagedObjects (built in one pass by hostvold, each volume's entry kept marshalled
+    until the volume changes) gives what Properties.GetAll gives for every object; a method
+    reaches the object whose path it was sent to, though one handler serves every object of
+    an interface; a call that wants no reply still runs."""
     _, cli = running()
     ids = [cli.json("create", "8M")["Id"] for _ in range(3)]
     bus = await _client(cli.address)
     paths = [f"/org/hostvold1/volumes/{vid.replace('-', '_')}" for vid in ids]
+    (before,) = await _call(bus, "/org/hostvold1", "org.freedesktop.DBus.ObjectManager",
+                            "GetManagedObjects")  # every volume's entry is kept from here on
+    assert [len(before[p]["org.hostvold1.Volume"]["Snapshots"].value) for p in paths] == \
+        [0, 0, 0]
     snapshot = (await _call(bus, paths[1], "org.hostvold1.Volume", "CreateSnapshot", "a{sv}",
                             [{}]))[0]
     await bus.send(Message(destination="org.hostvold1", path=paths[2],

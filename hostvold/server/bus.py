@@ -13,7 +13,6 @@ import contextlib
 import grp
 import logging
 import os
-from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -24,12 +23,9 @@ from dbus_fast import (
     MessageType,
     NameFlag,
     RequestNameReply,
-    Variant,
 )
 from dbus_fast.aio import MessageBus
-from dbus_fast.service import ServiceInterface
 
-from hostvold.core.collector import collector_paused
 from hostvold.core.errors import Failed, HostvoldError, NotAuthorized, StorageUnavailable
 from hostvold.server.leanbus import LeanMessageBus
 
@@ -166,35 +162,3 @@ class Authorizer:
                     self.admin_group)
         raise NotAuthorized(f"{action} needs root or membership of the group "
                             f"{self.admin_group!r}")
-
-
-def managed_objects(bus: MessageBus) -> Callable[[Message], Message | None]:
-    """ObjectManager.GetManagedObjects on our root, built in one pass.
-
-    dbus-fast's own handler asks of every getter whether it is a coroutine and checks after
-    every property whether its whole result is complete, which costs more than the getters
-    (and grows faster than the number of objects). Every property getter here is
-    synchronous and reads cached state, so one pass calls each getter once."""
-    def handle(message: Message) -> Message | None:
-        if (message.message_type != MessageType.METHOD_CALL
-                or message.member != "GetManagedObjects" or message.path != ROOT_PATH
-                or message.interface not in (None, "org.freedesktop.DBus.ObjectManager")):
-            return None
-        prefix = ROOT_PATH + "/"
-        try:
-            with collector_paused():  # tens of thousands of new objects, none in a cycle
-                result = {node: {interface.name: _property_values(interface)
-                                 for interface in interfaces.values()}
-                          for node, interfaces in bus._path_exports.items()
-                          if node.startswith(prefix)}
-        except Exception:  # a getter that failed: dbus-fast's handler answers with its error
-            return None
-        return Message.new_method_return(message, "a{oa{sa{sv}}}", [result])
-    return handle
-
-
-def _property_values(interface: ServiceInterface) -> dict[str, Variant]:
-    """Every readable property of ``interface``, each checked against its signature."""
-    return {prop.name: Variant(prop.signature, prop.prop_getter(interface))
-            for prop in ServiceInterface._get_properties(interface)
-            if not prop.disabled and prop.access.readable()}

@@ -27,12 +27,12 @@ from hostvold.server.bus import (
     ERROR_PREFIX,
     ROOT_PATH,
     Authorizer,
-    managed_objects,
     object_path,
     parse_path,
 )
 from hostvold.server.calls import Accepted, read_options
 from hostvold.server.job import JobInterface
+from hostvold.server.managed import managed_objects
 from hostvold.server.manager import ManagerInterface
 from hostvold.server.share import ShareInterface
 from hostvold.server.snapshot import SnapshotInterface

@@ -48,6 +48,7 @@ from hostvold.server.calls import (
     named_errors,
     read_options,
 )
+from hostvold.server.managed import CachedEntry
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
@@ -99,9 +100,10 @@ def _connection_info(meta: VolumeMeta, api: "Api") -> dict[str, Variant]:
             "path": Variant("s", str(share.mount_point / meta.active))}
 
 
-class VolumeProperties(ServiceInterface):
+class VolumeProperties(ServiceInterface, CachedEntry):
     """The Volume interface's properties, read from the volume's record as the store last
-    gave it (:meth:`update`); nothing else is kept per object (memory per volume, P6)."""
+    gave it (:meth:`update`); besides, only its marshalled GetManagedObjects entry is kept
+    per object (memory per volume, P6), dropped at every update."""
 
     def __init__(self, api: "Api", meta: VolumeMeta) -> None:
         super().__init__("org.hostvold1.Volume")
@@ -117,6 +119,7 @@ class VolumeProperties(ServiceInterface):
             return
         before = _volume_properties(self.meta, self.api)
         self.meta = meta
+        self.managed_entry = None
         announce_changes(self, before, _volume_properties(meta, self.api))
 
     @dbus_property(access=PropertyAccess.READ)
