@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from dbus_fast import BusType, Message
+from dbus_fast._private.unmarshaller import Unmarshaller
 from dbus_fast.aio import MessageBus
 
 from hostvold.core.collector import collector_paused
@@ -62,8 +64,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def managed_objects(address: str, rounds: int = 5) -> tuple[float, int]:
-    """The median seconds of ``rounds`` GetManagedObjects calls, and the objects seen."""
+async def managed_objects(address: str, rounds: int = 15) -> tuple[float, int, float]:
+    """The median seconds of ``rounds`` GetManagedObjects calls, the objects seen, and the
+    median seconds this client takes to decode that answer alone (from its bytes, no bus):
+    the part of the figure no daemon can change."""
     bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
     times = []
     for _ in range(rounds):
@@ -75,7 +79,14 @@ async def managed_objects(address: str, rounds: int = 5) -> tuple[float, int]:
         times.append(time.perf_counter() - start)
         assert reply is not None
     bus.disconnect()
-    return statistics.median(times), len(reply.body[0])
+    data = bytes(reply._marshall(False))
+    decodes = []
+    for _ in range(rounds):
+        with collector_paused():
+            start = time.perf_counter()
+            Unmarshaller(io.BytesIO(data)).unmarshall()
+            decodes.append(time.perf_counter() - start)
+    return statistics.median(times), len(reply.body[0]), statistics.median(decodes)
 
 
 def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
@@ -94,12 +105,13 @@ def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
         if proc.poll() is not None:
             raise SystemExit(f"hostvold exited {proc.returncode}")
     started = time.perf_counter() - start
-    query, objects = asyncio.run(managed_objects(address))
+    query, objects, decode = asyncio.run(managed_objects(address))
     rss = rss_kib(proc.pid)  # after the answers: with each volume's marshalled entry kept
     proc.terminate()
     proc.wait()
     listener.close()
-    return {"start": started, "query": query, "objects": objects, "rss_kib": rss}
+    return {"start": started, "query": query, "objects": objects, "rss_kib": rss,
+            "decode": decode}
 
 
 def main() -> None:
@@ -135,9 +147,14 @@ def main() -> None:
           f"(volumes x{factor:.0f}; P6 target <= 100x)")
     for label, key, field in (("start, index rebuilt", "rebuild", "start"),
                               ("start, index loaded", "load", "start"),
-                              ("GetManagedObjects", "load", "query")):
+                              ("GetManagedObjects", "load", "query"),
+                              ("  its decoding alone", "load", "decode")):
         a, b = small[key][field], big[key][field]
-        print(f"{label:<24}{a * 1000:>11.0f} ms{b * 1000:>15.0f} ms{b / a:>8.1f}x")
+        print(f"{label:<24}{a * 1000:>11.1f} ms{b * 1000:>15.1f} ms{b / a:>8.1f}x")
+    rest = [(r["load"]["query"] - r["load"]["decode"]) * 1000 for r in (small, big)]
+    print(f"GetManagedObjects without the client's decoding (daemon, bus, sockets): "
+          f"{rest[0]:.1f} ms -> {rest[1]:.1f} ms = {rest[1] / rest[0]:.1f}x; the decoding "
+          "alone, in this client's library, is the floor of the whole call's ratio")
     per_volume = (big["load"]["rss_kib"] - small["load"]["rss_kib"]) / (args.volumes - 100)
     print(f"RSS {small['load']['rss_kib']} KiB -> {big['load']['rss_kib']} KiB: "
           f"{per_volume:.1f} KiB per volume (P6 target <= 10 KiB); objects exported "

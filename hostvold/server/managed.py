@@ -94,10 +94,15 @@ class JoinedReply(Message):
         if empty[0:1] != b"l":  # dbus-fast marshals little-endian; anything else: its way
             raise ValueError("unexpected byte order")
         header = empty[:-8]  # the empty body: the array's length and the padding to 8
-        parts = [entry + b"\0" * (-len(entry) % 8) for entry in self.entries[:-1]]
-        parts += self.entries[-1:]
-        array = b"".join(parts)
-        body = struct.pack("<I", len(array)) + b"\0\0\0\0" + array
-        struct.pack_into("<I", header, 4, len(body))
-        return header + body
+        pieces: list[bytes] = []
+        for entry in self.entries:  # each entry, then the padding to the next one's start
+            pieces += (entry, _PADDING[-len(entry) % 8])
+        if pieces:
+            pieces.pop()  # no padding after the last entry
+        array = sum(len(piece) for piece in pieces)
+        struct.pack_into("<I", header, 4, 8 + array)
+        # one copy of the whole answer, into a buffer of its final size
+        return bytearray().join([header, struct.pack("<I", array), b"\0\0\0\0", *pieces])
 
+
+_PADDING = [b"\0" * n for n in range(8)]
