@@ -296,7 +296,8 @@ class LiveDelete:
         meta = await self.store.record(files, meta.evolve(state="available", attachment=None))
         chain_map = await share_call(self.store, meta, read_info, files)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
-        names = [layer.name for layer in validate_chain(files, chain_map.active, fmt)]
+        names = [layer.name for layer in await share_call(
+            self.store, meta, validate_chain, files, chain_map.active, fmt)]
         gone = op["base"] if op["strategy"] == "pull" else op["top"]
         if op["snapshot"] not in chain_map.snapshots or gone not in names:
             await self._finish_delete(files, meta, op)  # QEMU finished the job before
@@ -314,7 +315,7 @@ class LiveDelete:
         """Top holds the newest data: the offline delete's commit of top into base."""
         chain_map = await share_call(self.store, meta, read_info, files)
         fmt = meta.format if chain_map.active == files.base_name else "qcow2"
-        chain = validate_chain(files, chain_map.active, fmt)
+        chain = await share_call(self.store, meta, validate_chain, files, chain_map.active, fmt)
         plan = plan_delete(chain, chain_map, op["snapshot"])
         offline = {"name": "delete-snapshot", "snapshot": op["snapshot"], "step": "commit",
                    "top": plan.top.name, "base": plan.base.name,

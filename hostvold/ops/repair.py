@@ -30,16 +30,20 @@ class RepairOps:
         on the volume as its health problems (empty: healthy)."""
         meta = self.store.get_volume(volume_id)
         files = self.store.files_of(meta)
-        present = {path.name for path in files.existing() if files.is_image(path.name)}
-        try:
-            chain_map = read_info(files)
-            fmt = meta.format if chain_map.active == files.base_name else "qcow2"
-            chain = validate_chain(files, chain_map.active, fmt)
-            problems = chain_problems(files, chain, chain_map, present)
-        except InfoFileDamaged as exc:
-            problems = [exc.message]
-        except FileNotFoundError as exc:
-            problems = [f"{Path(str(exc.filename)).name}, a file of the chain, is missing"]
+
+        def look() -> list[str]:  # in the share's pool: a listing and a walk of the chain
+            present = {path.name for path in files.existing() if files.is_image(path.name)}
+            try:
+                chain_map = read_info(files)
+                fmt = meta.format if chain_map.active == files.base_name else "qcow2"
+                chain = validate_chain(files, chain_map.active, fmt)
+                return chain_problems(files, chain, chain_map, present)
+            except InfoFileDamaged as exc:
+                return [exc.message]
+            except FileNotFoundError as exc:
+                return [f"{Path(str(exc.filename)).name}, a file of the chain, is missing"]
+
+        problems = await share_call(self.store, meta, look)
         if problems != meta.problems:
             await self.store.record(files, meta.evolve(problems=problems))
         return problems
