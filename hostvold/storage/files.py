@@ -157,21 +157,18 @@ async def make_overlay(run: ShareRun, path: Path, size: int, backing: Layer, mod
     except ValueError:
         await qemuimg.create(path, "qcow2", size, backing=backing.name,
                              backing_fmt=backing_fmt)
-        await run(_own_durably, path, mode, then)
+        await run(_then, lambda: _own_durably(path, mode), then)
         return
-    await run(_write_then, path, pieces, mode, then)
+    await run(_then, lambda: write_pieces(path, pieces, mode), then)
 
 
-def _own_durably(path: Path, mode: int, then: Callable[[], object] | None) -> None:
+def _own_durably(path: Path, mode: int) -> None:
     os.chmod(path, mode)
     fsync_file(path)
-    if then is not None:
-        then()
 
 
-def _write_then(path: Path, pieces: list[tuple[int, bytes]], mode: int,
-                then: Callable[[], object] | None) -> None:
-    write_pieces(path, pieces, mode)
+def _then(first: Callable[[], None], then: Callable[[], object] | None) -> None:
+    first()
     if then is not None:
         then()
 
