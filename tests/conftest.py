@@ -29,7 +29,8 @@ from hostvold.core.config import Config, parse_config
 from hostvold.ops.operations import Operations
 from hostvold.server.daemon import Daemon
 
-pytest_plugins = ["tests.live_fixtures", "tests.cluster_fixtures",  # domains; etcd, hosts
+pytest_plugins = ["tests.live_fixtures", "tests.guest_fixtures",  # domains, the real guest
+                  "tests.cluster_fixtures",  # etcd, hosts
                   "tests.sshfs_fixtures"]  # a network share whose link can be cut
 
 REQUIRE_INTEGRATION = (os.environ.get("CI") == "true"

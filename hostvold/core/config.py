@@ -149,6 +149,8 @@ class LibvirtConfig(_Section):
                               description="a libvirt URI such as qemu:///system")] = "qemu:///system"
     quiesce: Annotated[Literal["try", "require", "never"], BeforeValidator(_lower),
                        Field(description="one of try, require, never")] = "try"
+    quiesce_timeout: Annotated[int, Field(
+        ge=1, le=300, description="seconds from 1 to 300")] = 10
     pivot_retries: Annotated[int, Field(ge=0, le=100, description="an integer from 0 to 100")] = 3
     keepalive: Annotated[int, Field(ge=0, le=600,
                                     description="seconds from 0 (off) to 600")] = 5

@@ -44,6 +44,7 @@ from hostvold.core.records import VolumeMeta, utc_now
 from hostvold.core.users import Users
 from hostvold.ops.attachments import Attachments
 from hostvold.ops.live_delete import LiveDelete
+from hostvold.ops.quiesce import Quiescer
 from hostvold.ops.store import VolumeStore, share_call
 from hostvold.storage import qemuimg
 from hostvold.storage.atomic import unlink_durable
@@ -56,15 +57,11 @@ from hostvold.virt.hypervisor import Hypervisor
 log = logging.getLogger(__name__)
 
 
-class QuiesceFailed(Failed):
-    name = "QuiesceFailed"
-
-
 class LiveVolumes:
     def __init__(self, config: Config, store: VolumeStore, hypervisor: Hypervisor) -> None:
         self.store = store
         self.hypervisor = hypervisor
-        self.quiesce = config.libvirt.quiesce
+        self.quiescer = Quiescer(config.libvirt.quiesce, config.libvirt.quiesce_timeout)
         self.attachments = Attachments(store, hypervisor)
         self.deleter = LiveDelete(store, hypervisor, self.attachments,
                                   config.libvirt.pivot_retries)
@@ -235,28 +232,8 @@ class LiveVolumes:
 
     async def _switch(self, guest: Guest, target: str, overlay: str, others: list[str]) -> bool:
         """snapshotCreateXML with the quiesce policy; returns whether the guest was frozen."""
-        if self.quiesce == "never":
+        async with self.quiescer.frozen(guest) as frozen:
             await guest.snapshot_disk(target, overlay, others)
-            return False
-        frozen = False
-        try:
-            await guest.freeze()
-            frozen = True
-            crash.point("live-create-snapshot:frozen")
-        except HypervisorError as exc:
-            if self.quiesce == "require":
-                with contextlib.suppress(HypervisorError):
-                    await guest.thaw()  # a freeze may have half happened
-                raise QuiesceFailed(
-                    f"quiesce=require but the guest agent of {guest.name} did not freeze "
-                    f"the filesystems: {exc.message}") from None
-            log.warning("no freeze for %s (%s): crash-consistent snapshot", guest.name,
-                        exc.message, extra={"DOMAIN": guest.name})
-        try:
-            await guest.snapshot_disk(target, overlay, others)
-        finally:
-            with contextlib.suppress(HypervisorError):
-                await guest.thaw()  # always attempted after a freeze attempt
         return frozen
 
     async def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,

@@ -264,12 +264,14 @@ class Operations:
 
     async def create_from_snapshot(self, volume_id: str, snapshot_id: str,
                                    **options: Any) -> VolumeMeta:
-        """A new standalone volume holding the snapshot's point in time."""
+        """A new standalone volume holding the snapshot's point in time. The volume may be
+        attached: a snapshot's data lies below the active file, which a running QEMU only
+        reads, and no block job of ours moves it while the volume's lock is held."""
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
         async with self._volume(volume_id):
             await self._observe(volume_id)
-            meta = self.store.require_available(volume_id)
+            meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             source = snapshot_data(chain, chain_map, sid)

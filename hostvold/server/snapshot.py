@@ -48,7 +48,7 @@ class SnapshotInterface(ServiceInterface):
     async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
         values, _ = await self.api.admit_new_volume(
             "Snapshot.CreateVolume", options, NEW_VOLUME, CopyVolume.parse)
-        self.api.store.require_available(self.volume_id)
+        self.api.store.require_idle(self.volume_id)
         volume_id, sid = self.volume_id, self.snapshot_id
 
         async def make() -> VolumeMeta:

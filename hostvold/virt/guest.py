@@ -172,8 +172,11 @@ class Guest:
     async def detach_disk(self, xml: str) -> None:
         await self._call(self.domain.detachDeviceFlags, xml, await self._affect())
 
-    async def freeze(self) -> None:
-        """Freeze guest filesystems through the guest agent (HypervisorError without one)."""
+    async def freeze(self, timeout: int) -> None:
+        """Freeze guest filesystems through the guest agent (HypervisorError without one,
+        or when it does not answer within ``timeout`` seconds: libvirt's default waits
+        forever). The timeout stays set on the domain for its later agent calls."""
+        await self._call(self.domain.agentSetResponseTimeout, timeout, 0)
         await self._call(self.domain.fsFreeze)
 
     async def thaw(self) -> None:

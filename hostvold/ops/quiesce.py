@@ -1,0 +1,99 @@
+"""Guest filesystem freeze around a live snapshot, through the guest agent.
+
+libvirt waits for the agent without end unless the domain has a response timeout, so each
+freeze sets one. A freeze that timed out is not gone, though: it waits in the agent's
+channel, and a hung agent that wakes up carries it out with nobody left to thaw. So after
+every freeze that failed and every thaw that failed, a thaw is asked again, each ask
+waiting up to the timeout for the agent, until one is answered or the domain is gone.
+The commands of one channel are carried out in order, so that thaw lands after any late
+freeze. One freeze runs at a time per domain (two volumes of one guest share its agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from hostvold.core import crash
+from hostvold.core.errors import DomainGone, Failed, HypervisorError
+from hostvold.virt.guest import Guest
+
+log = logging.getLogger(__name__)
+
+
+class QuiesceFailed(Failed):
+    name = "QuiesceFailed"
+
+
+class Quiescer:
+    def __init__(self, policy: str, timeout: int) -> None:
+        self.policy = policy  # try | require | never
+        self.timeout = timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._thawing: dict[str, asyncio.Task[None]] = {}
+
+    def _lock(self, guest: Guest) -> asyncio.Lock:
+        return self._locks.setdefault(guest.uuid, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def frozen(self, guest: Guest) -> AsyncIterator[bool]:
+        """The guest's filesystems frozen for the body, by the policy; yields whether they
+        are. ``require`` raises QuiesceFailed when the agent does not freeze them."""
+        if self.policy == "never":
+            yield False
+            return
+        async with self._lock(guest):
+            try:
+                await guest.freeze(self.timeout)
+                frozen = True
+                crash.point("live-create-snapshot:frozen")
+            except HypervisorError as exc:
+                self._thaw_when_answered(guest)  # a late freeze may still land
+                if self.policy == "require":
+                    raise QuiesceFailed(
+                        f"quiesce=require but the guest agent of {guest.name} did not freeze "
+                        f"the filesystems: {exc.message}") from None
+                log.warning("no freeze for %s (%s): crash-consistent snapshot", guest.name,
+                            exc.message, extra={"DOMAIN": guest.name})
+                frozen = False
+            try:
+                yield frozen
+            finally:
+                if frozen:
+                    try:
+                        await guest.thaw()
+                    except HypervisorError as exc:
+                        log.error("thaw of %s failed (%s): asked again until the agent "
+                                  "answers", guest.name, exc.message,
+                                  extra={"DOMAIN": guest.name})
+                        self._thaw_when_answered(guest)
+
+    def _thaw_when_answered(self, guest: Guest) -> None:
+        running = self._thawing.get(guest.uuid)
+        if running is None or running.done():
+            self._thawing[guest.uuid] = asyncio.get_running_loop().create_task(
+                self._thaw_until_answered(guest))
+
+    async def _thaw_until_answered(self, guest: Guest) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            try:
+                async with self._lock(guest):
+                    await guest.thaw()
+                log.info("guest agent of %s answered a thaw", guest.name,
+                         extra={"DOMAIN": guest.name})
+                return
+            except DomainGone:
+                return
+            except HypervisorError:
+                try:
+                    if not await guest.is_running():
+                        return
+                except HypervisorError:
+                    pass  # libvirt away for now: ask again
+            # each ask waits up to the timeout for a hung agent; one refused at once (no
+            # agent connected, libvirt reconnecting) is asked again after the same time
+            await asyncio.sleep(max(0.0, self.timeout - (loop.time() - asked)))
