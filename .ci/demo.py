@@ -1,11 +1,13 @@
-"""The whole product working, in a minute: `bash .ci/setup demo` (or this file with
+"""The whole product working, in a minute or two: `bash .ci/setup demo` (or this file with
 ``--bus ADDRESS``) on a machine set up by the README, with hostvold running.
 
-Starts a small TCG domain of its own (64 MiB, no OS: the block layer runs in QEMU), makes
-a volume on hostvold's share, attaches it, writes through QEMU's own disk driver, takes
-live snapshots, deletes them by each of the three ways (a pull, a commit below the active
-file, an active commit with a pivot), checks every write reads back, prints what it did
-with timings, and removes everything it made. Exit 0 when all held.
+Boots the real test guest (Debian's kernel, ext4, the guest agent: ``tests/guest``), makes
+a volume on hostvold's share and attaches it; the guest puts a filesystem on it and runs a
+writer of numbered, fsynced records and a latency probe the whole time. Then it takes live
+snapshots (quiesced when hostvold's policy and the agent allow), deletes them by each of the
+three ways (a pull, a commit below the active file, an active commit with a pivot), has the
+guest read back every record it acknowledged, prints the longest stall the guest's own I/O
+saw during each step, and removes everything it made. Exit 0 when all held.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import libvirt
 
-DOMAIN = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
-<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>
-<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-<controller type='scsi' index='0' model='virtio-scsi'/></devices></domain>"""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's tests/guest
+from tests.guest.image import ensure_image  # noqa: E402
+from tests.guest.vm import RealGuest, boot  # noqa: E402
 
 
 class Demo:
@@ -43,25 +46,13 @@ class Demo:
         self.say(f"hostvolctl {' '.join(args)}: {(time.monotonic() - started) * 1000:.0f} ms")
         return dict(json.loads(done.stdout)) if done.stdout.strip() else {}
 
-    def guest(self, name: str, drive: str, command: str) -> str:
-        """A command of QEMU's own block layer on the domain's disk (qemu-io)."""
-        out = subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", name,
-                              "--hmp", f'qemu-io -d {drive} "{command}"'],
-                             capture_output=True, text=True, check=True, timeout=120).stdout
-        if "error" in out.lower() or "fail" in out.lower():
-            raise SystemExit(f"guest I/O {command!r}: {out.strip()}")
-        return out
-
-
-def drive_of(dom: libvirt.virDomain, serial: str) -> str:
-    """The disk's alias (the drive name QEMU's monitor knows), found by its serial."""
-    import xml.etree.ElementTree as ET
-    for disk in ET.fromstring(dom.XMLDesc(0)).iter("disk"):
-        if disk.findtext("serial") == serial:
-            alias = disk.find("alias")
-            if alias is not None:
-                return str(alias.get("name"))
-    raise SystemExit(f"the domain has no disk with serial {serial}")
+    def step(self, guest: RealGuest, volume: str, what: str, *args: str) -> dict[str, object]:
+        """One hostvolctl call, with the longest stall the guest's probe saw meanwhile."""
+        mark = guest.offset()
+        result = self.ctl(*args)
+        self.say(f"  {what}: the guest's longest I/O stall "
+                 f"{guest.longest_gap_ms(volume, mark):.0f} ms")
+        return result
 
 
 def main() -> None:
@@ -69,57 +60,62 @@ def main() -> None:
     parser.add_argument("--bus", default=os.environ.get("HOSTVOLD_BUS", "system"))
     args = parser.parse_args()
     demo = Demo(args.bus)
-    conn = libvirt.open("qemu:///system")
+    image = ensure_image()
+    scratch = Path(tempfile.mkdtemp(prefix="hostvold-demo-"))
+    scratch.chmod(0o755)
     name = f"hostvold-demo-{uuid.uuid4().hex[:6]}"
-    dom = conn.createXML(DOMAIN.format(name=name), 0)
-    demo.say(f"started TCG domain {name}")
+    guest = boot(image, name, scratch / "console.log")
+    demo.say(f"booted the test guest {name} (TCG, Linux, ext4, qemu-ga)")
     volume = ""
     try:
         volume = str(demo.ctl("create", "256M")["Id"])
         demo.ctl("attach", volume, name)
-        drive = drive_of(dom, volume)
-        # (pattern, offset MiB, MiB): a small write, a small one, a large one, a small one
-        writes = [(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 8), (0x44, 12, 1)]
-
-        def write(index: int) -> None:
-            pattern, offset, size = writes[index]
-            demo.guest(name, drive, f"write -P {pattern} {offset}M {size}M")
-
-        write(0)
-        first = str(demo.ctl("snapshot", "create", volume)["Id"])
-        write(1)
-        second = str(demo.ctl("snapshot", "create", volume)["Id"])
-        write(2)
-        demo.guest(name, drive, "flush")
+        guest.wait_acked(volume, 5, seconds=120)
+        demo.say(f"the guest made ext4 on the volume and writes: record {guest.acked(volume)}"
+                 " acknowledged")
+        first = demo.step(guest, volume, "snapshot", "snapshot", "create", volume)
+        demo.say(f"  quiesced (the guest agent froze the filesystem): {first['Quiesced']}")
+        guest.wait_acked(volume, guest.acked(volume) + 5)
+        second = demo.step(guest, volume, "snapshot", "snapshot", "create", volume)
+        guest.run("/bin/guestctl", "fill", volume, "8")
+        demo.say("the guest wrote 8 MiB more")
         info = demo.ctl("connection-info", volume)
         demo.say(f"the guest runs on {info['name']} ({info['format']}) at {info['path']}")
-        # the active file holds 8 MiB, the snapshot's data below it 1 MiB: hostvold pulls
-        # the 1 MiB up (blockRebase) rather than commit 8 MiB down
-        demo.ctl("snapshot", "delete", second)
+        # the active file holds 8 MiB, the snapshot's data below it little: hostvold pulls
+        # that up (blockRebase) rather than commit 8 MiB down
+        demo.step(guest, volume, "deleted by a pull", "snapshot", "delete", str(second["Id"]))
         assert demo.ctl("connection-info", volume)["name"] == info["name"]  # top kept
-        demo.say("  deleted by a pull: the guest's file stayed, the smaller side moved up")
-        third = str(demo.ctl("snapshot", "create", volume)["Id"])
-        write(3)
-        demo.ctl("snapshot", "delete", first)  # its overlay is below the active file
-        demo.say("  deleted by a commit below the active file (blockCommit)")
+        third = demo.step(guest, volume, "snapshot", "snapshot", "create", volume)
+        guest.wait_acked(volume, guest.acked(volume) + 5)
+        demo.step(guest, volume, "deleted by a commit below the active file", "snapshot",
+                  "delete", str(first["Id"]))
         before = demo.ctl("connection-info", volume)["name"]
-        demo.ctl("snapshot", "delete", third)  # the active file's own, and the smaller side
+        demo.step(guest, volume, "deleted by an active commit and a pivot", "snapshot",
+                  "delete", str(third["Id"]))
         assert demo.ctl("connection-info", volume)["name"] != before  # pivoted down
-        demo.say("  deleted by an active commit: the guest pivoted to the file below")
-        for pattern, offset, size in writes:
-            demo.guest(name, drive, f"read -P {pattern} {offset}M {size}M")
-        demo.say("every write reads back through the guest's disk")
+        last = guest.acked(volume)
+        read = guest.check(volume)
+        assert read >= last + 1, f"the guest read {read} records back, {last + 1} acknowledged"
+        demo.say(f"the guest read back all {read} records ({last + 1} were acknowledged "
+                 "when it started reading)")
+        demo.say(f"the longest stall the guest saw in the whole demo: "
+                 f"{max(guest.gaps_ms(volume, 0)):.0f} ms")
         shown = demo.ctl("show", volume)
         assert shown["Snapshots"] == [] and shown["State"] == "in-use", shown
+        guest.stop_writer(volume)
         demo.ctl("detach", volume)
     finally:
-        if dom.isActive():
-            dom.destroy()
+        conn = libvirt.open("qemu:///system")
+        try:
+            conn.lookupByName(name).destroy()
+        except libvirt.libvirtError:
+            pass
+        conn.close()
         if volume:
             subprocess.run([sys.executable, "-m", "hostvold.client", "delete", volume],
                            env=demo.env, capture_output=True, timeout=300)
-        conn.close()
-    demo.say("demo done: domain destroyed, volume deleted")
+        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+    demo.say("demo done: guest destroyed, volume deleted")
 
 
 if __name__ == "__main__":

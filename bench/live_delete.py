@@ -287,7 +287,7 @@ def main() -> int:
 
     try:
         with running(share_mib=6 * args.changes_mib + 1024) as (rig, domain, address):
-            results = asyncio.run(run(args, address, domain, rig.root / "hostvold.log"))
+            results = asyncio.run(run(args, address, domain, rig.root / "daemon" / "hostvold.log"))
     except CannotRun as exc:
         print(exc, file=sys.stderr)
         return CANNOT_RUN

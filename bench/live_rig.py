@@ -158,11 +158,11 @@ class Rig:
         self.undo.append(("domain", (conn, dom)))
         return name
 
-    def bus(self) -> str:
+    def bus(self, name: str = "") -> str:
         from bench.scale import POLICY
 
-        config = self.root / "bus.conf"
-        config.write_text(POLICY.format(socket=self.root / "bus"))
+        config = self.root / f"bus{name}.conf"
+        config.write_text(POLICY.format(socket=self.root / f"bus{name}"))
         proc = subprocess.Popen(["dbus-daemon", "--nofork", "--nopidfile", "--print-address=1",
                                  f"--config-file={config}"], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
@@ -173,23 +173,27 @@ class Rig:
             raise SystemExit("the private dbus-daemon did not start")
         return address
 
-    def daemon(self, address: str, share_mib: int = 256) -> None:
-        image = self.root / "share.img"
+    def daemon(self, address: str, share_mib: int = 256, quiesce: str = "never",
+               name: str = "") -> None:
+        """A hostvold on a share of its own; ``name`` tells a second one's files apart."""
+        root = self.root / f"daemon{name}"
+        root.mkdir()
+        image = root / "share.img"
         with open(image, "wb") as sparse:
             sparse.truncate(share_mib << 20)
         run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0",
             str(image))
-        (self.root / "shares").write_text(f"{image} -t ext4 -o loop\n")
-        config = self.root / "hostvold.conf"
-        config.write_text(f"[daemon]\nstate_dir = {self.root / 'state'}\nbus = {address}\n"
-                          f"[shares]\nshares_config = {self.root / 'shares'}\n"
-                          f"mount_point_base = {self.base / 'shares'}\n"
-                          "[libvirt]\nquiesce = never\n")
-        notify = self.root / "notify.sock"
+        (root / "shares").write_text(f"{image} -t ext4 -o loop\n")
+        config = root / "hostvold.conf"
+        config.write_text(f"[daemon]\nstate_dir = {root / 'state'}\nbus = {address}\n"
+                          f"[shares]\nshares_config = {root / 'shares'}\n"
+                          f"mount_point_base = {self.base / f'shares{name}'}\n"
+                          f"[libvirt]\nquiesce = {quiesce}\n")
+        notify = root / "notify.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         listener.bind(str(notify))
         listener.settimeout(1)
-        log = open(self.root / "hostvold.log", "w")  # noqa: SIM115 (the daemon's stderr)
+        log = open(root / "hostvold.log", "w")  # noqa: SIM115 (the daemon's stderr)
         proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
                                 env=dict(environment(), NOTIFY_SOCKET=str(notify)),
                                 cwd=REPO, stderr=log)
@@ -201,7 +205,7 @@ class Rig:
                     if b"READY=1" in listener.recv(4096):
                         return
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.root / "hostvold.log").read_text().strip().splitlines()[-5:]
+                    tail = (root / "hostvold.log").read_text().strip().splitlines()[-5:]
                     raise SystemExit("hostvold did not become ready: " + " | ".join(tail))
         finally:
             listener.close()

@@ -127,7 +127,12 @@ def build(names: list[str], work: Path) -> None:
     debs, tree = work / "debs", work / "tree"
     debs.mkdir()
     tree.mkdir()
-    run("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *names, cwd=debs)
+    download = ("apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *names)
+    try:
+        run(*download, cwd=debs)
+    except BuildFailed:  # lists older than the mirror: the versions named are gone
+        run("apt-get", "update", "-qq")
+        run(*download, cwd=debs)
     for deb in sorted(debs.glob("*.deb")):
         run("dpkg-deb", "-x", str(deb), str(tree))
     release = next((tree / "lib/modules").iterdir()).name
