@@ -13,6 +13,7 @@ saw during each step, and removes everything it made. Exit 0 when all held.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -25,8 +26,8 @@ from pathlib import Path
 import libvirt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's tests/guest
-from tests.guest.image import ensure_image  # noqa: E402
-from tests.guest.vm import RealGuest, boot  # noqa: E402
+from tests.guest.image import ensure_image
+from tests.guest.vm import RealGuest, boot
 
 
 class Demo:
@@ -106,10 +107,8 @@ def main() -> None:
         demo.ctl("detach", volume)
     finally:
         conn = libvirt.open("qemu:///system")
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             conn.lookupByName(name).destroy()
-        except libvirt.libvirtError:
-            pass
         conn.close()
         if volume:
             subprocess.run([sys.executable, "-m", "hostvold.client", "delete", volume],

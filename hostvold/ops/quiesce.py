@@ -3,10 +3,11 @@
 libvirt waits for the agent without end unless the domain has a response timeout, so each
 freeze sets one. A freeze that timed out is not gone, though: it waits in the agent's
 channel, and a hung agent that wakes up carries it out with nobody left to thaw. So after
-every freeze that failed and every thaw that failed, a thaw is asked again, each ask
-waiting up to the timeout for the agent, until one is answered or the domain is gone.
-The commands of one channel are carried out in order, so that thaw lands after any late
-freeze. One freeze runs at a time per domain (two volumes of one guest share its agent).
+a freeze or a thaw that the agent left unanswered, a thaw is asked again, each ask waiting
+up to the timeout for the agent, until one is answered or the domain is gone. The commands
+of one channel are carried out in order, so that thaw lands after any late freeze. A call
+refused at once (no agent configured or connected) sent nothing and leaves nothing behind.
+One freeze runs at a time per domain (two volumes of one guest share its agent).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import libvirt
+
 from hostvold.core import crash
 from hostvold.core.errors import DomainGone, Failed, HypervisorError
 from hostvold.virt.guest import Guest
 
 log = logging.getLogger(__name__)
+
+
+UNANSWERED = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_OPERATION_TIMEOUT}
 
 
 class QuiesceFailed(Failed):
@@ -45,12 +51,14 @@ class Quiescer:
             yield False
             return
         async with self._lock(guest):
+            asked = asyncio.get_running_loop().time()
             try:
                 await guest.freeze(self.timeout)
                 frozen = True
                 crash.point("live-create-snapshot:frozen")
             except HypervisorError as exc:
-                self._thaw_when_answered(guest)  # a late freeze may still land
+                if self._unanswered(exc, asked):
+                    self._thaw_when_answered(guest)  # the freeze may still land
                 if self.policy == "require":
                     raise QuiesceFailed(
                         f"quiesce=require but the guest agent of {guest.name} did not freeze "
@@ -62,13 +70,24 @@ class Quiescer:
                 yield frozen
             finally:
                 if frozen:
+                    asked = asyncio.get_running_loop().time()
                     try:
                         await guest.thaw()
                     except HypervisorError as exc:
-                        log.error("thaw of %s failed (%s): asked again until the agent "
-                                  "answers", guest.name, exc.message,
-                                  extra={"DOMAIN": guest.name})
-                        self._thaw_when_answered(guest)
+                        if self._unanswered(exc, asked):
+                            log.error("thaw of %s unanswered (%s): asked again until the "
+                                      "agent answers", guest.name, exc.message,
+                                      extra={"DOMAIN": guest.name})
+                            self._thaw_when_answered(guest)
+                        else:  # answered: nothing of ours waits in its channel
+                            log.warning("thaw of %s: %s", guest.name, exc.message,
+                                        extra={"DOMAIN": guest.name})
+
+    def _unanswered(self, error: HypervisorError, asked: float) -> bool:
+        """Whether the agent may have got the command without answering it: libvirt's
+        "not responding", after waiting (not refused at once)."""
+        waited = asyncio.get_running_loop().time() - asked
+        return error.code in UNANSWERED and waited >= self.timeout / 2
 
     def _thaw_when_answered(self, guest: Guest) -> None:
         running = self._thawing.get(guest.uuid)
@@ -88,7 +107,9 @@ class Quiescer:
                 return
             except DomainGone:
                 return
-            except HypervisorError:
+            except HypervisorError as exc:
+                if exc.code not in UNANSWERED:
+                    return  # the agent answered (or there is none): nothing waits in it
                 try:
                     if not await guest.is_running():
                         return
