@@ -10,11 +10,15 @@ probe on every disk) and gives it three volumes of one size on loop-mounted ext4
 
 Each round, sides alternating which goes first, measures the longest gap between two
 completions of the guest's probe on the disk being worked on:
-- snapshot create: ``hostvolctl snapshot create H`` vs ``virsh snapshot-create-as --disk-only
-  --atomic --no-metadata`` on V; with quiesce: Q vs the same plus ``--quiesce``;
-- active commit + pivot: ``hostvolctl snapshot delete`` of H's newest snapshot (hostvold
-  commits it down: the layer below holds the filesystem) vs ``virsh blockcommit --active
-  --pivot`` on V.
+- snapshot create: hostvold's ``Volume.CreateSnapshot`` on H vs ``virsh snapshot-create-as
+  --disk-only --atomic --no-metadata`` on V; with quiesce: Q vs the same plus ``--quiesce``;
+- active commit + pivot: ``Snapshot.Delete`` of H's newest snapshot until its Job's
+  ``Completed`` (hostvold commits it down: the layer below holds the filesystem) vs
+  ``virsh blockcommit --active --pivot`` on V.
+
+hostvold is called over D-Bus from this process, as an orchestrator's long-lived client
+would; a ``hostvolctl`` process would add a Python start (some 200 ms of CPU) to each call,
+and under TCG every CPU the host spends elsewhere is taken from the guest's single vCPU.
 
 The floor is the guest's own longest gap over a quiet second with nothing done. The
 figures are medians over the rounds; each ratio is hostvold's over libvirt's.
@@ -23,16 +27,22 @@ figures are medians over the rounds; each ratio is hostvold's over libvirt's.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import libvirt
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
 
 from bench.live_rig import CANNOT_RUN, CannotRun, Rig, ensure_libvirtd, hostvolctl, needs
+from hostvold.server.bus import object_path
 from tests.guest.image import BuildFailed, ensure_image
 from tests.guest.vm import RealGuest, boot
 
@@ -57,6 +67,72 @@ def target_of(domain: str, serial: str) -> str:
     raise SystemExit(f"no disk with serial {serial}")
 
 
+class BusClient:
+    """hostvold over D-Bus from this process: an event loop in a thread of its own."""
+
+    def __init__(self, address: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.done: dict[str, asyncio.Future[bool]] = {}
+        self.bus: MessageBus = self._run(self._connect(address))
+
+    def _run(self, work: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(600)
+
+    async def _connect(self, address: str) -> MessageBus:
+        bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+        bus.add_message_handler(self._on_signal)
+        await self._call(bus, "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch",
+                         "s", ["type='signal',interface='org.hostvold1.Job',"
+                               "member='Completed'"], "org.freedesktop.DBus")
+        return bus
+
+    def _on_signal(self, message: Message) -> None:
+        if message.member == "Completed":
+            self._future(str(message.path)).set_result(bool(message.body[0]))
+
+    def _future(self, job: str) -> asyncio.Future[bool]:
+        if job not in self.done or self.done[job].done():
+            self.done.setdefault(job, self.loop.create_future())
+        return self.done[job]
+
+    @staticmethod
+    async def _call(bus: MessageBus, path: str, interface: str, member: str,
+                    signature: str = "", body: list[Any] | None = None,
+                    destination: str = "org.hostvold1") -> list[Any]:
+        reply = await bus.call(Message(destination=destination, path=path,
+                                       interface=interface, member=member,
+                                       signature=signature, body=body or []))
+        assert reply is not None
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise SystemExit(f"{member}: {reply.error_name} {reply.body}")
+        return list(reply.body)
+
+    def create_snapshot(self, volume: str) -> tuple[str, bool]:
+        """The new snapshot's object path and whether the guest was frozen for it."""
+        async def create() -> tuple[str, bool]:
+            (path,) = await self._call(self.bus, object_path("volumes", volume),
+                                       "org.hostvold1.Volume", "CreateSnapshot", "a{sv}", [{}])
+            (quiesced,) = await self._call(self.bus, str(path),
+                                           "org.freedesktop.DBus.Properties", "Get", "ss",
+                                           ["org.hostvold1.Snapshot", "Quiesced"])
+            return str(path), bool(quiesced.value)
+        return self._run(create())  # type: ignore[no-any-return]
+
+    def delete_snapshot(self, snapshot: str) -> None:
+        """Snapshot.Delete, then its Job's Completed signal."""
+        async def delete() -> bool:
+            (job,) = await self._call(self.bus, snapshot, "org.hostvold1.Snapshot", "Delete",
+                                      "a{sv}", [{}])
+            return await self._future(str(job))
+        if not self._run(delete()):
+            raise SystemExit(f"the delete of {snapshot} failed")
+
+    def close(self) -> None:
+        self.bus.disconnect()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def stall(guest: RealGuest, serial: str, action: Callable[[], object]) -> float:
     """The longest gap of the probe on ``serial`` from just before ``action`` until its
     reports after it are in."""
@@ -73,6 +149,8 @@ class Sides:
         self.guest = guest
         self.never = never  # bus of the quiesce=never hostvold
         self.quiesced = quiesced  # bus of the quiesce=try hostvold
+        self.never_client = BusClient(never)
+        self.quiesced_client = BusClient(quiesced)
         self.scratch = scratch
         self.h = self.q = self.v = ""
         self.v_target = self.h_target = ""
@@ -121,25 +199,24 @@ def one_round(guest: RealGuest, sides: Sides, hostvold_first: bool) -> dict[str,
     made: list[str] = []  # hostvold's two snapshots of this round
 
     def hostvold_create() -> None:
-        made.append(str(hostvolctl(sides.never, "snapshot", "create", sides.h)["Id"]))
+        made.append(sides.never_client.create_snapshot(sides.h)[0])
 
     def hostvold_quiesced() -> None:
-        snapshot = hostvolctl(sides.quiesced, "snapshot", "create", sides.q)
-        assert snapshot["Quiesced"] is True, "the agent did not freeze"
-        made.append(str(snapshot["Id"]))
+        path, quiesced = sides.quiesced_client.create_snapshot(sides.q)
+        assert quiesced, "the agent did not freeze"
+        made.append(path)
 
     pairs: list[list[tuple[str, str, Callable[[], object]]]] = [
         [("create-hostvold", sides.h, hostvold_create),
          ("create-libvirt", sides.v, lambda: sides.virsh_snapshot(False))],
-        [("commit-hostvold", sides.h,
-          lambda: hostvolctl(sides.never, "snapshot", "delete", made[0])),
+        [("commit-hostvold", sides.h, lambda: sides.never_client.delete_snapshot(made[0])),
          ("commit-libvirt", sides.v, sides.virsh_commit)],
         [("quiesced-hostvold", sides.q, hostvold_quiesced),
          ("quiesced-libvirt", sides.v, lambda: sides.virsh_snapshot(True))]]
     for pair in pairs:
         for key, serial, action in (pair if hostvold_first else reversed(pair)):
             figures[key] = stall(guest, serial, action)
-    hostvolctl(sides.quiesced, "snapshot", "delete", made[1])  # back to one layer each
+    sides.quiesced_client.delete_snapshot(made[1])  # back to one layer each
     sides.virsh_commit()
     return figures
 

@@ -27,7 +27,7 @@ GUEST_XML = """<domain type='qemu'>
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel><initrd>{initrd}</initrd>
     <cmdline>console=ttyS0 loglevel=4 panic=-1 {params}</cmdline></os>
-  <features><tcg><tb-cache unit='MiB'>64</tb-cache></tcg></features>
+  <features><acpi/><tcg><tb-cache unit='MiB'>64</tb-cache></tcg></features>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
@@ -169,6 +169,13 @@ class RealGuest:
         """SIGSTOPs the guest's agent for ``seconds`` (it is continued from inside)."""
         self.agent("guest-exec", {"path": "/bin/guestctl", "arg": ["hang-agent", str(seconds)]})
 
+    def answers(self) -> bool:
+        try:
+            self.agent("guest-ping", timeout=5)
+        except libvirt.libvirtError:
+            return False
+        return True
+
     def frozen(self) -> bool:
         return self.agent("guest-fsfreeze-status", timeout=30) == "frozen"
 
@@ -195,6 +202,8 @@ def boot(image: GuestImage, name: str, console: Path, uri: str = "qemu:///system
     start = guest.offset()
     try:
         wait_for(f"guest {name} to boot", lambda: "G ready" in guest.lines(start), seconds)
+        # libvirt sees the agent's port open a moment after the agent started
+        wait_for(f"the agent of {name} to answer", guest.answers, 30)
     except GuestFailed as exc:
         raise GuestFailed(f"{exc}\n{guest.tail()}") from None
     return guest
