@@ -168,4 +168,6 @@ def test_the_demo_runs(shared_base: Path, libvirtd: str, bus_factory: Callable[[
                           text=True, timeout=600)
     print("\n" + done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "every write reads back" in done.stdout and "demo done" in done.stdout
+    assert "the guest read back all" in done.stdout and "demo done" in done.stdout
+    assert "quiesced (the guest agent froze the filesystem): True" in done.stdout
+    assert "longest stall the guest saw" in done.stdout

@@ -134,6 +134,7 @@ def test_a_hung_agent_never_leaves_the_guest_frozen(live: Live, real_guest: Real
     real_guest.hang_agent(hang)
     hung_at = time.monotonic()
     time.sleep(0.5)  # the agent is stopped from inside: let it happen
+    mark_before = real_guest.acked(vid)
     started = time.monotonic()
     result = cli.run("--json", "snapshot", "create", vid)
     took = time.monotonic() - started
@@ -143,8 +144,11 @@ def test_a_hung_agent_never_leaves_the_guest_frozen(live: Live, real_guest: Real
         assert cli.json("snapshots", vid) == []
     else:
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["Quiesced"] is False
+        made = json.loads(result.stdout)
+        assert made["Quiesced"] is False
         assert "crash-consistent snapshot" in process.log_text()
+        # crash-consistent, taken while the agent hung: whole after a journal replay
+        holds(point_in_time(cli, made["Id"], scratch, quiesced=False), mark_before)
     mark = real_guest.acked(vid)
     real_guest.wait_acked(vid, mark + 3, seconds=10)  # not frozen while the agent is hung
     # the agent wakes up and carries out the stale freeze; the thaw must follow it
