@@ -31,6 +31,7 @@ from hostvold.server.daemon import Daemon
 
 pytest_plugins = ["tests.live_fixtures", "tests.guest_fixtures",  # domains, the real guest
                   "tests.cluster_fixtures",  # etcd, hosts
+                  "tests.migration_fixtures",  # a second libvirt host
                   "tests.sshfs_fixtures"]  # a network share whose link can be cut
 
 REQUIRE_INTEGRATION = (os.environ.get("CI") == "true"

@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -177,7 +176,11 @@ def migration_cluster(tmp_path: Path, guest_mounts: Path, bus_factory: Callable[
     hosts = []
     try:
         for lv in libvirt_hosts:
-            extra = (f"[libvirt]\nuri = {lv.uri}\nquiesce = try\n"
+            # 0666 files, as Cinder's NFS driver makes them without secure permissions:
+            # libvirt counts only network filesystems as shared, so on this local one the
+            # host a guest left gives its files back to root when its QEMU ends
+            extra = ("[volumes]\nnas_secure_file_permissions = false\n"
+                     f"[libvirt]\nuri = {lv.uri}\nquiesce = try\n"
                      f"[coordination]\nbackend_url = {etcd.url}\nhost_id = {lv.name}\n"
                      "lease_seconds = 5\n")
             host = Host(tmp_path / lv.name, [image], extra, mount_point_base=base)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
-VolumeState = Literal["creating", "available", "in-use", "deleting"]
+VolumeState = Literal["creating", "available", "in-use", "migrating", "deleting"]
 Provisioning = Literal["thin", "thick"]
 
 SCHEMA = 1

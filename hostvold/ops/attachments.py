@@ -24,6 +24,7 @@ from hostvold.core.errors import (
 )
 from hostvold.core.ids import valid_id
 from hostvold.core.layout import VolumeFiles
+from hostvold.core.ownership import Here, Migration, decide
 from hostvold.core.records import VolumeMeta
 from hostvold.core.users import Use, Users
 from hostvold.ops.store import VolumeStore
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 # lifecycle events after which the volumes of that domain are looked at again
 _WATCHED = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED,
             libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_RESUMED,
-            DEVICE_REMOVED}
+            libvirt.VIR_DOMAIN_EVENT_SUSPENDED, DEVICE_REMOVED}
+# the states in which who holds the volume follows libvirt
+OWNED_STATES = ("available", "in-use", "migrating")
 
 
 
@@ -64,35 +67,40 @@ class Attachments:
             uses += [Use(guest.name, d.target, d.source, running, saved) for d in named]
         return Users(tuple(uses))
 
-    async def observe(self, meta: VolumeMeta) -> tuple[VolumeMeta, Users]:
-        """Under the volume's lock: ask libvirt who uses the volume and make the record
-        say the same (state and attachment), unless an operation of ours is under way."""
+    async def observe(self, meta: VolumeMeta,
+                      left_by_migration: bool = False) -> tuple[VolumeMeta, Users]:
+        """Under the volume's lock, with the record just read from the share: ask libvirt
+        who uses the volume and make the record say the same (state, attachment, host; see
+        :mod:`hostvold.core.ownership`), unless an operation of ours is under way."""
         files = self.store.files_of(meta)
         users = await self.users(files, meta.id)
-        running = users.running
-        if meta.operation is None and meta.state in ("available", "in-use") \
-                and self.mine(meta):
-            if running is not None:
-                attachment = {"domain": running.domain, "target": running.target,
-                              "host": self.store.host_id}
-                if meta.state != "in-use" or meta.attachment != attachment:
-                    log.warning("volume %s is in use by domain %s (%s), as libvirt says",
-                                meta.id, running.domain, running.target,
-                                extra={"VOLUME_ID": meta.id, "DOMAIN": running.domain})
-                    meta = await self.store.record(files, meta.evolve(state="in-use",
-                                                                  attachment=attachment))
-            elif meta.state == "in-use":
-                log.info("volume %s is no longer used by a running domain", meta.id,
-                         extra={"VOLUME_ID": meta.id})
-                meta = await self.store.record(files, meta.evolve(state="available",
-                                                              attachment=None))
+        if meta.operation is not None or meta.state not in OWNED_STATES:
+            return meta, users
+        here = await self._here(meta, users.running)
+        decided = decide(meta.state, meta.attachment, self.store.host_id, here,
+                         left_by_migration)
+        if decided is not None and decided != (meta.state, meta.attachment):
+            state, attachment = decided
+            log.warning("volume %s is %s%s, as libvirt says", meta.id, state,
+                        f" ({_describe(attachment)})" if attachment else "",
+                        extra={"VOLUME_ID": meta.id})
+            meta = await self.store.record(files, meta.evolve(state=state,
+                                                              attachment=attachment))
         return meta, users
 
-    def mine(self, meta: VolumeMeta) -> bool:
-        """Whether the volume's attachment, if any, is this host's to check with libvirt
-        (another host's domain is not in this host's libvirt)."""
-        host = (meta.attachment or {}).get("host")
-        return host in (None, self.store.host_id)
+    async def _here(self, meta: VolumeMeta, use: Use | None) -> Here | None:
+        """This host's running domain with the volume open, and whether it is migrating;
+        the record already saying so costs no further question."""
+        if use is None:
+            return None
+        steady = {"domain": use.domain, "target": use.target, "host": self.store.host_id}
+        if meta.state == "in-use" and meta.attachment == steady:
+            return Here(use.domain, use.target)
+        try:
+            guest = Guest(self.hypervisor, await self.hypervisor.lookup(use.domain))
+            return Here(use.domain, use.target, _migration(await guest.migration()))
+        except DomainGone:
+            return None
 
     async def keep_definitions_in_step(self, files: VolumeFiles, volume_id: str) -> None:
         """Point every shut-off domain's definition that names a file of the volume at the
@@ -177,35 +185,50 @@ class Attachments:
 
     def _lifecycle(self, domain: str, event: int, detail: int) -> None:
         if event in _WATCHED:
-            task = asyncio.get_running_loop().create_task(self._refresh_domain(domain, event))
+            task = asyncio.get_running_loop().create_task(
+                self._refresh_domain(domain, event, detail))
             self._refreshing.add(task)
             task.add_done_callback(self._refreshing.discard)
 
-    async def _refresh_domain(self, domain: str, event: int) -> None:
-        """Look again at the volumes a domain used or uses, each under its lock (so a
-        volume whose domain vanished mid-operation is freed when that operation ends)."""
+    async def _refresh_domain(self, domain: str, event: int, detail: int) -> None:
+        """Look again at the volumes a domain used or uses, each under its lock and read
+        again from its share (another host may have claimed it meanwhile), so a volume
+        whose domain vanished mid-operation is freed when that operation ends."""
         ids = {m.id for m in self.store.list_volumes()
-               if (m.attachment or {}).get("domain") == domain and self.mine(m)}
-        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
+               if (m.attachment or {}).get("domain") == domain}
+        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED,
+                     libvirt.VIR_DOMAIN_EVENT_SUSPENDED):
             with contextlib.suppress(HypervisorError):
                 guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
                 ids |= {vid for d in await guest.disks() if (vid := self._volume_of(d))}
+        migrated_away = (event == libvirt.VIR_DOMAIN_EVENT_STOPPED
+                         and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)
         for volume_id in sorted(ids):
             try:
                 async with self.store.locks.volume(volume_id):
-                    meta = self.store.find(volume_id)
+                    meta = await self.store.refresh(volume_id)
                     if meta is None:
                         continue
                     op = meta.operation or {}
                     if op.get("domain") == domain and str(op.get("name")).startswith("live-") \
+                            and op.get("host") in (None, self.store.host_id) \
                             and await self.running_guest(domain) is None:
                         # its domain is gone and no task follows it any more: finish it now
                         await self.store.resume(meta)
                         meta = self.store.get_volume(volume_id)
-                    await self.observe(meta)
+                    await self.observe(meta, left_by_migration=migrated_away)
             except Exception as exc:
                 log.error("looking again at volume %s after an event of domain %s failed: %s",
                           volume_id, domain, exc, exc_info=not isinstance(exc, HostvoldError))
+
+
+def _migration(direction: str | None) -> Migration:
+    return "in" if direction == "in" else "out" if direction == "out" else None
+
+
+def _describe(attachment: dict[str, object]) -> str:
+    text = f"domain {attachment.get('domain')} on host {attachment.get('host') or '?'}"
+    return text + (f", going to host {attachment['to'] or '?'}" if "to" in attachment else "")
 
 
 def _names_volume(disk: DiskInfo, files: VolumeFiles, volume_id: str) -> bool:

@@ -36,6 +36,11 @@ class ClusterFollower:
         self._stops.append(await self.coordination.watch_members(
             lambda: self._spawn(self.ops.take_over())))
 
+    def announce(self, volume_ids: list[str]) -> None:
+        """Tell the other hosts of changes made before this follower started."""
+        for volume_id in volume_ids:
+            self._changed_here(volume_id)
+
     def stop(self) -> None:
         for stop in self._stops:
             try:

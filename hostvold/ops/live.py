@@ -40,9 +40,10 @@ from hostvold.core.errors import (
 from hostvold.core.ids import new_id
 from hostvold.core.images import Layer, layer_format
 from hostvold.core.layout import VolumeFiles
+from hostvold.core.ownership import Here, decide
 from hostvold.core.records import VolumeMeta, utc_now
 from hostvold.core.users import Users
-from hostvold.ops.attachments import Attachments
+from hostvold.ops.attachments import OWNED_STATES, Attachments
 from hostvold.ops.live_delete import LiveDelete
 from hostvold.ops.quiesce import Quiescer
 from hostvold.ops.store import VolumeStore, share_call
@@ -51,7 +52,7 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.qcow2 import qcow2_is_empty, validate_chain
-from hostvold.virt.guest import DiskInfo, Guest, disk_xml
+from hostvold.virt.guest import Guest, disk_xml
 from hostvold.virt.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,21 @@ class LiveVolumes:
         """Make every volume's state and attachment match the running domains, then resume
         live operations (after start and after libvirt reconnects)."""
         live = await self.attachments.running_disks()
+        me = self.store.host_id
         for meta in self.store.list_volumes():
-            if meta.state not in ("available", "in-use") or meta.operation is not None \
-                    or not self.attachments.mine(meta):
+            used = live.get(meta.id)
+            if meta.operation is not None or meta.state not in OWNED_STATES:
                 continue
+            here = Here(used[0].name, used[1].target) if used else None
+            steady = decide(meta.state, meta.attachment, me, here) in (
+                None, (meta.state, meta.attachment))
+            if steady:
+                continue  # the record already says what libvirt says: no lock, no question
             try:  # a volume whose share is away is looked at again when it is used
-                await self._agree(meta, live.get(meta.id))
+                async with self.store.locks.volume(meta.id):
+                    fresh = await self.store.refresh(meta.id)  # another host may have moved it
+                    if fresh is not None:
+                        await self.attachments.observe(fresh)
             except HostvoldError as exc:
                 log.warning("volume %s not reconciled with the domains: %s", meta.id, exc)
         for meta in self.store.list_volumes():
@@ -99,19 +109,6 @@ class LiveVolumes:
                     await self._merge_temporary(meta.id, leftovers)
                 except Exception:
                     log.exception("merging temporary snapshots of volume %s failed", meta.id)
-
-    async def _agree(self, meta: VolumeMeta, used: tuple[Guest, DiskInfo] | None) -> None:
-        """One volume's state and attachment as the running domains say."""
-        files = self.store.files_of(meta)
-        if used is not None:
-            guest, disk = used
-            attachment = {"domain": guest.name, "target": disk.target,
-                          "host": self.store.host_id}
-            if meta.state != "in-use" or meta.attachment != attachment:
-                await self.store.record(files, meta.evolve(state="in-use",
-                                                           attachment=attachment))
-        elif meta.state == "in-use":
-            await self.store.record(files, meta.evolve(state="available", attachment=None))
 
     async def _merge_temporary(self, volume_id: str, leftovers: list[str]) -> None:
         """Merge the temporary snapshots an interrupted clone or export left behind."""

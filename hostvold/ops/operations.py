@@ -81,6 +81,10 @@ class Operations:
         if self.live is not None:
             meta, users = await self.live.attachments.observe(meta)
         attachment = meta.attachment or {}
+        if meta.state == "migrating":
+            raise InUse(f"volume {volume_id} is migrating with domain "
+                        f"{attachment.get('domain')} from host {attachment.get('host') or '?'} "
+                        f"to host {attachment.get('to') or '?'}; try again once it has landed")
         if attachment.get("host") not in (None, self.store.host_id):
             raise InUse(f"volume {volume_id} is attached to domain {attachment.get('domain')} "
                         f"on host {attachment['host']}; work on it there")

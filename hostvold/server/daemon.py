@@ -74,6 +74,7 @@ class Daemon:
         self.coordination: Coordination | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.follower: ClusterFollower | None = None
+        self._changed_before_following: set[str] = set()
         self.rescanner: ShareRescanner | None = None
         self.paths: PathWatch | None = None
         self.keeper: ShareKeeper | None = None
@@ -112,6 +113,9 @@ class Daemon:
             os.chmod(private, 0o600)
         locks = await self._locks(state_dir / "locks")
         store = VolumeStore(config, shares, self.index, locks, 0o660)
+        # what this start changes (recovery, the attachments libvirt shows) is announced to
+        # the other hosts once the cluster is followed
+        store.change_listeners.append(self._changed_before_following.add)
         notify.status("loading the volume index")
         if self.index.fresh:
             await rebuild_index(store)
@@ -166,6 +170,11 @@ class Daemon:
         if self.coordination is not None and self.store is not None and self.ops is not None:
             self.follower = ClusterFollower(self.store, self.ops, self.coordination)
             await self.follower.start()
+        if self.store is not None:
+            self.store.change_listeners.remove(self._changed_before_following.add)
+            if self.follower is not None:
+                self.follower.announce(sorted(self._changed_before_following))
+            self._changed_before_following.clear()
 
     def _fenced(self) -> None:
         """This host lost its coordination session: its running jobs stop at their next

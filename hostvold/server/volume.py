@@ -61,7 +61,8 @@ def _volume_properties(meta: VolumeMeta, api: "Api") -> dict[str, Any]:
         "Id": meta.id, "Size": meta.size, "Format": meta.format,
         "Provisioning": meta.provisioning, "Created": meta.created,
         "Share": _share_path(meta, api), "ActiveFile": meta.active, "State": meta.state,
-        "Attachment": _attachment(meta), "Snapshots": _snapshot_paths(meta),
+        "Attachment": _attachment(meta), "Host": _host(meta),
+        "Snapshots": _snapshot_paths(meta),
         "Problems": list(meta.problems), "ConnectionInfo": _connection_info(meta, api),
     }
 
@@ -78,6 +79,12 @@ def _share_path(meta: VolumeMeta, api: "Api") -> str:
 def _attachment(meta: VolumeMeta) -> tuple[str, str]:
     attachment = meta.attachment or {}
     return (str(attachment.get("domain", "")), str(attachment.get("target", "")))
+
+
+def _host(meta: VolumeMeta) -> str:
+    """The host whose libvirt runs the attached domain (during a migration, the one the
+    guest comes from); empty when the volume is not attached."""
+    return str((meta.attachment or {}).get("host") or "")
 
 
 def _snapshot_paths(meta: VolumeMeta) -> list[str]:
@@ -157,6 +164,10 @@ class VolumeProperties(ServiceInterface, CachedEntry):
     @dbus_property(access=PropertyAccess.READ)
     def Attachment(self) -> Pair:
         return _attachment(self.meta)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Host(self) -> DBusStr:
+        return _host(self.meta)
 
     @dbus_property(access=PropertyAccess.READ)
     def Snapshots(self) -> ObjectPaths:

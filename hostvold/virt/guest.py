@@ -12,7 +12,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from hostvold.core.errors import DomainGone
+from hostvold.core.errors import DomainGone, HypervisorError
 from hostvold.virt.hypervisor import Hypervisor
 
 
@@ -156,6 +156,23 @@ class Guest:
             return bool(await self._call(self.domain.isActive))
         except DomainGone:
             return False
+
+    async def migration(self) -> str | None:
+        """"out" while this domain migrates away, "in" while it arrives (paused, QEMU
+        receiving its state), else None. Migration statistics exist on the source only."""
+        state, reason = await self._call(self.domain.state, 0)
+        try:
+            stats: dict[str, Any] = await self._call(self.domain.jobStats, 0)
+        except DomainGone:
+            raise
+        except HypervisorError:
+            stats = {}
+        if stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT:
+            return "out"
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason in (
+                libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP):
+            return "in"
+        return None
 
     async def is_persistent(self) -> bool:
         return bool(await self._call(self.domain.isPersistent))
