@@ -342,6 +342,14 @@ def test_libvirtd_restart_during_active_commit(
     monitor_write(domain, alias, 0x42, 4)
     monitor_write(domain, alias, 0x5e, 64, 384)  # enough for the commit to take a while
     job = cli.json("--no-wait", "snapshot", "delete", snap)["job"]
+    target = live_disk(domain, vid).target
+    conn = libvirt.open("qemu:///system")
+    started = time.monotonic() + 30  # under load the job may start a moment later
+    while not conn.lookupByName(domain).blockJobInfo(target, 0) and \
+            len(live_disk(domain, vid).chain) > 1:
+        assert time.monotonic() < started, cli.json("job", job)
+        time.sleep(0.05)
+    conn.close()
     subprocess.run(["pkill", "-9", "-x", "libvirtd"], check=True)
     time.sleep(0.5)  # the test's own pause before bringing libvirtd back
     subprocess.run(["libvirtd", "-d"], check=True)
@@ -349,7 +357,7 @@ def test_libvirtd_restart_during_active_commit(
     while (state := cli.json("job", job)["State"]) == "running":
         assert time.monotonic() < deadline, process.log_text()[-3000:]
         time.sleep(0.2)
-    assert state == "completed", cli.json("job", job)
+    assert state == "completed", (cli.json("job", job), process.log_text()[-3000:])
     assert "reconnect" in process.log_text().lower() or "connection closed" in \
         process.log_text().lower()
     conn = libvirt.open("qemu:///system")
