@@ -101,7 +101,7 @@ class Cluster:
         self.rescan = 30  # seconds between share rescans (the etcd watch needs none)
         self.lease = 3  # seconds a host stays a member without renewing
 
-    def config(self, name: str, extra: str = "") -> Path:
+    def config(self, name: str, extra: str = "", host_id: str | None = None) -> Path:
         home = self.root / name
         home.mkdir(exist_ok=True)
         (home / "shares").write_text(f"{self.image} -t ext4 -o loop\n")
@@ -111,19 +111,26 @@ class Cluster:
             f"[daemon]\nstate_dir = {home / 'state'}\nbus = {address}\n"
             f"[shares]\nshares_config = {home / 'shares'}\nmount_point_base = {self.mounts}\n"
             f"[coordination]\nbackend_url = {self.backends.get(name, self.backend)}\n"
-            f"host_id = {name}\nlease_seconds = {self.lease}\n"
+            f"host_id = {host_id or name}\nlease_seconds = {self.lease}\n"
             f"rescan_interval = {self.rescan}\n" + extra)
         self.hosts[name] = (path, Cli(address))
         return path
 
     def add(self, name: str, extra: str = "", env: dict[str, str] | None = None,
             wait: bool = True, prefix: list[str] | None = None,
-            backend: str | None = None) -> tuple[DaemonProcess, Cli]:
+            backend: str | None = None, host_id: str | None = None
+            ) -> tuple[DaemonProcess, Cli]:
+        """Start host ``name`` (its own state, bus and, unless ``host_id`` says another,
+        host id)."""
         if backend is not None:
             self.backends[name] = backend
-        process = self.daemon_factory(self.config(name, extra), env=env, wait=wait,
+        process = self.daemon_factory(self.config(name, extra, host_id), env=env, wait=wait,
                                       prefix=prefix)
         return process, self.hosts[name][1]
+
+    def start(self, count: int = 3) -> list[Cli]:
+        """``count`` hosts (a, b, c, ...), three by default."""
+        return [self.add(chr(ord("a") + index))[1] for index in range(count)]
 
     def close(self) -> None:
         umount_all(self.mounts)

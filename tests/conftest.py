@@ -329,7 +329,8 @@ class DaemonProcess:
 
     def __init__(self, config: Path, env: dict[str, str] | None = None,
                  prefix: list[str] | None = None) -> None:
-        self.notify_path = config.parent / f"notify-{os.getpid()}-{id(self)}.sock"
+        # a short path of its own: a socket's path must fit in 108 bytes
+        self.notify_path = Path(tempfile.mkdtemp(prefix="hvn-")) / "notify.sock"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.listener.bind(str(self.notify_path))
         self.messages: list[tuple[float, str]] = []
@@ -384,7 +385,7 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.listener.close()
-        self.notify_path.unlink(missing_ok=True)
+        shutil.rmtree(self.notify_path.parent, ignore_errors=True)
         return self.proc.wait()
 
 

@@ -33,18 +33,22 @@ def share_of(cluster: Cluster) -> Path:
 
 def test_operations_from_two_hosts_serialise(cluster: Cluster) -> None:
     """Snapshot creates and deletes on one volume from both hosts at once: each runs alone
-    under the cluster lock; no qemu-img lock error reaches a caller; the chain is whole."""
+    under the cluster lock, or is refused at once with Busy naming the other host; no
+    qemu-img lock error reaches a caller; the chain is whole."""
     _, cli_a = cluster.add("a")
     vid = cli_a.json("create", "64M")["Id"]
     _, cli_b = cluster.add("b")  # knows the volume from the share
     results: list[tuple[str, int, str]] = []
 
-    def work(name: str, cli: object) -> None:
+    def work(name: str, cli: Cli) -> None:
         for _ in range(3):
-            made = cli.run("--json", "snapshot", "create", vid)  # type: ignore[attr-defined]
+            made = cli.run("--json", "snapshot", "create", vid)
             results.append((name, made.returncode, made.stderr))
             if made.returncode == 0:
-                gone = cli.run("snapshot", "delete", json.loads(made.stdout)["Id"])  # type: ignore[attr-defined]
+                sid = json.loads(made.stdout)["Id"]
+                while (gone := cli.run("snapshot", "delete", sid)).returncode != 0 and \
+                        "Busy" in gone.stderr:  # a caller retries a Busy volume
+                    results.append((name, gone.returncode, gone.stderr))
                 results.append((name, gone.returncode, gone.stderr))
 
     threads = [threading.Thread(target=work, args=(n, c)) for n, c in (("a", cli_a),
@@ -53,8 +57,11 @@ def test_operations_from_two_hosts_serialise(cluster: Cluster) -> None:
         thread.start()
     for thread in threads:
         thread.join(120)
-    assert [r for r in results if r[1] != 0] == [], results
-    assert len(results) == 12
+    other = {"a": "host b", "b": "host a"}
+    refused = [r for r in results if r[1] != 0]
+    assert all("Busy" in r[2] and other[r[0]] in r[2] for r in refused), refused
+    assert len(results) - len(refused) >= 6, results  # every create made was deleted
+    print(f"\n{len(results) - len(refused)} done, {len(refused)} refused with Busy")
     share = share_of(cluster)
     info = json.loads((share / f"volume-{vid}.info").read_text()) if \
         (share / f"volume-{vid}.info").exists() else {"active": f"volume-{vid}"}

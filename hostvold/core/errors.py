@@ -44,6 +44,14 @@ class InUse(HostvoldError):
     name = "InUse"
 
 
+class Busy(HostvoldError):
+    """Another host holds the volume's cluster lock: its operation runs there (or, for a
+    host that stopped answering, until its lease ends). The message names the host and
+    when its lease ends; try again then."""
+
+    name = "Busy"
+
+
 class NoSpace(HostvoldError):
     name = "NoSpace"
 

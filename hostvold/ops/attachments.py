@@ -205,7 +205,7 @@ class Attachments:
                          and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)
         for volume_id in sorted(ids):
             try:
-                async with self.store.locks.volume(volume_id):
+                async with self.store.locks.volume(volume_id, brief=True):
                     meta = await self.store.refresh(volume_id)
                     if meta is None:
                         continue

@@ -14,7 +14,8 @@ from typing import Any
 from hostvold.core.layout import VolumeFiles
 from hostvold.ops.operations import Operations
 from hostvold.ops.store import VolumeStore
-from hostvold.storage.coordination import ClusterLocks, Coordination
+from hostvold.storage.clusterlocks import ClusterLocks
+from hostvold.storage.coordination import Coordination
 
 log = logging.getLogger(__name__)
 

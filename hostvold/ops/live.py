@@ -85,7 +85,7 @@ class LiveVolumes:
             if steady:
                 continue  # the record already says what libvirt says: no lock, no question
             try:  # a volume whose share is away is looked at again when it is used
-                async with self.store.locks.volume(meta.id):
+                async with self.store.locks.volume(meta.id, brief=True):
                     fresh = await self.store.refresh(meta.id)  # another host may have moved it
                     if fresh is not None:
                         await self.attachments.observe(fresh)

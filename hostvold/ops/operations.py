@@ -98,7 +98,7 @@ class Operations:
         known = self.store.find(valid_id(volume_id, "volume id"))
         if known is not None:
             find_share(self.store.shares, known.share).require_reachable()
-        async with self.store.locks.volume(volume_id):
+        async with self.store.locks.volume(volume_id, wait=False):  # Busy: another host
             yield
 
     async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
@@ -358,7 +358,12 @@ class Operations:
                 continue
             try:
                 async with self.store.locks.volume(meta.id):
-                    meta = self.store.get_volume(meta.id)
+                    # the share's record, not our picture: another host may have finished it
+                    fresh = await self.store.refresh(meta.id, ours_too=True)
+                    if fresh is None or not (fresh.operation or fresh.state in (
+                            "creating", "deleting")):
+                        continue
+                    meta = fresh
                     if owner != mine and meta.operation is not None:
                         log.warning("volume %s: taking over the interrupted %s of host %s, "
                                     "which left the group", meta.id, meta.operation.get("name"),

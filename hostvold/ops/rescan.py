@@ -111,7 +111,7 @@ class ShareRescanner:
                 complete = False  # our own operation holds it: looked at next round
                 continue
             try:
-                async with store.locks.volume(volume_id):
+                async with store.locks.volume(volume_id, brief=True):
                     await self._sync(share, volume_id, seen)
             except HostvoldError as exc:  # recorded as its problem, or hostile files
                 log.warning("volume %s on %s: %s", volume_id, address, exc,

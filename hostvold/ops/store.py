@@ -41,6 +41,7 @@ from hostvold.core.planning import chain_problems
 from hostvold.core.reconcile import busy, merge_record, record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of, utc_now
 from hostvold.core.shares import Candidate, Placement, choose_share
+from hostvold.storage import children
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.chainview import observe_chain
 from hostvold.storage.files import is_enospc
@@ -63,12 +64,8 @@ T = TypeVar("T")
 class VolumeStore:
     def __init__(self, config: Config, shares: list[Share], index: VolumeIndex,
                  locks: LocalLocks, file_mode: int) -> None:
-        self.config = config
-        self.shares = shares
-        self.index = index
-        self.locks = locks
-        self.file_mode = file_mode
-        self.naming = Naming(config.volumes.volume_name_template)
+        self.config, self.shares, self.index, self.locks = config, shares, index, locks
+        self.file_mode, self.naming = file_mode, Naming(config.volumes.volume_name_template)
         self.limits = Limits(config.limits.qemu_img_cpu_seconds,
                              config.limits.qemu_img_address_space)
         self.placement = Placement(config.volumes.reserved_percentage,
@@ -176,17 +173,18 @@ class VolumeStore:
     # ---- the share's word ---------------------------------------------------------------
 
     async def refresh(self, volume_id: str, share: Share | None = None,
-                      top_only: bool = False) -> VolumeMeta | None:
+                      top_only: bool = False, ours_too: bool = False) -> VolumeMeta | None:
         """The volume re-read from its share (in its pool) and reconciled; None when it is
         not a volume. The info file and chain decide the snapshots and the active file, the
         metadata file the rest; a volume whose base file is gone is forgotten. Left as they
-        are: this host's own operation under way, another writer's in-flight record.
+        are: this host's own operation under way (unless ``ours_too``: a recovery under the
+        lock, as another host may have taken it over), another writer's in-flight record.
         Damaged files are recorded as a problem, then raised. ``top_only``: see
         :func:`observe_chain` (a snapshot create)."""
         known = self.volumes.get(volume_id)
         self.just_read.pop(volume_id, None)  # only this refresh's own walk may be used
         walked: list[tuple[SnapshotMap, list[Layer]]] = []
-        if known is not None and self.index.is_inflight(volume_id):
+        if known is not None and self.index.is_inflight(volume_id) and not ours_too:
             return known
         if share is None:
             share = next((s for s in self.shares if known and s.spec.address == known.share),
@@ -257,6 +255,8 @@ class VolumeStore:
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
         share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
+        self.locks.check(meta.id)  # a host whose lock or lease lapsed writes nothing more
+        children.recorded(meta.id, meta.operation)
         if busy:  # durable before the share hears of the operation (a no-op once noted)
             await self.index.note_inflight(meta.id, meta.share)
         text = await share.io.run(write_meta, files.meta, meta, self.file_mode)
@@ -394,6 +394,7 @@ class VolumeStore:
 
 async def share_call(store: VolumeStore, meta: VolumeMeta, function: Callable[..., T],
                      *args: Any) -> T:
-    """``function(*args)`` on the volume's share, in that share's own pool."""
+    """``function(*args)`` on the volume's share, in its pool (not if our lock lapsed)."""
+    store.locks.check(meta.id)
     return await store.share_of(meta).io.run(function, *args)
 

@@ -148,6 +148,7 @@ class VolumeOps:
         await self.store.record(files, meta.evolve(state="deleting"))
         crash.point("delete:intent")
         share = self.store.share_of(meta)
+        self.store.locks.check(meta.id)
         share.tally(-await share.io.run(remove_volume_files, files))
         crash.point("delete:files-removed")
         await self.store.forget(meta.id)

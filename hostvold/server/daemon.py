@@ -30,7 +30,10 @@ from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
 from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
 from hostvold.server.objects import Api
-from hostvold.storage.coordination import ClusterLocks, Coordination
+from hostvold.storage import children
+from hostvold.storage.children import FenceGuard
+from hostvold.storage.clusterlocks import ClusterLocks
+from hostvold.storage.coordination import Coordination
 from hostvold.storage.index import VolumeIndex
 from hostvold.storage.locks import LocalLocks
 from hostvold.storage.mounts import Share
@@ -72,6 +75,7 @@ class Daemon:
         self.bus: MessageBus | None = None
         self.index: VolumeIndex | None = None
         self.coordination: Coordination | None = None
+        self.guard: FenceGuard | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.follower: ClusterFollower | None = None
         self._changed_before_following: set[str] = set()
@@ -152,6 +156,7 @@ class Daemon:
     async def _locks(self, directory: Path) -> LocalLocks:
         """Per-volume locks: the cluster's through etcd, or this host's alone."""
         settings = self.config.coordination
+        children.install(settings.host, None)
         if not settings.distributed:
             log.info("single-host: no [coordination] backend_url, so locks are local to this "
                      "host (%s); never let two hosts share a share this way", settings.host)
@@ -159,9 +164,15 @@ class Daemon:
                               settings.backend_url.startswith("file://") else directory)
         notify.status("joining the cluster")
         self.coordination = Coordination(settings.backend_url, settings.host,
-                                         settings.lease_seconds)
+                                         settings.lease_seconds, self.config.daemon.state_dir)
         await self.coordination.start()
         self.coordination.on_lost.append(self._fenced)
+        self.coordination.on_new_session.append(self._catch_up)
+        # this host's qemu-img children die when its lease could have lapsed
+        self.guard = FenceGuard(settings.host, self.coordination.require)
+        await self.guard.start(self.coordination.deadline)
+        self.coordination.on_renewed.append(self.guard.extend)
+        children.install(settings.host, self.guard)
         return ClusterLocks(directory, self.coordination)
 
     async def _follow_cluster(self) -> None:
@@ -175,6 +186,20 @@ class Daemon:
             if self.follower is not None:
                 self.follower.announce(sorted(self._changed_before_following))
             self._changed_before_following.clear()
+
+    def _catch_up(self) -> None:
+        """This host was away past its lease (stalled, stopped, cut off): what the other
+        hosts changed meanwhile is read from the shares, whatever the watches delivered."""
+        async def catch_up() -> None:
+            if self.store is None or self.rescanner is None or self.ops is None:
+                return
+            for share in self.store.mounted_shares():
+                await self.rescanner.scan(share)
+            await self.ops.take_over()
+
+        task = asyncio.get_running_loop().create_task(catch_up())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _fenced(self) -> None:
         """This host lost its coordination session: its running jobs stop at their next
@@ -206,6 +231,8 @@ class Daemon:
             self.follower.stop()
         if self.coordination is not None:
             await self.coordination.stop()
+        if self.guard is not None:
+            await self.guard.stop()
         if self.hypervisor is not None:
             await self.hypervisor.close()
         if self.index is not None:
@@ -236,6 +263,10 @@ class Daemon:
         except HostvoldError as exc:
             log.error("cannot start: %s", exc)
             return 1
+        except ConfigError as exc:  # e.g. a host id another live daemon has
+            log.error("cannot start: %s", exc)
+            await self.stop()
+            return EX_CONFIG
         mounted = len(store.mounted_shares())
         summary = (f"{len(store.list_volumes())} volumes on {mounted}/{len(store.shares)} "
                    f"shares, serving {BUS_NAME}")

@@ -8,26 +8,41 @@ runs in a small thread pool of its own, never on the event loop.
 Fencing: when the heartbeat cannot renew the lease for half its length, this host counts as
 cut off (``healthy`` false, ``on_lost`` told): it starts no data-changing step and its
 running jobs stop at their next recoverable step, well before the lease expires and another
-host may take its locks and its operations over.
+host may take its locks and its operations over. The same half-lease deadline goes to the
+fence guard (:mod:`hostvold.storage.children`), which kills this host's qemu-img children
+when it passes, whatever state the daemon is in. A host that was stalled finds out before
+its next step: every step checks that the lease is fresh and that the lock it holds was
+taken in the current session (a renewal that found the session expired starts a new one,
+and the locks of the old one are void).
+
+A host id is one live daemon: a daemon whose id is already a live member refuses to start,
+unless that member is its own previous run (the incarnation it noted in its state
+directory). A lock held by another host is answered at once with ``Busy``, naming the
+holder and when its lease ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from etcd3gw import exceptions as etcd_errors
 from etcd3gw import watch as etcd_watch
+from etcd3gw.lease import Lease
 from tooz import coordination
 
-from hostvold.core.aio import uninterrupted
-from hostvold.core.errors import StorageUnavailable
-from hostvold.storage.locks import LocalLocks
+from hostvold.core.errors import ConfigError, StorageUnavailable
+from hostvold.storage.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +61,47 @@ class CoordinationUnavailable(StorageUnavailable):
     name = "CoordinationUnavailable"
 
 
+class DuplicateHostId(ConfigError):
+    """Another live daemon already is this host id: two would silently diverge."""
+
+    def __init__(self, message: str) -> None:  # one line for the operator, no field list
+        Exception.__init__(self, message)
+
+
 class Coordination:
-    def __init__(self, url: str, host_id: str, lease_seconds: int) -> None:
+    def __init__(self, url: str, host_id: str, lease_seconds: int,
+                 state_dir: Path | None = None) -> None:
         sep = "&" if "?" in url else "?"
         self.url = (f"{url}{sep}timeout={lease_seconds}&lock_timeout={lease_seconds}"
                     f"&membership_timeout={lease_seconds}")
         self.host_id = host_id
         self.lease_seconds = lease_seconds
+        self.incarnation_file = state_dir / "incarnation" if state_dir else None
+        self.incarnation = str(uuid.uuid4())
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tooz")
         self.coordinator: Any = None
         self.healthy = False
+        self.joined = False
+        self.epoch = 0  # bumped when the session expired: locks of older epochs are void
         self.on_lost: list[Callable[[], None]] = []
+        self.on_renewed: list[Callable[[float], None]] = []  # told the new deadline
+        self.on_new_session: list[Callable[[], None]] = []  # after a gap: catch up
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_renewal = 0.0
 
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+    @property
+    def deadline(self) -> float:
+        """Until when (``time.monotonic()``) this host may act: half the lease after the
+        last renewal was sent, well before another host may take its locks over."""
+        return self._last_renewal + self.lease_seconds / 2
+
+    @property
+    def fresh(self) -> bool:
+        return self.healthy and time.monotonic() < self.deadline
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the coordination's own threads; a backend failure
+        becomes CoordinationUnavailable."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, function,
                                                                     *args)
@@ -76,22 +117,75 @@ class Coordination:
             coordinator.start(start_heart=False)
             with contextlib.suppress(coordination.GroupAlreadyExist):
                 coordinator.create_group(GROUP).get()
-            with contextlib.suppress(coordination.MemberAlreadyExist):
-                coordinator.join_group(GROUP).get()
             return coordinator
 
-        self.coordinator = await self._call(connect)
-        self.healthy, self._last_renewal = True, time.monotonic()
+        self._last_renewal = time.monotonic()
+        self.coordinator = await self.call(connect)
+        await self.call(self._join)
+        if self.incarnation_file is not None:
+            write_atomic(self.incarnation_file, self.incarnation.encode(), 0o600)
+        self.healthy = True
         self._heartbeat = asyncio.get_running_loop().create_task(self._renew())
         log.info("member %s of %s at %s (lease %d s)", self.host_id, GROUP.decode(),
                  self.url.split("?")[0], self.lease_seconds)
 
+    def _join(self) -> None:
+        """Join as this host id, unless another live daemon is it already. A member left by
+        this host's own previous run (its incarnation, noted in the state directory) is
+        this host: its key is replaced at once rather than waited out."""
+        capabilities = json.dumps({"incarnation": self.incarnation, "pid": os.getpid(),
+                                   "started": now_text()}).encode()
+        try:
+            self.coordinator.join_group(GROUP, capabilities).get()
+            self.joined = True
+            return
+        except coordination.MemberAlreadyExist:
+            pass
+        other = self._member_capabilities()
+        previous = self._previous_incarnation()
+        if previous is None or other.get("incarnation") != previous:
+            ttl = self._member_ttl()
+            raise DuplicateHostId(
+                f"host id {self.host_id} is already a live member of {GROUP.decode()} at "
+                f"{self.url.split('?')[0]} (another daemon, pid {other.get('pid', '?')}, "
+                f"started {other.get('started', '?')}; its lease ends in {ttl} s unless it "
+                "renews): give each host its own [coordination] host_id in hostvold.conf")
+        log.warning("host %s: the member left by this host's previous run is replaced",
+                    self.host_id)
+        self.coordinator.client.delete(self._member_key())
+        self.coordinator.join_group(GROUP, capabilities).get()
+        self.joined = True
+
+    def _member_key(self) -> str:
+        return f"tooz/groups/{GROUP.decode()}/{self.host_id}"
+
+    def _member_capabilities(self) -> dict[str, Any]:
+        try:
+            found = self.coordinator.get_member_capabilities(GROUP, self.host_id.encode()).get()
+            value = json.loads(found) if found else {}
+        except (coordination.MemberNotJoined, ValueError, TypeError):
+            value = {}
+        return value if isinstance(value, dict) else {}
+
+    def _member_ttl(self) -> int | str:
+        found = self.coordinator.client.get(self._member_key(), metadata=True)
+        lease = int(found[0][1].get("lease", 0)) if found else 0
+        return Lease(lease, self.coordinator.client).ttl() if lease else "?"
+
+    def _previous_incarnation(self) -> str | None:
+        if self.incarnation_file is None:
+            return None
+        try:
+            return self.incarnation_file.read_text().strip()
+        except OSError:
+            return None
+
     async def stop(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self.coordinator is not None:
+        if self.coordinator is not None:  # never the member key of another daemon
             with contextlib.suppress(Exception):
-                await self._call(self._leave)
+                await self.call(self._leave if self.joined else self.coordinator.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _leave(self) -> None:
@@ -113,16 +207,47 @@ class Coordination:
             sent = time.monotonic()  # etcd counts the lease from the request, not the reply
             wait = fence_at - sent if self.healthy else pause * 2
             try:
-                await asyncio.wait_for(self._call(self.coordinator.heartbeat), max(wait, 0.05))
-                if not self.healthy:
-                    log.warning("coordination session of %s is back", self.host_id)
-                self.healthy, self._last_renewal = True, sent
+                kept = await asyncio.wait_for(self.call(self._heartbeat_once),
+                                              max(wait, 0.05))
             except Exception as exc:  # whatever failed, the lease's clock decides
                 overdue = time.monotonic() - self._last_renewal
                 log.warning("lease renewal failed (%.1f s since the last): %s", overdue,
                             str(exc) or type(exc).__name__)
                 if self.healthy and time.monotonic() >= fence_at:
                     self._fence()
+                continue
+            if not kept and not await self._new_session():
+                continue
+            if not self.healthy:
+                log.warning("coordination session of %s is back", self.host_id)
+            self.healthy, self._last_renewal = True, sent
+            for listener in self.on_renewed:
+                listener(self.deadline)
+
+    def _heartbeat_once(self) -> bool:
+        """Renew the session's lease (and the locks'); False when it had expired: the
+        session is gone with every lock it held (tooz quietly makes a new lease)."""
+        expired = session_lease(self.coordinator).refresh() == -1
+        self.coordinator.heartbeat()
+        return not expired
+
+    async def _new_session(self) -> bool:
+        """The lease expired while this host was away (stalled, stopped, cut off): what it
+        held is another host's now. Fence, void the old locks, and join again."""
+        if self.healthy:
+            self._fence()
+        self.epoch += 1
+        log.error("host %s: its coordination session expired (%.1f s without a renewal); "
+                  "its locks are gone and the work it held is left to whoever holds them now",
+                  self.host_id, time.monotonic() - self._last_renewal)
+        try:
+            await self.call(self._join)
+        except (CoordinationUnavailable, DuplicateHostId) as exc:
+            log.error("host %s cannot join again: %s", self.host_id, exc)
+            return False
+        for listener in self.on_new_session:
+            listener()
+        return True
 
     def _fence(self) -> None:
         self.healthy = False
@@ -135,36 +260,20 @@ class Coordination:
                 log.exception("fencing listener failed")
 
     def require(self) -> None:
-        if not self.healthy:
+        if not self.fresh:
             raise CoordinationUnavailable(f"host {self.host_id} has no coordination session; "
                                           "changes are refused until it is back")
 
     async def members(self) -> set[str]:
         """The hosts alive in the group now."""
-        found = await self._call(lambda: self.coordinator.get_members(GROUP).get())
+        found = await self.call(lambda: self.coordinator.get_members(GROUP).get())
         return {member.decode() for member in found}
-
-    @contextlib.asynccontextmanager
-    async def lock(self, name: str) -> AsyncIterator[None]:
-        """Hold the cluster-wide lock ``name``; waits in a worker thread, never on the loop."""
-        lock = self.coordinator.get_lock(name.encode())
-        acquired = False
-        try:
-            while not acquired:  # tries of a few seconds: a cancelled wait ends soon
-                self.require()
-                acquired = await uninterrupted(self._call(lock.acquire, 2.0))
-            yield
-        finally:
-            if acquired:
-                with contextlib.suppress(CoordinationUnavailable):
-                    await uninterrupted(self._call(lock.release))
-
 
     async def announce(self, volume_id: str) -> None:
         """Tell every host that volume ``volume_id`` changed on the share."""
         if self.coordinator is not None and self.healthy:
             with contextlib.suppress(CoordinationUnavailable):
-                await self._call(self.coordinator.client.put, f"{CHANGES}{volume_id}",
+                await self.call(self.coordinator.client.put, f"{CHANGES}{volume_id}",
                                  f"{self.host_id} {time.time():.6f}")
 
     async def watch(self, changed: Callable[[str, str], None]) -> Callable[[], None]:
@@ -184,40 +293,30 @@ class Coordination:
         loop = asyncio.get_running_loop()
 
         def on_event(event: Any) -> None:  # in etcd3gw's thread
-            key, value = (_text(event.get("kv", {}).get(field, b""))
+            key, value = (text(event.get("kv", {}).get(field, b""))
                           for field in ("key", "value"))
             if key.startswith(prefix):
                 loop.call_soon_threadsafe(handler, key, value)
 
-        watcher = await self._call(lambda: etcd_watch.Watcher(
+        watcher = await self.call(lambda: etcd_watch.Watcher(
             self.coordinator.client, prefix, on_event, range_end=_prefix_end(prefix)))
         return watcher.stop
 
 
-def _text(value: object) -> str:
+def session_lease(coordinator: Any) -> Any:
+    """The lease of the tooz session (tooz has no public accessor): its refresh says
+    whether the session expired, which tooz's own heartbeat hides."""
+    return coordinator._membership_lease
+
+
+def now_text() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _prefix_end(prefix: str) -> str:
     """The end of the key range that holds every key starting with ``prefix``."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-class ClusterLocks(LocalLocks):
-    """Per-volume locks: this daemon's own (asyncio + flock), then the cluster's.
-    ``on_released`` hears of every volume whose lock this host let go."""
-
-    def __init__(self, local_directory: Any, coordination: Coordination) -> None:
-        super().__init__(local_directory)
-        self.coordination = coordination
-        self.on_released: list[Callable[[str], None]] = []
-
-    @contextlib.asynccontextmanager
-    async def volume(self, volume_id: str) -> AsyncIterator[None]:
-        try:
-            async with super().volume(volume_id), \
-                    self.coordination.lock(f"hostvold-volume-{volume_id}"):
-                yield
-        finally:
-            for released in self.on_released:
-                released(volume_id)

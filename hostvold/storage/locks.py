@@ -24,8 +24,10 @@ class LocalLocks:
         self._users: dict[str, int] = {}
 
     @asynccontextmanager
-    async def volume(self, volume_id: str) -> AsyncIterator[None]:
-        """Hold the lock of ``volume_id`` (a validated id) for the body."""
+    async def volume(self, volume_id: str, wait: bool = True,
+                     brief: bool = False) -> AsyncIterator[None]:
+        """Hold the lock of ``volume_id`` (a validated id) for the body. On one host a
+        call always waits its turn (``wait`` and ``brief`` matter for cluster locks)."""
         lock = self._locks.setdefault(volume_id, asyncio.Lock())
         self._users[volume_id] = self._users.get(volume_id, 0) + 1
         try:
@@ -35,6 +37,10 @@ class LocalLocks:
             self._users[volume_id] -= 1
             if not self._users[volume_id]:  # forget idle locks: memory stays O(busy volumes)
                 del self._users[volume_id], self._locks[volume_id]
+
+    def check(self, volume_id: str) -> None:
+        """Raise when this host may no longer change the volume under the lock it took
+        (only cluster locks can lapse)."""
 
     def busy(self, volume_id: str) -> bool:
         """Whether an operation of this daemon holds or waits for the volume's lock."""

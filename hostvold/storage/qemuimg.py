@@ -9,6 +9,7 @@ Rules kept here so no caller has to remember them:
 - an image a caller handed over as a file descriptor is reached as ``/dev/fd/N`` of the
   child (``pass_fds``), never by a path the caller named;
 - on timeout or cancellation the child is killed and reaped;
+- with many hosts, every child is held to this host's lease (:mod:`children`);
 - a failure raises :class:`QemuImgError` carrying stderr.
 """
 
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hostvold.core import progress
 from hostvold.core.errors import Failed, NoSpace, QemuImgError, StorageUnavailable
 from hostvold.core.images import Format
+from hostvold.storage import children
 
 ProgressCallback = Callable[[float], None]
 
@@ -82,7 +84,9 @@ async def run(argv: list[str], *, timeout: float | None = None,
     env = dict(os.environ, LC_ALL="C", MALLOC_ARENA_MAX="2")
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds)
+        stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds,
+        **children.spawn_options())  # held to this host's lease (many hosts)
+    children.started(proc.pid, argv)
     try:
         async with asyncio.timeout(timeout):
             if on_progress is None:
@@ -94,6 +98,8 @@ async def run(argv: list[str], *, timeout: float | None = None,
             proc.kill()
         await proc.wait()
         raise
+    finally:
+        children.ended(proc.pid, argv, proc.returncode)
     if proc.returncode not in ok_codes:
         stderr = err.decode(errors="replace")
         failed = QemuImgError(argv, proc.returncode, stderr, context)

@@ -174,12 +174,10 @@ class Guest:
             return "in"
         return None
 
-    async def is_persistent(self) -> bool:
-        return bool(await self._call(self.domain.isPersistent))
-
     async def _affect(self) -> int:
+        """The running domain, and its definition too when it has one."""
         flags: int = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if await self.is_persistent():
+        if await self._call(self.domain.isPersistent):
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
         return flags
 

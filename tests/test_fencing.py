@@ -1,0 +1,166 @@
+"""Many hosts, part 2 (SPEC section 8): a host id is one daemon, a volume another host holds
+is answered at once, and a host stalled past its lease neither keeps writing (its qemu-img
+is killed by its fence guard) nor goes on when it wakes (its steps check the lease)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from tests.cluster_fixtures import Cluster
+from tests.test_cluster import _process_with, daemon_log, share_of
+
+pytestmark = pytest.mark.integration
+
+
+def test_duplicate_host_id_refused(cluster: Cluster) -> None:
+    """Cloned hypervisors share a hostname: the second daemon with that id exits 78 with
+    one line naming the id and the setting; the first goes on. A daemon of that id killed
+    and started again is its own previous run, not a duplicate."""
+    process_a, cli_a = cluster.add("a")
+    vid = cli_a.json("create", "16M")["Id"]
+    clone, _ = cluster.add("clone", host_id="a", wait=False)
+    assert clone.proc.wait(30) == 78, clone.log_text()[-2000:]
+    refused = [line for line in clone.log_text().splitlines() if "cannot start" in line]
+    assert len(refused) == 1, clone.log_text()[-2000:]
+    assert "host id a is already a live member" in refused[0]
+    assert "[coordination] host_id" in refused[0], refused[0]
+    assert cli_a.json("show", vid)["Id"] == vid  # the first daemon is untouched
+    assert cli_a.json("snapshot", "create", vid)["Id"]
+    process_a.proc.send_signal(signal.SIGKILL)
+    process_a.proc.wait(10)
+    started = time.monotonic()
+    _, cli_a = cluster.add("a")  # within its old lease: its own previous run
+    print(f"\nrestarted within the lease in {time.monotonic() - started:.2f} s")
+    assert "previous run is replaced" in daemon_log(cluster, "a")
+    assert len(cli_a.json("snapshots", vid)) == 1
+
+
+def test_lock_of_a_dead_host_is_busy(cluster: Cluster) -> None:
+    """Host a dies holding a volume's lock (mid-commit). Until a's lease ends, a call on
+    that volume through host b is refused within 100 ms with Busy naming host a and when
+    its lease ends; then b takes the operation over and finishes it."""
+    cluster.lease = 10
+    process_a, cli_a = cluster.add("a")
+    vid = cli_a.json("create", "64M")["Id"]
+    sid = cli_a.json("snapshot", "create", vid)["Id"]
+    assert process_a.stop() == 0
+    crashing, _ = cluster.add("a", env={"HOSTVOLD_CRASH_AT": "delete-snapshot:commit"})
+    cli_a.run("snapshot", "delete", sid)
+    assert crashing.proc.wait(30) == 86
+    _, cli_b = cluster.add("b")
+    elapsed, error, message = asyncio.run(_create_snapshot(cli_b.address, vid))
+    print(f"\nrefused in {elapsed * 1000:.1f} ms: {error}: {message}")
+    assert error == "org.hostvold1.Error.Busy", (error, message)
+    assert "host a" in message and "lease holds" in message, message
+    assert elapsed < 0.1
+    deadline = time.monotonic() + 30
+    while cli_b.json("snapshots", vid):
+        assert time.monotonic() < deadline, daemon_log(cluster, "b")[-3000:]
+        time.sleep(0.2)
+    assert "taking over the interrupted delete-snapshot of host a" in daemon_log(cluster, "b")
+
+
+async def _create_snapshot(address: str, volume_id: str) -> tuple[float, str, str]:
+    """One Volume.CreateSnapshot over one bus connection: (seconds, error name, text)."""
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        started = time.monotonic()
+        reply = await bus.call(Message(
+            destination="org.hostvold1", path=f"/org/hostvold1/volumes/"
+            f"{volume_id.replace('-', '_')}", interface="org.hostvold1.Volume",
+            member="CreateSnapshot", signature="a{sv}", body=[{}]))
+        elapsed = time.monotonic() - started
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            return elapsed, str(reply.error_name), str(reply.body[0] if reply.body else "")
+        return elapsed, "", ""
+    finally:
+        bus.disconnect()
+
+
+def test_stalled_host_stops(cluster: Cluster) -> None:
+    """Host a's daemon and its qemu-img commit are stopped (SIGSTOP) for longer than the
+    lease, in the middle of a snapshot delete. a's fence guard kills the commit once the
+    lease could have lapsed; b takes the operation over after the lease and finishes it;
+    a, continued, writes nothing more to the volume (no step of a after b's takeover),
+    and both hosts then list the same snapshots, with the data right."""
+    cluster.lease = 6
+    process_a, cli_a = cluster.add("a")
+    _, cli_b = cluster.add("b")
+    vid = cli_a.json("create", "300M")["Id"]
+    base = share_of(cluster) / f"volume-{vid}"
+    sid = cli_a.json("snapshot", "create", vid)["Id"]
+    overlay = base.with_name(f"{base.name}.{sid}")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 200M", str(overlay)],
+                   check=True, capture_output=True)
+    job = cli_a.json("--no-wait", "snapshot", "delete", sid)["job"]
+    commit = _process_with(["qemu-img", "commit"], str(overlay))
+    os.kill(commit, signal.SIGSTOP)
+    os.kill(process_a.proc.pid, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        assert _gone(commit, cluster.lease), "a's fence guard did not kill its qemu-img"
+        killed_after = time.time() - stopped
+        deadline = time.monotonic() + 40
+        while overlay.exists():
+            assert time.monotonic() < deadline, daemon_log(cluster, "b")[-3000:]
+            time.sleep(0.2)
+        time.sleep(max(0.0, 20 - (time.time() - stopped)))  # a stays stopped 20 s
+    finally:
+        os.kill(process_a.proc.pid, signal.SIGCONT)
+    woke = time.time()
+    time.sleep(3)  # a runs again: whatever it would still do, it does now
+    del job
+    print(f"\na's qemu-img killed {killed_after:.1f} s after the stop (lease "
+          f"{cluster.lease} s); a continued after {woke - stopped:.1f} s")
+    log_a, log_b = daemon_log(cluster, "a"), daemon_log(cluster, "b")
+    assert "did not renew its lease in time" in log_a, log_a[-3000:]
+    assert "taking over the interrupted delete-snapshot of host a" in log_b
+    taken = min(_steps(log_b, vid, "record"), default=woke)
+    late = [t for t in _steps(log_a, vid, "record") + _steps(log_a, vid, "begin") if t > taken]
+    assert late == [], f"a changed the volume after b took it over: {late}\n{log_a[-3000:]}"
+    assert "session expired" in log_a, log_a[-3000:]
+    deadline = time.monotonic() + 10
+    while cli_a.json("snapshots", vid) != cli_b.json("snapshots", vid):
+        assert time.monotonic() < deadline, (cli_a.json("snapshots", vid), log_a[-3000:])
+        time.sleep(0.2)
+    assert cli_b.json("snapshots", vid) == []
+    assert cli_a.json("show", vid)["State"] == cli_b.json("show", vid)["State"] == "available"
+    assert json.loads(base.with_name(f"{base.name}.meta").read_text()).get("operation") is None
+    result = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x6b 0 200M", str(base)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
+    cli_a.json("snapshot", "create", vid)  # a works again, with its new session
+
+
+def _gone(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _steps(log: str, volume_id: str, kind: str) -> list[float]:
+    """The times of the ``STEP kind`` lines of one volume in a daemon's log."""
+    found = []
+    for line in log.splitlines():
+        if f"STEP {kind} " in line and f"volume={volume_id}" in line:
+            found.append(float(line.split(" t=", 1)[1].split()[0]))
+    return found
