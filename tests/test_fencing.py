@@ -164,3 +164,55 @@ def _steps(log: str, volume_id: str, kind: str) -> list[float]:
         if f"STEP {kind} " in line and f"volume={volume_id}" in line:
             found.append(float(line.split(" t=", 1)[1].split()[0]))
     return found
+
+
+def test_whole_host_stopped(cluster: Cluster) -> None:
+    """Every process of host a (daemon, fence guard, qemu-img) stopped past the lease: b
+    does not take the commit over while a's qemu-img still holds QEMU's image lock (the
+    second fence; on a share without locks only the guard would act, and it is stopped
+    here too). Continued, a's guard kills the stale commit, a joins again and finishes
+    its own operation; both hosts agree and the data is right."""
+    cluster.lease = 6
+    process_a, cli_a = cluster.add("a")
+    _, cli_b = cluster.add("b")
+    vid = cli_a.json("create", "300M")["Id"]
+    base = share_of(cluster) / f"volume-{vid}"
+    sid = cli_a.json("snapshot", "create", vid)["Id"]
+    overlay = base.with_name(f"{base.name}.{sid}")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6c 0 200M", str(overlay)],
+                   check=True, capture_output=True)
+    cli_a.json("--no-wait", "snapshot", "delete", sid)
+    commit = _process_with(["qemu-img", "commit"], str(overlay))
+    host_a = [commit, *_children_of(process_a.proc.pid), process_a.proc.pid]
+    for pid in host_a:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while "still locked by another process" not in daemon_log(cluster, "b"):
+            assert time.monotonic() < deadline, daemon_log(cluster, "b")[-3000:]
+            time.sleep(0.2)
+        assert overlay.exists()
+    finally:
+        for pid in reversed(host_a):
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while overlay.exists() or cli_a.json("snapshots", vid) or cli_b.json("snapshots", vid):
+        assert time.monotonic() < deadline, daemon_log(cluster, "a")[-3000:]
+        time.sleep(0.2)
+    result = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x6c 0 200M", str(base)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
+    assert json.loads(base.with_name(f"{base.name}.meta").read_text()).get("operation") is None
+
+
+def _children_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+    return found

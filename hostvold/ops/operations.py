@@ -16,6 +16,7 @@ from typing import Any
 
 from hostvold.core.errors import (
     AlreadyExists,
+    Busy,
     HostvoldError,
     HypervisorUnavailable,
     InfoFileDamaged,
@@ -44,6 +45,7 @@ from hostvold.ops.volumes import VolumeOps
 from hostvold.storage.coordination import Coordination
 from hostvold.storage.mounts import find_share
 from hostvold.storage.safefile import check_caller_fd, create_destination, remove_destination
+from hostvold.storage.volumefiles import locked_images
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +367,7 @@ class Operations:
                         continue
                     meta = fresh
                     if owner != mine and meta.operation is not None:
+                        await self._require_unlocked(meta, owner)
                         log.warning("volume %s: taking over the interrupted %s of host %s, "
                                     "which left the group", meta.id, meta.operation.get("name"),
                                     owner, extra={"VOLUME_ID": meta.id})
@@ -376,6 +379,14 @@ class Operations:
                 log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
                           exc_info=not isinstance(exc, HostvoldError),
                           extra={"VOLUME_ID": meta.id})
+
+    async def _require_unlocked(self, meta: VolumeMeta, owner: str) -> None:
+        """A second fence: no file of the volume still held by the departed host's qemu-img."""
+        locked = await share_call(self.store, meta, locked_images, self.store.files_of(meta))
+        if locked:
+            raise Busy(f"volume {meta.id}: {', '.join(locked)} still locked by another "
+                       f"process (host {owner}'s qemu-img may still run); the takeover is "
+                       "tried again when hosts join or leave, or at the next start")
 
     async def _resume(self, meta: VolumeMeta) -> None:
         """One volume's interrupted operation, finished or undone. An offline step waits

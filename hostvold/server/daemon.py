@@ -76,6 +76,7 @@ class Daemon:
         self.index: VolumeIndex | None = None
         self.coordination: Coordination | None = None
         self.guard: FenceGuard | None = None
+        self._fencing: asyncio.Task[None] | None = None  # the jobs a fence stopped
         self._background: set[asyncio.Task[None]] = set()
         self.follower: ClusterFollower | None = None
         self._changed_before_following: set[str] = set()
@@ -167,7 +168,7 @@ class Daemon:
                                          settings.lease_seconds, self.config.daemon.state_dir)
         await self.coordination.start()
         self.coordination.on_lost.append(self._fenced)
-        self.coordination.on_new_session.append(self._catch_up)
+        self.coordination.on_back.append(self._catch_up)
         # this host's qemu-img children die when its lease could have lapsed
         self.guard = FenceGuard(settings.host, self.coordination.require)
         await self.guard.start(self.coordination.deadline)
@@ -188,9 +189,14 @@ class Daemon:
             self._changed_before_following.clear()
 
     def _catch_up(self) -> None:
-        """This host was away past its lease (stalled, stopped, cut off): what the other
-        hosts changed meanwhile is read from the shares, whatever the watches delivered."""
+        """This host was fenced (stalled, stopped, cut off) and is back: once its stopped
+        jobs have ended, what the other hosts changed meanwhile is read from the shares
+        (whatever the watches delivered), and what is still this host's is finished."""
+        fencing = self._fencing
+
         async def catch_up() -> None:
+            if fencing is not None:
+                await asyncio.gather(fencing, return_exceptions=True)
             if self.store is None or self.rescanner is None or self.ops is None:
                 return
             for share in self.store.mounted_shares():
@@ -205,6 +211,7 @@ class Daemon:
         """This host lost its coordination session: its running jobs stop at their next
         recoverable step before its lease can expire and another host takes over."""
         task = asyncio.get_running_loop().create_task(self.jobs.cancel_all())
+        self._fencing = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

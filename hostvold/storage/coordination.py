@@ -85,7 +85,7 @@ class Coordination:
         self.epoch = 0  # bumped when the session expired: locks of older epochs are void
         self.on_lost: list[Callable[[], None]] = []
         self.on_renewed: list[Callable[[float], None]] = []  # told the new deadline
-        self.on_new_session: list[Callable[[], None]] = []  # after a gap: catch up
+        self.on_back: list[Callable[[], None]] = []  # fenced, then back: catch up
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_renewal = 0.0
 
@@ -218,11 +218,14 @@ class Coordination:
                 continue
             if not kept and not await self._new_session():
                 continue
-            if not self.healthy:
-                log.warning("coordination session of %s is back", self.host_id)
+            back = not self.healthy
             self.healthy, self._last_renewal = True, sent
             for listener in self.on_renewed:
                 listener(self.deadline)
+            if back:
+                log.warning("coordination session of %s is back", self.host_id)
+                for come_back in self.on_back:
+                    come_back()
 
     def _heartbeat_once(self) -> bool:
         """Renew the session's lease (and the locks'); False when it had expired: the
@@ -245,8 +248,6 @@ class Coordination:
         except (CoordinationUnavailable, DuplicateHostId) as exc:
             log.error("host %s cannot join again: %s", self.host_id, exc)
             return False
-        for listener in self.on_new_session:
-            listener()
         return True
 
     def _fence(self) -> None:

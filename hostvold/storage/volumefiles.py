@@ -4,7 +4,9 @@ Each is one blocking call, run in the share's own pool (:mod:`.shareio`)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 from pathlib import Path
 
 from hostvold.core.layout import Naming, VolumeFiles
@@ -51,6 +53,30 @@ def remove_volume_files(files: VolumeFiles) -> int:
             unlink_durable(path)
     unlink_durable(files.meta)
     return freed
+
+
+# struct flock on Linux x86-64/arm64: l_type, l_whence, l_start, l_len, l_pid
+_FLOCK = "=hh4xqqi4x"
+# QEMU's image locks are byte-range (OFD) locks from byte 100 on: one per permission
+_QEMU_LOCK_BYTES = (100, 200)
+
+
+def locked_images(files: VolumeFiles) -> list[str]:
+    """The volume's images some process holds QEMU's write lock on (a qemu-img or QEMU
+    still at work; on a share without locks, such as NFS mounted ``nolock``, none show)."""
+    locked = []
+    for path in files.existing():
+        if not files.is_image(path.name):
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, *_QEMU_LOCK_BYTES, 0)
+            answer = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+            if answer[0] != fcntl.F_UNLCK:
+                locked.append(path.name)
+        finally:
+            os.close(fd)
+    return locked
 
 
 def remove_temp_files(files: VolumeFiles) -> None:
