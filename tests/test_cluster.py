@@ -31,13 +31,14 @@ def share_of(cluster: Cluster) -> Path:
     return next(p for p in cluster.mounts.iterdir() if p.is_dir())
 
 
-def test_operations_from_two_hosts_serialise(cluster: Cluster) -> None:
-    """Snapshot creates and deletes on one volume from both hosts at once: each runs alone
-    under the cluster lock, or is refused at once with Busy naming the other host; no
+def test_operations_from_three_hosts_serialise(cluster: Cluster) -> None:
+    """Snapshot creates and deletes on one volume from three hosts at once: each runs alone
+    under the cluster lock, or is refused at once with Busy naming another host; no
     qemu-img lock error reaches a caller; the chain is whole."""
     _, cli_a = cluster.add("a")
     vid = cli_a.json("create", "64M")["Id"]
     _, cli_b = cluster.add("b")  # knows the volume from the share
+    _, cli_c = cluster.add("c")
     results: list[tuple[str, int, str]] = []
 
     def work(name: str, cli: Cli) -> None:
@@ -51,16 +52,16 @@ def test_operations_from_two_hosts_serialise(cluster: Cluster) -> None:
                     results.append((name, gone.returncode, gone.stderr))
                 results.append((name, gone.returncode, gone.stderr))
 
-    threads = [threading.Thread(target=work, args=(n, c)) for n, c in (("a", cli_a),
-                                                                          ("b", cli_b))]
+    threads = [threading.Thread(target=work, args=(n, c))
+               for n, c in (("a", cli_a), ("b", cli_b), ("c", cli_c))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
-    other = {"a": "host b", "b": "host a"}
     refused = [r for r in results if r[1] != 0]
-    assert all("Busy" in r[2] and other[r[0]] in r[2] for r in refused), refused
-    assert len(results) - len(refused) >= 6, results  # every create made was deleted
+    assert all("Busy" in r[2] and "being changed by host" in r[2]
+               and f"host {r[0]} " not in r[2] for r in refused), refused
+    assert len(results) - len(refused) >= 2, results  # each create made was deleted:
     print(f"\n{len(results) - len(refused)} done, {len(refused)} refused with Busy")
     share = share_of(cluster)
     info = json.loads((share / f"volume-{vid}.info").read_text()) if \
@@ -233,28 +234,29 @@ def _logged_at(log: str, words: str) -> str:
     return line[:23]
 
 
-def test_changes_show_on_the_other_host_within_a_second(cluster: Cluster) -> None:
-    """With etcd, a change on one host reaches the other through the volume's key (the
-    share rescan is set to an hour here, so it cannot be what shows it). The other host's
-    objects are read over one bus connection, so the figure is not the client's start-up."""
+def test_changes_show_on_the_other_hosts_within_a_second(cluster: Cluster) -> None:
+    """With etcd, a change on one of three hosts reaches the two others through the
+    volume's key (the share rescan is set to an hour here, so it cannot be what shows it).
+    The other hosts' objects are read over one bus connection each, so the figure is not
+    the client's start-up."""
     cluster.rescan = 3600
-    _, cli_a = cluster.add("a")
-    _, cli_b = cluster.add("b")
+    cli_a, cli_b, cli_c = cluster.start(3)
 
-    def seen(cli: Cli, check: Callable[[dict[str, Any]], bool], what: str) -> float:
-        return asyncio.run(_seen(cli.address, check, what))
+    def seen(clis: list[Cli], check: Callable[[dict[str, Any]], bool], what: str) -> float:
+        return max(asyncio.run(_seen(cli.address, check, what)) for cli in clis)
 
     vid = cli_a.json("create", "16M")["Id"]
     volume = f"/org/hostvold1/volumes/{vid.replace('-', '_')}"
-    figures = {"create": seen(cli_b, lambda objects: volume in objects, "create")}
+    figures = {"create": seen([cli_b, cli_c], lambda objects: volume in objects, "create")}
     sid = cli_b.json("snapshot", "create", vid)["Id"]
     snapshot = f"/org/hostvold1/snapshots/{sid.replace('-', '_')}"
-    figures["snapshot"] = seen(cli_a, lambda objects: snapshot in objects, "snapshot")
-    cli_a.json("snapshot", "delete", sid)
-    figures["snapshot delete"] = seen(cli_b, lambda objects: snapshot not in objects,
+    figures["snapshot"] = seen([cli_a, cli_c], lambda objects: snapshot in objects,
+                               "snapshot")
+    cli_c.json("snapshot", "delete", sid)
+    figures["snapshot delete"] = seen([cli_a, cli_b], lambda objects: snapshot not in objects,
                                       "snapshot delete")
     cli_b.json("delete", vid)
-    figures["delete"] = seen(cli_a, lambda objects: volume not in objects, "delete")
+    figures["delete"] = seen([cli_a, cli_c], lambda objects: volume not in objects, "delete")
     print("\n" + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in figures.items()))
 
 
