@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 from tests.conftest import need
 from tests.guest.image import BuildFailed, GuestImage, ensure_image
 from tests.guest.vm import RealGuest, boot
-from tests.live_fixtures import destroy_by_name
+from tests.live_fixtures import destroy_by_name, shared_directory
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +34,8 @@ def guest_image() -> GuestImage:
 
 @pytest.fixture(scope="module")
 def guest_mounts() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="hostvold-guest-mnt-"))
-    base.chmod(0o755)
-    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
-    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
-    yield base
-    subprocess.run(["umount", "-R", "-l", str(base)], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    with shared_directory("hostvold-guest-mnt-") as base:
+        yield base
 
 
 class GuestKeeper:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,18 +19,26 @@ from tests.conftest import DaemonProcess, Host
 from tests.test_dbus import Cli, with_bus
 
 
-@pytest.fixture
-def shared_base() -> Iterator[Path]:
-    """Mount points QEMU's user can reach (pytest's temp tree is 0700), on a shared mount:
-    libvirt starts each QEMU in a mount namespace of its own, and only mounts under a
-    shared mount reach it (on a systemd host "/" itself is shared)."""
-    base = Path(tempfile.mkdtemp(prefix="hostvold-mnt-"))
+@contextlib.contextmanager
+def shared_directory(prefix: str) -> Iterator[Path]:
+    """A directory for mount points QEMU's user can reach (pytest's temp tree is 0700), on
+    a shared mount: libvirt starts each QEMU in a mount namespace of its own, and only
+    mounts under a shared mount reach it (on a systemd host "/" itself is shared)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     base.chmod(0o755)
     subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
     subprocess.run(["mount", "--make-rshared", str(base)], check=True)
-    yield base
-    subprocess.run(["umount", "-R", "-l", str(base)], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        yield base
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(base)], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_base() -> Iterator[Path]:
+    with shared_directory("hostvold-mnt-") as base:
+        yield base
 
 
 @pytest.fixture

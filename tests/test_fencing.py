@@ -17,7 +17,9 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.cluster_fixtures import Cluster
+from tests.conftest import DaemonProcess
 from tests.test_cluster import _process_with, daemon_log, share_of
+from tests.test_dbus import Cli
 
 pytestmark = pytest.mark.integration
 
@@ -94,16 +96,7 @@ def test_stalled_host_stops(cluster: Cluster) -> None:
     lease could have lapsed; b takes the operation over after the lease and finishes it;
     a, continued, writes nothing more to the volume (no step of a after b's takeover),
     and both hosts then list the same snapshots, with the data right."""
-    cluster.lease = 6
-    process_a, cli_a = cluster.add("a")
-    _, cli_b = cluster.add("b")
-    vid = cli_a.json("create", "300M")["Id"]
-    base = share_of(cluster) / f"volume-{vid}"
-    sid = cli_a.json("snapshot", "create", vid)["Id"]
-    overlay = base.with_name(f"{base.name}.{sid}")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6b 0 200M", str(overlay)],
-                   check=True, capture_output=True)
-    job = cli_a.json("--no-wait", "snapshot", "delete", sid)["job"]
+    process_a, cli_a, cli_b, vid, base, overlay = _commit_under_way(cluster, 0x6b)
     commit = _process_with(["qemu-img", "commit"], str(overlay))
     os.kill(commit, signal.SIGSTOP)
     os.kill(process_a.proc.pid, signal.SIGSTOP)
@@ -120,7 +113,6 @@ def test_stalled_host_stops(cluster: Cluster) -> None:
         os.kill(process_a.proc.pid, signal.SIGCONT)
     woke = time.time()
     time.sleep(3)  # a runs again: whatever it would still do, it does now
-    del job
     print(f"\na's qemu-img killed {killed_after:.1f} s after the stop (lease "
           f"{cluster.lease} s); a continued after {woke - stopped:.1f} s")
     log_a, log_b = daemon_log(cluster, "a"), daemon_log(cluster, "b")
@@ -141,6 +133,23 @@ def test_stalled_host_stops(cluster: Cluster) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
     cli_a.json("snapshot", "create", vid)  # a works again, with its new session
+
+
+def _commit_under_way(cluster: Cluster, pattern: int
+                      ) -> tuple[DaemonProcess, Cli, Cli, str, Path, Path]:
+    """Hosts a and b (lease 6 s); a volume whose snapshot holds 200 MiB of ``pattern``,
+    being deleted through a (its commit running)."""
+    cluster.lease = 6
+    process_a, cli_a = cluster.add("a")
+    _, cli_b = cluster.add("b")
+    vid = cli_a.json("create", "300M")["Id"]
+    base = share_of(cluster) / f"volume-{vid}"
+    sid = cli_a.json("snapshot", "create", vid)["Id"]
+    overlay = base.with_name(f"{base.name}.{sid}")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} 0 200M",
+                    str(overlay)], check=True, capture_output=True)
+    cli_a.json("--no-wait", "snapshot", "delete", sid)
+    return process_a, cli_a, cli_b, vid, base, overlay
 
 
 def _gone(pid: int, seconds: float) -> bool:
@@ -172,16 +181,7 @@ def test_whole_host_stopped(cluster: Cluster) -> None:
     second fence; on a share without locks only the guard would act, and it is stopped
     here too). Continued, a's guard kills the stale commit, a joins again and finishes
     its own operation; both hosts agree and the data is right."""
-    cluster.lease = 6
-    process_a, cli_a = cluster.add("a")
-    _, cli_b = cluster.add("b")
-    vid = cli_a.json("create", "300M")["Id"]
-    base = share_of(cluster) / f"volume-{vid}"
-    sid = cli_a.json("snapshot", "create", vid)["Id"]
-    overlay = base.with_name(f"{base.name}.{sid}")
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x6c 0 200M", str(overlay)],
-                   check=True, capture_output=True)
-    cli_a.json("--no-wait", "snapshot", "delete", sid)
+    process_a, cli_a, cli_b, vid, base, overlay = _commit_under_way(cluster, 0x6c)
     commit = _process_with(["qemu-img", "commit"], str(overlay))
     host_a = [commit, *_children_of(process_a.proc.pid), process_a.proc.pid]
     for pid in host_a:

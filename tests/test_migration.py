@@ -23,7 +23,7 @@ from tests.guest.offline import check_image
 from tests.guest.vm import GUEST_XML, RealGuest, boot, wait_for
 from tests.migration_fixtures import ClusterHost, LibvirtHost
 from tests.test_dbus import Cli
-from tests.test_real_guest import file_of, holds, point_in_time, snapshot
+from tests.test_real_guest import attach_writing, file_of, holds, point_in_time, snapshot
 
 pytestmark = pytest.mark.integration
 Pair = tuple[ClusterHost, ClusterHost]
@@ -117,14 +117,6 @@ def mig_keeper(guest_image: GuestImage, libvirt_hosts: tuple[LibvirtHost, Libvir
 @pytest.fixture
 def guest(mig_keeper: GuestKeeper) -> RealGuest:
     return mig_keeper.get()
-
-
-def attach_writing(cli: Cli, guest: RealGuest, size: str = "64M") -> str:
-    vid = cli.json("create", size)["Id"]
-    mark = guest.offset()
-    cli.json("attach", vid, guest.name)
-    guest.wait_acked(vid, 5, seconds=120, since=mark)
-    return vid
 
 
 def within(seconds: float, what: str, probe: Callable[[], bool]) -> float:
