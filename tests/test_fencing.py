@@ -135,6 +135,26 @@ def test_stalled_host_stops(cluster: Cluster) -> None:
     cli_a.json("snapshot", "create", vid)  # a works again, with its new session
 
 
+def test_killed_daemon_leaves_no_writer(cluster: Cluster) -> None:
+    """The daemon SIGKILLed alone, its qemu-img commit running on (an orphan that would
+    write beside the host that takes over): the fence guard, its input closed, kills the
+    commit at once; b takes the operation over after the lease and finishes it."""
+    process_a, _, cli_b, vid, base, overlay = _commit_under_way(cluster, 0x6d)
+    commit = _process_with(["qemu-img", "commit"], str(overlay))
+    process_a.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    assert _gone(commit, 2), "the orphaned qemu-img commit still runs"
+    print(f"\norphaned commit killed {time.monotonic() - killed:.2f} s after the daemon")
+    deadline = time.monotonic() + 40
+    while cli_b.json("snapshots", vid):
+        assert time.monotonic() < deadline, daemon_log(cluster, "b")[-3000:]
+        time.sleep(0.2)
+    result = subprocess.run(["qemu-io", "-f", "raw", "-c", "read -P 0x6d 0 200M", str(base)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "fail" not in result.stdout.lower(), result.stdout
+    assert not overlay.exists()
+
+
 def _commit_under_way(cluster: Cluster, pattern: int
                       ) -> tuple[DaemonProcess, Cli, Cli, str, Path, Path]:
     """Hosts a and b (lease 6 s); a volume whose snapshot holds 200 MiB of ``pattern``,
