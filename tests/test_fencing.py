@@ -4,7 +4,6 @@ is killed by its fence guard) nor goes on when it wakes (its steps check the lea
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -13,8 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
 
 from tests.cluster_fixtures import Cluster
 from tests.conftest import DaemonProcess
@@ -60,7 +57,7 @@ def test_lock_of_a_dead_host_is_busy(cluster: Cluster) -> None:
     cli_a.run("snapshot", "delete", sid)
     assert crashing.proc.wait(30) == 86
     _, cli_b = cluster.add("b")
-    elapsed, error, message = asyncio.run(_create_snapshot(cli_b.address, vid))
+    elapsed, error, message = cli_b.create_snapshot_timed(vid)
     print(f"\nrefused in {elapsed * 1000:.1f} ms: {error}: {message}")
     assert error == "org.hostvold1.Error.Busy", (error, message)
     assert "host a" in message and "lease holds" in message, message
@@ -70,24 +67,6 @@ def test_lock_of_a_dead_host_is_busy(cluster: Cluster) -> None:
         assert time.monotonic() < deadline, daemon_log(cluster, "b")[-3000:]
         time.sleep(0.2)
     assert "taking over the interrupted delete-snapshot of host a" in daemon_log(cluster, "b")
-
-
-async def _create_snapshot(address: str, volume_id: str) -> tuple[float, str, str]:
-    """One Volume.CreateSnapshot over one bus connection: (seconds, error name, text)."""
-    bus = await MessageBus(bus_address=address).connect()
-    try:
-        started = time.monotonic()
-        reply = await bus.call(Message(
-            destination="org.hostvold1", path=f"/org/hostvold1/volumes/"
-            f"{volume_id.replace('-', '_')}", interface="org.hostvold1.Volume",
-            member="CreateSnapshot", signature="a{sv}", body=[{}]))
-        elapsed = time.monotonic() - started
-        assert reply is not None
-        if reply.message_type == MessageType.ERROR:
-            return elapsed, str(reply.error_name), str(reply.body[0] if reply.body else "")
-        return elapsed, "", ""
-    finally:
-        bus.disconnect()
 
 
 def test_stalled_host_stops(cluster: Cluster) -> None:

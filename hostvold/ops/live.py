@@ -218,11 +218,11 @@ class LiveVolumes:
             quiesced = await self._switch(guest, disk.target, str(path), others)
             crash.point("live-create-snapshot:switched")
             live = await guest.disk(disk.target)
-        except BaseException:
-            await uninterrupted(self._recover_create(files, meta))
+        except BaseException:  # the quiescer saw to the thaw: only a crash leaves one owed
+            await uninterrupted(self._recover_create(files, meta, thaw=False))
             raise
         if live is None or live.source != str(path):
-            await uninterrupted(self._recover_create(files, meta))
+            await uninterrupted(self._recover_create(files, meta, thaw=False))
             raise Failed(f"domain {guest.name} did not switch to {overlay}")
         return await self._finish_create(files, meta, sid, overlay, quiesced, temporary,
                                          [Layer(overlay, "qcow2"), *chain])
@@ -247,13 +247,14 @@ class LiveVolumes:
             snapshots={**meta.snapshots, sid: {"created": utc_now(), "quiesced": quiesced,
                                                **({"temporary": True} if temporary else {})}}))
 
-    async def _recover_create(self, files: VolumeFiles, meta: VolumeMeta) -> None:
+    async def _recover_create(self, files: VolumeFiles, meta: VolumeMeta,
+                              thaw: bool = True) -> None:
         op = meta.operation or {}
         sid, overlay = op["snapshot"], op["overlay"]
         path = files.directory / overlay
         guest = await self.attachments.running_guest(op["domain"])  # HypervisorUnavailable: kept
         if guest is not None:
-            if op.get("step") == "switch":  # we may have died between freeze and thaw
+            if thaw and op.get("step") == "switch":  # we may have died between freeze and thaw
                 try:
                     await guest.thaw()
                     log.warning("thawed domain %s after an interrupted quiesced snapshot",

@@ -7,6 +7,8 @@ a freeze or a thaw that the agent left unanswered, a thaw is asked again, each a
 up to the timeout for the agent, until one is answered or the domain is gone. The commands
 of one channel are carried out in order, so that thaw lands after any late freeze. A call
 refused at once (no agent configured or connected) sent nothing and leaves nothing behind.
+The snapshot waits for a freeze no longer than the timeout, although libvirt may wait
+longer (its sync, then the command): a freeze still asked is followed, then thawed.
 One freeze runs at a time per domain (two volumes of one guest share its agent).
 """
 
@@ -52,20 +54,29 @@ class Quiescer:
             return
         async with self._lock(guest):
             asked = asyncio.get_running_loop().time()
-            try:
-                await guest.freeze(self.timeout)
+            freezing = asyncio.ensure_future(guest.freeze(self.timeout))
+            try:  # libvirt may wait several times the timeout (its sync, then the command)
+                await asyncio.wait_for(asyncio.shield(freezing), self.timeout)
                 frozen = True
                 crash.point("live-create-snapshot:frozen")
-            except HypervisorError as exc:
-                if self._unanswered(exc, asked):
-                    self._thaw_when_answered(guest)  # the freeze may still land
+            except (HypervisorError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):  # still asked: followed, then thawed
+                    self._thaw_when_answered(guest, after=freezing)
+                    reason = f"no answer from the agent within {self.timeout} s"
+                else:
+                    if self._unanswered(exc, asked):
+                        self._thaw_when_answered(guest)  # the freeze may still land
+                    reason = exc.message
                 if self.policy == "require":
                     raise QuiesceFailed(
                         f"quiesce=require but the guest agent of {guest.name} did not freeze "
-                        f"the filesystems: {exc.message}") from None
+                        f"the filesystems: {reason}") from None
                 log.warning("no freeze for %s (%s): crash-consistent snapshot", guest.name,
-                            exc.message, extra={"DOMAIN": guest.name})
+                            reason, extra={"DOMAIN": guest.name})
                 frozen = False
+            except BaseException:  # cancelled while the freeze was asked: a thaw follows it
+                self._thaw_when_answered(guest, after=freezing)
+                raise
             try:
                 yield frozen
             finally:
@@ -89,13 +100,20 @@ class Quiescer:
         waited = asyncio.get_running_loop().time() - asked
         return error.code in UNANSWERED and waited >= self.timeout / 2
 
-    def _thaw_when_answered(self, guest: Guest) -> None:
+    def _thaw_when_answered(self, guest: Guest, after: asyncio.Future[None] | None = None
+                            ) -> None:
         running = self._thawing.get(guest.uuid)
         if running is None or running.done():
             self._thawing[guest.uuid] = asyncio.get_running_loop().create_task(
-                self._thaw_until_answered(guest))
+                self._thaw_until_answered(guest, after))
 
-    async def _thaw_until_answered(self, guest: Guest) -> None:
+    async def _thaw_until_answered(self, guest: Guest,
+                                   after: asyncio.Future[None] | None = None) -> None:
+        """``after``: a freeze given up on, followed first (whatever it did, the guest may
+        be frozen when it ends, or the agent may still hold the command)."""
+        if after is not None:
+            with contextlib.suppress(Exception):
+                await after
         loop = asyncio.get_running_loop()
         while True:
             asked = loop.time()
