@@ -55,6 +55,15 @@ class VolumeMeta(BaseModel):
                    for name, value in changes.items()}
         return self.model_copy(update=checked)
 
+    def stamped(self, host_id: str) -> VolumeMeta:
+        """Which host started the operation and made the attachment (SPEC section 8)."""
+        changes: dict[str, object] = {}
+        if self.operation is not None and "host" not in self.operation:
+            changes["operation"] = {**self.operation, "host": host_id}
+        if self.attachment is not None and "host" not in self.attachment:
+            changes["attachment"] = {**self.attachment, "host": host_id}
+        return self.evolve(**changes) if changes else self
+
 
 @functools.cache
 def _field_adapter(name: str) -> TypeAdapter[Any]:

@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class ClusterFollower:
-    def __init__(self, store: VolumeStore, ops: Operations, coordination: Coordination) -> None:
+    def __init__(self, store: VolumeStore, ops: Operations, coordination: Coordination,
+                 catch_up: Callable[[], None]) -> None:
         self.store = store
         self.ops = ops
         self.coordination = coordination
+        self.catch_up = catch_up  # announcements may have been missed: read the shares again
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stops: list[Callable[[], None]] = []
         self._changed_under_lock: set[str] = set()
@@ -33,8 +35,8 @@ class ClusterFollower:
         self.store.change_listeners.append(self._changed_here)
         if isinstance(self.store.locks, ClusterLocks):
             self.store.locks.on_released.append(self._released)
-        self._stops.append(await self.coordination.watch(self._changed_elsewhere))
-        self._stops.append(await self.coordination.watch_members(
+        self._stops.append(self.coordination.watch(self._changed_elsewhere, self.catch_up))
+        self._stops.append(self.coordination.watch_members(
             lambda: self._spawn(self.ops.take_over())))
 
     def announce(self, volume_ids: list[str]) -> None:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostvold.core.errors import HostvoldError
+from hostvold.core.errors import HostvoldError, StorageUnavailable
 from hostvold.core.layout import Naming, VolumeFiles
 from hostvold.ops.startup import adopt
 from hostvold.ops.store import VolumeStore
@@ -113,6 +113,11 @@ class ShareRescanner:
             try:
                 async with store.locks.volume(volume_id, brief=True):
                     await self._sync(share, volume_id, seen)
+            except StorageUnavailable as exc:  # etcd or the share away: next round
+                log.warning("volume %s on %s: %s", volume_id, address, exc,
+                            extra={"VOLUME_ID": volume_id})
+                complete = False
+                continue
             except HostvoldError as exc:  # recorded as its problem, or hostile files
                 log.warning("volume %s on %s: %s", volume_id, address, exc,
                             extra={"VOLUME_ID": volume_id})

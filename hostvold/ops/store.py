@@ -12,6 +12,7 @@ index's ``inflight`` table (a restart re-reads those volumes), then the metadata
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -251,29 +252,24 @@ class VolumeStore:
         """Persist ``meta``: an in-flight note in the index first when an operation is under
         way, then the metadata file on the share (atomically, in the share's pool), then
         memory and, once the operation ended, the index (a restart re-reads a noted volume)."""
-        meta = self._stamped(meta)
+        meta = meta.stamped(self.host_id)
         busy = meta.operation is not None or meta.state in ("creating", "deleting")
         share = find_share(self.shares, meta.share)
         share.require_reachable()  # refused before the in-flight note, not after it
-        self.locks.check(meta.id)  # a host whose lock or lease lapsed writes nothing more
+        # a host whose lock or lease lapsed writes nothing more: checked before, at the
+        # rename (a stall may come between) and after (then it is not acknowledged)
+        still_ours = functools.partial(self.locks.check, meta.id)
+        still_ours()
         children.recorded(meta.id, meta.operation)
         if busy:  # durable before the share hears of the operation (a no-op once noted)
             await self.index.note_inflight(meta.id, meta.share)
-        text = await share.io.run(write_meta, files.meta, meta, self.file_mode)
+        text = await share.io.run(write_meta, files.meta, meta, self.file_mode, still_ours)
+        still_ours()
         if not busy:  # a cache of the share: not waited for
             self.index.queue_put(meta, text=text)
         self.volumes[meta.id] = meta
         self._changed(meta.id)
         return meta
-
-    def _stamped(self, meta: VolumeMeta) -> VolumeMeta:
-        """Which host started the operation and made the attachment (SPEC section 8)."""
-        changes: dict[str, object] = {}
-        if meta.operation is not None and "host" not in meta.operation:
-            changes["operation"] = {**meta.operation, "host": self.host_id}
-        if meta.attachment is not None and "host" not in meta.attachment:
-            changes["attachment"] = {**meta.attachment, "host": self.host_id}
-        return meta.evolve(**changes) if changes else meta
 
     async def forget(self, volume_id: str) -> None:
         self.index.queue_remove(volume_id)

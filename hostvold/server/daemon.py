@@ -170,7 +170,8 @@ class Daemon:
         self.coordination.on_lost.append(self._fenced)
         self.coordination.on_back.append(self._catch_up)
         # this host's qemu-img children die when its lease could have lapsed
-        self.guard = FenceGuard(settings.host, self.coordination.require)
+        self.guard = FenceGuard(settings.host, self.coordination.require,
+                                settings.lease_seconds)
         await self.guard.start(self.coordination.deadline)
         self.coordination.on_renewed.append(self.guard.extend)
         children.install(settings.host, self.guard)
@@ -180,7 +181,8 @@ class Daemon:
         """With etcd: changes of other hosts refresh our picture; departed hosts' work is
         taken over."""
         if self.coordination is not None and self.store is not None and self.ops is not None:
-            self.follower = ClusterFollower(self.store, self.ops, self.coordination)
+            self.follower = ClusterFollower(self.store, self.ops, self.coordination,
+                                            self._catch_up)
             await self.follower.start()
         if self.store is not None:
             self.store.change_listeners.remove(self._changed_before_following.add)

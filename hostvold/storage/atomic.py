@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from hostvold.core.layout import temp_name
@@ -23,9 +24,11 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, data: bytes, mode: int = 0o644) -> Stamp:
+def write_atomic(target: Path, data: bytes, mode: int = 0o644,
+                 before_rename: Callable[[], None] | None = None) -> Stamp:
     """Returns the stamp of the file written, taken from its own descriptor after the
-    rename: what a later fresh open of ``target`` shows while the file is still ours."""
+    rename: what a later fresh open of ``target`` shows while the file is still ours.
+    ``before_rename`` may refuse, by raising, at the last moment (a lapsed lease)."""
     tmp = temp_name(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -36,6 +39,8 @@ def write_atomic(target: Path, data: bytes, mode: int = 0o644) -> Stamp:
                 view = view[written:]
             os.fchmod(fd, mode)  # the umask must not decide the mode
             os.fsync(fd)
+            if before_rename is not None:
+                before_rename()
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -35,14 +35,20 @@ _VOLUME = re.compile(r"volume-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[
 
 
 class FenceGuard:
-    """The guard process and the deadline it keeps; one per daemon."""
+    """The guard process and the deadlines it keeps; one per daemon. Besides the lease's
+    deadline it hears, several times per lease, that the daemon's event loop still runs:
+    a daemon stalled or stopped for three quarters of a lease is killed too, before any
+    other host may take its locks, so it never wakes up to finish a step it had begun
+    (systemd starts it again, and it recovers from what is recorded)."""
 
-    def __init__(self, host_id: str, check: Callable[[], None]) -> None:
+    def __init__(self, host_id: str, check: Callable[[], None], lease_seconds: float) -> None:
         self.host_id = host_id
         self.check = check  # raises when this host may not start a writer now
+        self.lease_seconds = lease_seconds
         self.proc: asyncio.subprocess.Process | None = None
         self._deadline = 0.0
         self._watch: asyncio.Task[None] | None = None
+        self._alive: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self, deadline: float) -> None:
@@ -52,6 +58,14 @@ class FenceGuard:
             stdin=asyncio.subprocess.PIPE, process_group=0)  # a group of its own
         self.extend(deadline)
         self._watch = asyncio.get_running_loop().create_task(self._restart_when_gone())
+        if self._alive is None:
+            self._alive = asyncio.get_running_loop().create_task(self._say_alive())
+
+    async def _say_alive(self) -> None:
+        """The event loop runs: the guard's watchdog, renewed every eighth of a lease."""
+        while True:
+            self._send(f"alive {time.monotonic() + self.lease_seconds * 0.75:.6f}")
+            await asyncio.sleep(self.lease_seconds / 8)
 
     async def _restart_when_gone(self) -> None:
         assert self.proc is not None
@@ -63,9 +77,12 @@ class FenceGuard:
     def extend(self, deadline: float) -> None:
         """The lease holds until ``deadline`` (``time.monotonic()``, the guard's clock too)."""
         self._deadline = deadline
+        self._send(f"lease {deadline:.6f}")
+
+    def _send(self, line: str) -> None:
         if self.proc is not None and self.proc.stdin is not None:
             with contextlib.suppress(OSError, RuntimeError):
-                self.proc.stdin.write(f"{deadline:.6f}\n".encode())
+                self.proc.stdin.write(f"{line}\n".encode())
 
     def spawn_options(self) -> dict[str, Any]:
         """Where a new writer goes: into the guard's group, if this host may write now."""
@@ -78,8 +95,9 @@ class FenceGuard:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._alive):
+            if task is not None:
+                task.cancel()
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()  # end of input: the guard kills what is left and ends
             with contextlib.suppress(ProcessLookupError, TimeoutError):

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from etcd3gw import exceptions as etcd_errors
-from etcd3gw import watch as etcd_watch
 from etcd3gw.lease import Lease
 from tooz import coordination
 
 from hostvold.core.errors import ConfigError, StorageUnavailable
 from hostvold.storage.atomic import write_atomic
+from hostvold.storage.etcdwatch import PrefixWatch
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Coordination:
         self.on_back: list[Callable[[], None]] = []  # fenced, then back: catch up
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_renewal = 0.0
+        self._watches: list[PrefixWatch] = []
 
     @property
     def deadline(self) -> float:
@@ -224,6 +225,8 @@ class Coordination:
                 listener(self.deadline)
             if back:
                 log.warning("coordination session of %s is back", self.host_id)
+                for watch in self._watches:  # a stream cut off with us may be dead, silently
+                    watch.restart()
                 for come_back in self.on_back:
                     come_back()
 
@@ -277,31 +280,29 @@ class Coordination:
                 await self.call(self.coordinator.client.put, f"{CHANGES}{volume_id}",
                                  f"{self.host_id} {time.time():.6f}")
 
-    async def watch(self, changed: Callable[[str, str], None]) -> Callable[[], None]:
+    def watch(self, changed: Callable[[str, str], None],
+              gap: Callable[[], None]) -> Callable[[], None]:
         """Call ``changed(volume_id, host)`` on the loop for every change any host
-        announces (this host's own included); returns the function that stops watching."""
+        announces (this host's own included), and ``gap()`` when announcements may have
+        been missed; returns the function that stops watching."""
         def on_change(key: str, value: str) -> None:
             changed(key[len(CHANGES):], value.split(" ")[0])
 
-        return await self._watch(CHANGES, on_change)
+        return self._watch(CHANGES, on_change, gap)
 
-    async def watch_members(self, changed: Callable[[], None]) -> Callable[[], None]:
+    def watch_members(self, changed: Callable[[], None]) -> Callable[[], None]:
         """Call ``changed()`` on the loop whenever a host joins or leaves the group (a
-        member's key goes with its lease: no polling of the member list)."""
-        return await self._watch(f"tooz/groups/{GROUP.decode()}/", lambda _k, _v: changed())
+        member's key goes with its lease: no polling of the member list), or when such a
+        change may have been missed."""
+        return self._watch(f"tooz/groups/{GROUP.decode()}/", lambda _k, _v: changed(), changed)
 
-    async def _watch(self, prefix: str, handler: Callable[[str, str], None]) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-
-        def on_event(event: Any) -> None:  # in etcd3gw's thread
-            key, value = (text(event.get("kv", {}).get(field, b""))
-                          for field in ("key", "value"))
-            if key.startswith(prefix):
-                loop.call_soon_threadsafe(handler, key, value)
-
-        watcher = await self.call(lambda: etcd_watch.Watcher(
-            self.coordinator.client, prefix, on_event, range_end=_prefix_end(prefix)))
-        return watcher.stop
+    def _watch(self, prefix: str, handler: Callable[[str, str], None],
+               gap: Callable[[], None]) -> Callable[[], None]:
+        watch = PrefixWatch(self.coordinator.client, prefix, handler, gap,
+                            asyncio.get_running_loop())
+        watch.start()
+        self._watches.append(watch)
+        return watch.stop
 
 
 def session_lease(coordinator: Any) -> Any:
@@ -318,6 +319,3 @@ def text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _prefix_end(prefix: str) -> str:
-    """The end of the key range that holds every key starting with ``prefix``."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)

@@ -1,11 +1,15 @@
-"""The fence guard: kills this host's qemu-img children once its lease could have expired.
+"""The fence guard: kills this host's qemu-img children once its lease could have expired,
+and the daemon itself once it stopped running.
 
 Run by the daemon (``python -m hostvold.storage.fenceguard HOST_ID``) as the leader of a
 process group every writing child joins. Its input carries deadlines, one per line
-(``time.monotonic()`` seconds, the same clock in every process of the machine). It waits,
-blocked in ``select``, until the input speaks or the deadline passes:
-- the deadline passed with no newer one: the daemon did not renew its lease in time
+(``lease T`` and ``alive T``, ``time.monotonic()`` seconds, the same clock in every process
+of the machine). It waits, blocked in ``select``, until the input speaks or a deadline
+passes:
+- the lease's deadline passed with no newer one: the daemon did not renew its lease in time
   (stopped, stalled, cut off), so every other process of the group gets SIGKILL;
+- the alive deadline passed: the daemon's event loop stopped (SIGSTOP, a stall), so the
+  daemon gets SIGKILL too, and can never finish a step it began once its lease is gone;
 - end of input: the daemon is gone, and so must its children be.
 It ignores SIGTERM, SIGINT and SIGHUP: a service stop ends it through its input, after the
 daemon, never before.
@@ -13,6 +17,7 @@ daemon, never before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -32,7 +37,7 @@ def members(group: int, me: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[2]) == group:
+        if int(fields[2]) == group and fields[0] != "Z":  # a zombie writes nothing more
             found.append(int(entry.name))
     return found
 
@@ -49,18 +54,34 @@ def kill_group(host: str, why: str) -> None:
               flush=True)
 
 
+def kill_daemon(host: str) -> None:
+    daemon = os.getppid()
+    if daemon > 1:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
+        print(f"hostvold fence guard: the daemon of host {host} (pid {daemon}) stopped running "
+              "for three quarters of its lease (stopped or stalled): killed, so that it never "
+              "finishes a step after its lease; it recovers from its records when started "
+              "again", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
     host = argv[1] if len(argv) > 1 else "-"
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
-    deadline: float | None = None
+    deadlines: dict[bytes, float] = {}
     pending = b""
     while True:
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        soonest = min(deadlines.values(), default=None)
+        timeout = None if soonest is None else max(soonest - time.monotonic(), 0.0)
         readable, _, _ = select.select([0], [], [], timeout)
         if not readable:
+            if deadlines.get(b"alive", float("inf")) <= time.monotonic():
+                kill_daemon(host)
+                kill_group(host, f"the daemon of host {host} stopped running")
+                return 0
             kill_group(host, f"host {host} did not renew its lease in time")
-            deadline = None  # until the daemon renews again (it starts nothing meanwhile)
+            deadlines.pop(b"lease", None)  # until the daemon renews (it starts nothing now)
             continue
         data = os.read(0, 4096)
         if not data:
@@ -68,8 +89,9 @@ def main(argv: list[str]) -> int:
             return 0
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:
-            if line.strip():
-                deadline = float(line)
+            kind, _, value = line.strip().partition(b" ")
+            if value:
+                deadlines[kind] = float(value)
 
 
 if __name__ == "__main__":

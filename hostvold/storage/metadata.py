@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -33,13 +34,15 @@ def read_meta(path: Path) -> VolumeMeta:
     return _PARSED.get(path, parse)
 
 
-def write_meta(path: Path, meta: VolumeMeta, mode: int) -> str:
+def write_meta(path: Path, meta: VolumeMeta, mode: int,
+               before_rename: Callable[[], None] | None = None) -> str:
     """Returns the JSON written, so that the index can store it as it is (a record with
     hundreds of snapshots is not serialised twice)."""
     # one line, in pydantic's own encoder: a record with hundreds of snapshots is written
     # at every step (json.dumps with sorted keys takes four times as long)
     text = meta.model_dump_json()
-    _PARSED.remember(path, write_atomic(path, f"{text}\n".encode(), mode), meta)
+    _PARSED.remember(path, write_atomic(path, f"{text}\n".encode(), mode, before_rename),
+                     meta)
     return text
 
 
