@@ -33,6 +33,9 @@ def test_duplicate_host_id_refused(cluster: Cluster) -> None:
     assert len(refused) == 1, clone.log_text()[-2000:]
     assert "host id a is already a live member" in refused[0]
     assert "[coordination] host_id" in refused[0], refused[0]
+    second, _ = cluster.add("a", wait=False)  # a second daemon on a's own state directory
+    assert second.proc.wait(30) == 78, second.log_text()[-2000:]
+    assert "host id a is already a live member" in second.log_text()
     assert cli_a.json("show", vid)["Id"] == vid  # the first daemon is untouched
     assert cli_a.json("snapshot", "create", vid)["Id"]
     process_a.proc.send_signal(signal.SIGKILL)

@@ -144,7 +144,8 @@ class Coordination:
             pass
         other = self._member_capabilities()
         previous = self._previous_incarnation()
-        if previous is None or other.get("incarnation") != previous:
+        if previous is None or other.get("incarnation") != previous or \
+                _still_running(other.get("pid")):  # a second daemon on one state directory
             ttl = self._member_ttl()
             raise DuplicateHostId(
                 f"host id {self.host_id} is already a live member of {GROUP.decode()} at "
@@ -303,6 +304,16 @@ class Coordination:
         watch.start()
         self._watches.append(watch)
         return watch.stop
+
+
+def _still_running(pid: object) -> bool:
+    """Whether ``pid`` (of this machine: the previous run noted in our state directory)
+    is a hostvold still running."""
+    try:
+        argv = Path(f"/proc/{int(str(pid))}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"hostvold" in argv and int(str(pid)) != os.getpid()
 
 
 def session_lease(coordinator: Any) -> Any:
