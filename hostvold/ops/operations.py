@@ -94,9 +94,8 @@ class Operations:
 
     @contextlib.asynccontextmanager
     async def _volume(self, volume_id: str) -> AsyncIterator[None]:
-        """The volume's lock, once its share can answer: a volume on a share that went
-        away is refused at once, never after a wait on the lock of an operation stuck in
-        that share."""
+        """The volume's lock, once its share can answer (a share that went away is
+        refused at once, never after a wait on an operation stuck in it)."""
         known = self.store.find(valid_id(volume_id, "volume id"))
         if known is not None:
             find_share(self.store.shares, known.share).require_reachable()
@@ -342,8 +341,7 @@ class Operations:
 
     async def take_over(self) -> None:
         """Finish or undo the interrupted operations this host owns, and those of hosts no
-        longer in the group (their leases expired: their locks are free); each under the
-        volume's lock. Another live host's operation is left to that host."""
+        longer in the group, each under the volume's lock; a live host's is left to it."""
         mine = self.store.host_id
         alive = {mine}
         if self.coordination is not None:
@@ -365,7 +363,10 @@ class Operations:
                     if fresh is None or not (fresh.operation or fresh.state in (
                             "creating", "deleting")):
                         continue
-                    meta = fresh
+                    meta, owner = fresh, str((fresh.operation or {}).get("host") or mine)
+                    if owner != mine and self.coordination is not None and \
+                            owner in await self.coordination.members():  # alive again
+                        continue
                     if owner != mine and meta.operation is not None:
                         await self._require_unlocked(meta, owner)
                         log.warning("volume %s: taking over the interrupted %s of host %s, "
@@ -384,9 +385,8 @@ class Operations:
         """A second fence: no file of the volume still held by the departed host's qemu-img."""
         locked = await share_call(self.store, meta, locked_images, self.store.files_of(meta))
         if locked:
-            raise Busy(f"volume {meta.id}: {', '.join(locked)} still locked by another "
-                       f"process (host {owner}'s qemu-img may still run); the takeover is "
-                       "tried again when hosts join or leave, or at the next start")
+            raise Busy(f"volume {meta.id}: {', '.join(locked)} still locked by another process "
+                       f"(host {owner}'s qemu-img?); tried again when hosts join or leave")
 
     async def _resume(self, meta: VolumeMeta) -> None:
         """One volume's interrupted operation, finished or undone. An offline step waits

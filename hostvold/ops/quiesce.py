@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 import libvirt
 
 from hostvold.core import crash
-from hostvold.core.errors import DomainGone, Failed, HypervisorError
+from hostvold.core.errors import DomainGone, Failed, HypervisorError, HypervisorUnavailable
 from hostvold.virt.guest import Guest
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class Quiescer:
         """Whether the agent may have got the command without answering it: libvirt's
         "not responding", after waiting (not refused at once)."""
         waited = asyncio.get_running_loop().time() - asked
+        if isinstance(error, HypervisorUnavailable):  # libvirt away: nobody knows
+            return True
         return error.code in UNANSWERED and waited >= self.timeout / 2
 
     def _thaw_when_answered(self, guest: Guest, after: asyncio.Future[None] | None = None
@@ -126,7 +128,7 @@ class Quiescer:
             except DomainGone:
                 return
             except HypervisorError as exc:
-                if exc.code not in UNANSWERED:
+                if exc.code not in UNANSWERED and not isinstance(exc, HypervisorUnavailable):
                     return  # the agent answered (or there is none): nothing waits in it
                 try:
                     if not await guest.is_running():

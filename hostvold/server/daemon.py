@@ -281,6 +281,8 @@ class Daemon:
                    f"shares, serving {BUS_NAME}")
         log.info("hostvold %s ready: %s", __version__, summary)
         notify.ready(summary)
+        if self.guard is not None:
+            self.guard.watch_daemon()
         await self._follow_cluster()
         rescans = asyncio.get_running_loop().create_task(self._rescan_shares())
         self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))

@@ -58,6 +58,10 @@ class FenceGuard:
             stdin=asyncio.subprocess.PIPE, process_group=0)  # a group of its own
         self.extend(deadline)
         self._watch = asyncio.get_running_loop().create_task(self._restart_when_gone())
+
+    def watch_daemon(self) -> None:
+        """From now on (the daemon is ready: no long start-up work left on its loop), the
+        guard kills the daemon when its loop stops running."""
         if self._alive is None:
             self._alive = asyncio.get_running_loop().create_task(self._say_alive())
 
@@ -69,10 +73,15 @@ class FenceGuard:
 
     async def _restart_when_gone(self) -> None:
         assert self.proc is not None
-        code = await self.proc.wait()
-        if not self._stopping:  # nothing spawns until it is back (spawn_options refuses)
+        code: object = await self.proc.wait()
+        while not self._stopping:  # nothing spawns until it is back (spawn_options refuses)
             log.error("the fence guard ended (status %s); starting it again", code)
-            await self.start(self._deadline)
+            try:
+                await self.start(self._deadline)
+                return
+            except OSError as exc:
+                code = str(exc)
+                await asyncio.sleep(1)
 
     def extend(self, deadline: float) -> None:
         """The lease holds until ``deadline`` (``time.monotonic()``, the guard's clock too)."""
@@ -85,12 +94,14 @@ class FenceGuard:
                 self.proc.stdin.write(f"{line}\n".encode())
 
     def spawn_options(self) -> dict[str, Any]:
-        """Where a new writer goes: into the guard's group, if this host may write now."""
+        """Where a new writer goes: into the guard's group, if this host may write now and
+        for a moment yet (a child started at the deadline could join after the guard's
+        kill)."""
         self.check()
+        if time.monotonic() > self._deadline - min(1.0, self.lease_seconds / 10):
+            raise guard_refused("this host's lease is about to need a renewal")
         if self.proc is None or self.proc.returncode is not None:
-            from hostvold.storage.coordination import CoordinationUnavailable
-            raise CoordinationUnavailable("the fence guard is not running; no qemu-img may "
-                                          "start until it is back")
+            raise guard_refused("the fence guard is not running")
         return {"process_group": self.proc.pid}
 
     async def stop(self) -> None:
@@ -102,6 +113,11 @@ class FenceGuard:
             self.proc.stdin.close()  # end of input: the guard kills what is left and ends
             with contextlib.suppress(ProcessLookupError, TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 5)
+
+
+def guard_refused(why: str) -> Exception:
+    from hostvold.storage.coordination import CoordinationUnavailable
+    return CoordinationUnavailable(f"{why}; no qemu-img may start now, try again shortly")
 
 
 _guard: FenceGuard | None = None

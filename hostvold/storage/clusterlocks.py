@@ -110,9 +110,19 @@ class ClusterLocks(LocalLocks):
         return True
 
     def _give_back(self, lock: Any, name: str) -> None:
+        """Release; a release that failed (etcd away) must not leave tooz renewing the lock
+        for ever: it is dropped from tooz's renewals and its lease revoked, or let run out."""
+        coordinator = self.coordination.coordinator
         with contextlib.suppress(*BACKEND_FAILURES):  # bound to the session: it goes anyway
-            self.coordination.coordinator.client.delete(HOLDERS + name)
-        lock.release()
+            coordinator.client.delete(HOLDERS + name)
+        released = False
+        try:
+            released = bool(lock.release())
+        finally:
+            if not released:
+                coordinator._acquired_locks.discard(lock)
+                with contextlib.suppress(*BACKEND_FAILURES):
+                    lock._lease.revoke()
 
     def _wait_release(self, name: str) -> None:
         """Until the lock's key goes (or a few seconds pass: the caller tries again)."""

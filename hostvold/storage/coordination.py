@@ -79,9 +79,11 @@ class Coordination:
         self.incarnation_file = state_dir / "incarnation" if state_dir else None
         self.incarnation = str(uuid.uuid4())
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tooz")
+        self.renewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease")
         self.coordinator: Any = None
         self.healthy = False
         self.joined = False
+        self._lease_id = 0  # the session lease this host joined with
         self.epoch = 0  # bumped when the session expired: locks of older epochs are void
         self.on_lost: list[Callable[[], None]] = []
         self.on_renewed: list[Callable[[float], None]] = []  # told the new deadline
@@ -100,12 +102,12 @@ class Coordination:
     def fresh(self) -> bool:
         return self.healthy and time.monotonic() < self.deadline
 
-    async def call(self, function: Callable[..., T], *args: Any) -> T:
+    async def call(self, function: Callable[..., T], *args: Any, renewer: bool = False) -> T:
         """``function(*args)`` in the coordination's own threads; a backend failure
         becomes CoordinationUnavailable."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, function,
-                                                                    *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.renewer if renewer else self.executor, function, *args)
         except BACKEND_FAILURES as exc:
             raise CoordinationUnavailable(
                 f"the coordination backend at {self.url.split('?')[0]} failed "
@@ -138,7 +140,7 @@ class Coordination:
                                    "started": now_text()}).encode()
         try:
             self.coordinator.join_group(GROUP, capabilities).get()
-            self.joined = True
+            self._joined_with(session_lease(self.coordinator).id)
             return
         except coordination.MemberAlreadyExist:
             pass
@@ -156,7 +158,10 @@ class Coordination:
                     self.host_id)
         self.coordinator.client.delete(self._member_key())
         self.coordinator.join_group(GROUP, capabilities).get()
-        self.joined = True
+        self._joined_with(session_lease(self.coordinator).id)
+
+    def _joined_with(self, lease_id: int) -> None:
+        self._lease_id, self.joined = lease_id, True
 
     def _member_key(self) -> str:
         return f"tooz/groups/{GROUP.decode()}/{self.host_id}"
@@ -189,6 +194,7 @@ class Coordination:
             with contextlib.suppress(Exception):
                 await self.call(self._leave if self.joined else self.coordinator.stop)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.renewer.shutdown(wait=False, cancel_futures=True)
 
     def _leave(self) -> None:
         with contextlib.suppress(coordination.ToozError):
@@ -208,8 +214,8 @@ class Coordination:
                 await asyncio.sleep(pause)
             sent = time.monotonic()  # etcd counts the lease from the request, not the reply
             wait = fence_at - sent if self.healthy else pause * 2
-            try:
-                kept = await asyncio.wait_for(self.call(self._heartbeat_once),
+            try:  # a thread of its own: never queued behind lock waits
+                kept = await asyncio.wait_for(self.call(self._heartbeat_once, renewer=True),
                                               max(wait, 0.05))
             except Exception as exc:  # whatever failed, the lease's clock decides
                 overdue = time.monotonic() - self._last_renewal
@@ -232,21 +238,30 @@ class Coordination:
                     come_back()
 
     def _heartbeat_once(self) -> bool:
-        """Renew the session's lease (and the locks'); False when it had expired: the
-        session is gone with every lock it held (tooz quietly makes a new lease)."""
-        expired = session_lease(self.coordinator).refresh() == -1
-        self.coordinator.heartbeat()
-        return not expired
+        """Renew the session's lease and each held lock's; False when the session is not
+        the one this host joined with, or any of those leases had expired: the session is
+        gone with every lock it held (tooz's own heartbeat hides it, making a new lease,
+        which the join that follows uses)."""
+        coordinator = self.coordinator
+        lease = session_lease(coordinator)
+        kept = (self.joined and lease.id == self._lease_id and lease.refresh() != -1
+                and all(lock._lease.refresh() != -1
+                        for lock in list(coordinator._acquired_locks)))
+        coordinator.heartbeat()
+        return kept
 
     async def _new_session(self) -> bool:
         """The lease expired while this host was away (stalled, stopped, cut off): what it
-        held is another host's now. Fence, void the old locks, and join again."""
-        if self.healthy:
-            self._fence()
-        self.epoch += 1
-        log.error("host %s: its coordination session expired (%.1f s without a renewal); "
-                  "its locks are gone and the work it held is left to whoever holds them now",
-                  self.host_id, time.monotonic() - self._last_renewal)
+        held is another host's now. Fence, void the old locks, and join again (tried at
+        each renewal until it works; the host stays fenced meanwhile)."""
+        if self.joined:
+            if self.healthy:
+                self._fence()
+            self.epoch += 1
+            self.joined = False
+            log.error("host %s: its coordination session expired (%.1f s without a "
+                      "renewal); its locks are gone and the work it held is left to whoever "
+                      "holds them now", self.host_id, time.monotonic() - self._last_renewal)
         try:
             await self.call(self._join)
         except (CoordinationUnavailable, DuplicateHostId) as exc:

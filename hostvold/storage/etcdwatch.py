@@ -106,6 +106,9 @@ class PrefixWatch:
             if not line.strip():
                 continue
             result = json.loads(line).get("result", {})
+            if result.get("canceled"):  # compacted past our revision, or etcd's data gone
+                self._revision = 0
+                raise ConnectionError(f"etcd cancelled the watch: {result}")
             for event in result.get("events", []):
                 kv = event.get("kv", {})
                 self._revision = max(self._revision, int(kv.get("mod_revision", 0)))

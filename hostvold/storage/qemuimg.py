@@ -82,10 +82,15 @@ async def run(argv: list[str], *, timeout: float | None = None,
     # every thread of qemu-img's pool would reserve a 64 MiB malloc arena: under the
     # address-space limit a commit or convert moving data then fails to start threads
     env = dict(os.environ, LC_ALL="C", MALLOC_ARENA_MAX="2")
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds,
-        **children.spawn_options())  # held to this host's lease (many hosts)
+    fenced = children.spawn_options()  # held to this host's lease (many hosts)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds, **fenced)
+    except PermissionError as exc:  # the guard's group went with it just now
+        if not fenced:
+            raise
+        raise children.guard_refused("the fence guard just ended") from exc
     children.started(proc.pid, argv)
     try:
         async with asyncio.timeout(timeout):
