@@ -134,10 +134,13 @@ class Coordination:
 
     def _join(self) -> None:
         """Join as this host id, unless another live daemon is it already. A member left by
-        this host's own previous run (its incarnation, noted in the state directory) is
-        this host: its key is replaced at once rather than waited out."""
+        this host's own previous run (its incarnation, noted in the state directory, of
+        this very boot, its pid gone) is replaced at once. Any other member holding the
+        id is waited out for one lease: a dead one's key goes, a live one renews it (a
+        clone that copied our state directory, or our run before a quick reboot, differ
+        by boot)."""
         capabilities = json.dumps({"incarnation": self.incarnation, "pid": os.getpid(),
-                                   "started": now_text()}).encode()
+                                   "boot": _boot_id(), "started": now_text()}).encode()
         try:
             self.coordinator.join_group(GROUP, capabilities).get()
             self._joined_with(session_lease(self.coordinator).id)
@@ -146,8 +149,16 @@ class Coordination:
             pass
         other = self._member_capabilities()
         previous = self._previous_incarnation()
-        if previous is None or other.get("incarnation") != previous or \
-                _still_running(other.get("pid")):  # a second daemon on one state directory
+        ours = (previous is not None and other.get("incarnation") == previous
+                and other.get("boot") == _boot_id() and not _still_running(other.get("pid")))
+        if not ours:
+            with contextlib.suppress(*BACKEND_FAILURES):
+                self.coordinator.client.watch_once(self._member_key(),
+                                                   timeout=self.lease_seconds + 1)
+            if not self.coordinator.client.get(self._member_key()):
+                self.coordinator.join_group(GROUP, capabilities).get()
+                self._joined_with(session_lease(self.coordinator).id)
+                return
             ttl = self._member_ttl()
             raise DuplicateHostId(
                 f"host id {self.host_id} is already a live member of {GROUP.decode()} at "
@@ -319,6 +330,13 @@ class Coordination:
         watch.start()
         self._watches.append(watch)
         return watch.stop
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _still_running(pid: object) -> bool:
