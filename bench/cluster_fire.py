@@ -1377,6 +1377,34 @@ def late_records(steps: list[Step], faults: list[Fault]) -> list[str]:
     return found
 
 
+def awake_parts(steps: list[Step], faults: list[Fault]) -> list[Step]:
+    """Each step with the windows cut out in which every process of its host was stopped
+    (a pause of the whole host): a stopped process changes nothing, whatever the clock on
+    the wall says. A child the stopped daemon had not yet reaped (it may have ended long
+    before) would otherwise seem to run through the whole pause."""
+    frozen: dict[str, list[tuple[float, float]]] = {}
+    for fault in faults:
+        if fault.kind == "pause-host" and fault.stopped and fault.resumed:
+            frozen.setdefault(fault.host, []).append((fault.stopped, fault.resumed))
+    parts = []
+    for step in steps:
+        pieces = [(step.begin, step.end)]
+        for start, stop in sorted(frozen.get(step.host, [])):
+            cut = []
+            for begin, end in pieces:
+                if end <= start or begin >= stop or begin == end:
+                    cut.append((begin, end))
+                    continue
+                if begin < start:
+                    cut.append((begin, start))
+                if end > stop:
+                    cut.append((stop, end))
+            pieces = cut
+        parts += [Step(step.host, step.volume, begin, end, step.what, step.lines)
+                  for begin, end in pieces]
+    return parts
+
+
 def overlaps(steps: list[Step]) -> list[str]:
     """Every pair of steps of different hosts on one volume whose times overlap."""
     found = []
@@ -1454,7 +1482,7 @@ def exercise(bench: Run, args: argparse.Namespace) -> Report:
     counts: Counter[str] = Counter()
     steps = [step for host in bench.rig.hosts for step in read_steps(
         host.log, host.name, bench.kills.get(host.name, []), run_end, counts)]
-    overlapping = overlaps(steps)
+    overlapping = overlaps(awake_parts(steps, bench.faults))
     violations += overlapping
     bench.anomalies += late_records(steps, bench.faults)
     history = bench.rig.work / "history.json"

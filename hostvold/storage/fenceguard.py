@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 
-def members(group: int, me: int) -> list[int]:
-    """The processes of ``group`` but this one."""
+def members(group: int, me: int) -> list[tuple[int, bool]]:
+    """The processes of ``group`` but this one, and whether each has already ended (a
+    zombie its stopped daemon has not reaped)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
@@ -37,19 +38,23 @@ def members(group: int, me: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[2]) == group and fields[0] != "Z":  # a zombie writes nothing more
-            found.append(int(entry.name))
+        if int(fields[2]) == group:
+            found.append((int(entry.name), fields[0] == "Z"))
     return found
 
 
 def kill_group(host: str, why: str) -> None:
+    """SIGKILL every other process of the group. Each, killed now or already ended (a
+    zombie writes nothing more), is logged as a step that ends here."""
     me = os.getpid()
-    for pid in members(os.getpgid(0), me):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        print(f"hostvold fence guard: {why}: killed pid {pid}\n"
+    for pid, ended in members(os.getpgid(0), me):
+        if not ended:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        done = "had already ended" if ended else "killed"
+        print(f"hostvold fence guard: {why}: pid {pid} {done}\n"
               f"STEP killed t={time.time():.6f} host={host} pid={pid}", file=sys.stderr,
               flush=True)
 
