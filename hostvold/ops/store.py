@@ -185,7 +185,8 @@ class VolumeStore:
         known = self.volumes.get(volume_id)
         self.just_read.pop(volume_id, None)  # only this refresh's own walk may be used
         walked: list[tuple[SnapshotMap, list[Layer]]] = []
-        if known is not None and self.index.is_inflight(volume_id) and not ours_too:
+        if known is not None and self.index.is_inflight(volume_id) and not ours_too \
+                and self.locks.busy(volume_id):  # a note of no running one: the share says
             return known
         if share is None:
             share = next((s for s in self.shares if known and s.spec.address == known.share),

@@ -16,14 +16,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from etcd3gw.lease import Lease
-
 from hostvold.core.aio import uninterrupted
 from hostvold.core.errors import Busy
 from hostvold.storage.coordination import (
     BACKEND_FAILURES,
     Coordination,
     CoordinationUnavailable,
+    lease_ttl,
     now_text,
     session_lease,
     text,
@@ -135,7 +134,7 @@ class ClusterLocks(LocalLocks):
         client = self.coordination.coordinator.client
         volume = name.removeprefix("hostvold-volume-")
         found = client.get(f"{LOCKS}{name}", metadata=True)
-        ttl = Lease(int(found[0][1].get("lease", 0)), client).ttl() if found else 0
+        ttl = lease_ttl(client, int(found[0][1].get("lease", 0))) if found else 0
         holder = client.get(HOLDERS + name)
         if not found:
             return f"volume {volume}'s lock was just let go; try again", True

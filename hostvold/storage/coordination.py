@@ -188,7 +188,7 @@ class Coordination:
     def _member_ttl(self) -> int | str:
         found = self.coordinator.client.get(self._member_key(), metadata=True)
         lease = int(found[0][1].get("lease", 0)) if found else 0
-        return Lease(lease, self.coordinator.client).ttl() if lease else "?"
+        return lease_ttl(self.coordinator.client, lease) if lease else "?"
 
     def _previous_incarnation(self) -> str | None:
         if self.incarnation_file is None:
@@ -330,6 +330,15 @@ class Coordination:
         watch.start()
         self._watches.append(watch)
         return watch.stop
+
+
+def lease_ttl(client: Any, lease_id: int) -> int:
+    """Seconds lease ``lease_id`` still runs without a renewal; 0 when it is gone (etcd
+    then answers without a TTL) or cannot be asked."""
+    try:
+        return max(Lease(lease_id, client).ttl(), 0)
+    except (KeyError, ValueError, *BACKEND_FAILURES):
+        return 0
 
 
 def _boot_id() -> str:
