@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hostvold.core.config import load_config
+from hostvold.core.groups import GroupRequest
 from hostvold.server.daemon import Daemon
 
 
@@ -42,6 +43,13 @@ async def run(config_path: str, operation: str, args: dict[str, Any]) -> None:
             await snapshots.clone(volume, **args)
         case "create-from-snapshot":
             await snapshots.create_from_snapshot(volume, args.pop("snapshot"), **args)
+        case "group-create":
+            await snapshots.groups.create(GroupRequest.parse(volumes=args["volumes"]),
+                                          args["group"])
+        case "group-delete":
+            await snapshots.group_changes.delete(args["group"])
+        case "group-revert":
+            await snapshots.group_changes.revert(args["group"])
         case _:
             raise SystemExit(f"unknown operation {operation}")
 

@@ -1,8 +1,6 @@
 """Every change a caller can ask for, in one thin layer: it checks the ids, takes the
 volume's lock, asks libvirt who uses the volume (never trusting our own record), and sends
-the work offline (qemu-img) or live (libvirt). The use cases underneath know nothing of
-each other; only this layer decides between them.
-"""
+the work offline (qemu-img) or live (libvirt); only this layer decides between them."""
 
 from __future__ import annotations
 
@@ -36,6 +34,9 @@ from hostvold.core.reconcile import record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of
 from hostvold.core.users import NOBODY, Users
 from hostvold.ops.copies import CopyOps
+from hostvold.ops.group_changes import GroupChanges
+from hostvold.ops.groups import NAME as GROUP_SNAPSHOT
+from hostvold.ops.groups import GroupSnapshots
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.repair import RepairOps
 from hostvold.ops.snapshots import SnapshotOps
@@ -57,13 +58,14 @@ class Operations:
         self.snapshots = SnapshotOps(store)
         self.copies = CopyOps(store)
         self.repairs = RepairOps(store)
+        self.groups = GroupSnapshots(self)
+        self.group_changes = GroupChanges(self.groups)
         self.live: LiveVolumes | None = None  # set when hostvold runs with libvirt
         self.coordination: Coordination | None = None  # set when hosts share the shares
 
     # ---- libvirt's word -----------------------------------------------------------------
-
-    async def _observe(self, volume_id: str, damaged_ok: bool = False,
-                       top_only: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
+    async def observe(self, volume_id: str, damaged_ok: bool = False,
+                      top_only: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
         """Under the lock: the volume re-read from its share (another writer may have
         changed it), and as libvirt says it is used now, its record in line. Damaged files
         seen for the first time are raised as such; once recorded, the use case refuses
@@ -94,19 +96,18 @@ class Operations:
 
     @contextlib.asynccontextmanager
     async def _volume(self, volume_id: str) -> AsyncIterator[None]:
-        """The volume's lock, once its share can answer (a share that went away is
-        refused at once, never after a wait on an operation stuck in it)."""
+        """The volume's lock, once its share can answer (a share gone is refused at once)."""
         known = self.store.find(valid_id(volume_id, "volume id"))
         if known is not None:
             find_share(self.store.shares, known.share).require_reachable()
         async with self.store.locks.volume(volume_id, wait=False):  # Busy: another host
             yield
 
-    async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
+    async def follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
         if self.live is not None:
             await self.live.attachments.keep_definitions_in_step(files, volume_id)
 
-    def _require_live(self) -> LiveVolumes:
+    def require_live(self) -> LiveVolumes:
         if self.live is None:
             raise HypervisorUnavailable("hostvold runs without libvirt: attached volumes "
                                         "cannot be changed")
@@ -114,11 +115,11 @@ class Operations:
 
     @contextlib.asynccontextmanager
     async def _frozen_top(self, files: VolumeFiles, meta: VolumeMeta) -> AsyncIterator[Layer]:
-        """The layer to copy the current content from: the active file of a detached
-        volume, or a temporary point in time of an attached one (merged away after)."""
+        """The active file of a detached volume, or a temporary point in time (merged
+        away after) of an attached one: the layer to copy the current content from."""
         chain_map, chain = await self.store.validated_chain(files, meta)
         if meta.state == "in-use":
-            async with self._require_live().point_in_time(meta, files, chain_map,
+            async with self.require_live().point_in_time(meta, files, chain_map,
                                                           chain) as frozen:
                 yield frozen
         else:
@@ -139,7 +140,7 @@ class Operations:
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
         async with self._volume(volume_id):
-            meta, files, users = await self._observe(volume_id, damaged_ok=True)
+            meta, files, users = await self.observe(volume_id, damaged_ok=True)
             users.refuse_any("delete", volume_id)
             if meta.attachment or meta.state == "in-use":
                 raise InvalidState(f"volume {volume_id} is attached to "
@@ -151,21 +152,19 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
         async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id)
+            _meta, files, users = await self.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             if meta.state != "in-use":
                 users.refuse_live("extend", volume_id)
             await self.volumes.check_growth(meta, request.size)
             await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
-                return await self._require_live().extend(meta, files, request.size)
+                return await self.require_live().extend(meta, files, request.size)
             return await self.volumes.extend(files, meta, request.size)
 
     async def export_volume(self, volume_id: str, **options: Any) -> Path | None:
-        """Flatten the volume's active chain into a standalone image: into ``fd``, a file
-        the caller created (truncated and written in place; the caller removes it if the
-        export fails), or for root into a new file at ``destination`` (created exclusively,
-        never through a symbolic link, removed again on failure)."""
+        """Flatten the volume's active chain into ``fd`` (the caller's file, written in
+        place) or, for root, a new file at ``destination`` (exclusive, removed on failure)."""
         volume_id = valid_id(volume_id, "volume id")
         request: ExportVolume = ExportVolume.parse(**options)
         dest = request.destination
@@ -177,7 +176,7 @@ class Operations:
             if dest.exists() or dest.is_symlink():
                 raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
         async with self._volume(volume_id):
-            await self._observe(volume_id)
+            await self.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             fd = request.fd if request.fd is not None else create_destination(dest)
@@ -199,7 +198,7 @@ class Operations:
         """A new standalone volume with the current content; leaves no snapshot behind."""
         volume_id = valid_id(volume_id, "volume id")
         async with self._volume(volume_id):
-            await self._observe(volume_id)
+            await self.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             async with self._frozen_top(files, meta) as top:
@@ -211,7 +210,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
         async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id, top_only=True)
+            _meta, files, users = await self.observe(volume_id, top_only=True)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             overlay = files.overlay_name(sid)
@@ -219,13 +218,13 @@ class Operations:
                     self.store, meta, os.path.lexists, files.directory / overlay):
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
             if meta.state == "in-use":
-                meta = await self._require_live().create_snapshot(meta, files, chain_map,
+                meta = await self.require_live().create_snapshot(meta, files, chain_map,
                                                                   chain, sid)
                 how = "attached volume"
             else:
                 users.refuse_live("take an offline snapshot of", volume_id)
                 meta = await self.snapshots.create(files, meta, chain_map, chain, sid)
-                await self._follow_definitions(files, volume_id)
+                await self.follow_definitions(files, volume_id)
                 how = "volume"
             log.info("created snapshot %s of %s %s", sid, how, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
@@ -239,18 +238,18 @@ class Operations:
             if op.get("name") in ("delete-snapshot", "live-delete-snapshot") \
                     and op.get("snapshot") == sid:
                 return await self._resume(self.store.get_volume(volume_id))  # a retry
-            _meta, files, users = await self._observe(volume_id)
+            _meta, files, users = await self.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
                 if sid not in chain_map.snapshots:
                     raise NotFound(f"snapshot {sid} does not exist")
-                await self._require_live().deleter.delete_snapshot(meta, files, chain_map,
+                await self.require_live().deleter.delete_snapshot(meta, files, chain_map,
                                                                    chain, sid)
             else:
                 users.refuse_live("delete a snapshot of", volume_id)
                 await self.snapshots.delete(files, meta, chain_map, chain, sid)
-                await self._follow_definitions(files, volume_id)
+                await self.follow_definitions(files, volume_id)
             log.info("deleted snapshot %s of volume %s", sid, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
 
@@ -259,7 +258,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
         async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id)
+            _meta, files, users = await self.observe(volume_id)
             users.refuse_live("revert", volume_id)
             meta = self.store.require_available(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -269,13 +268,12 @@ class Operations:
 
     async def create_from_snapshot(self, volume_id: str, snapshot_id: str,
                                    **options: Any) -> VolumeMeta:
-        """A new standalone volume holding the snapshot's point in time. The volume may be
-        attached: a snapshot's data lies below the active file, which a running QEMU only
-        reads, and no block job of ours moves it while the volume's lock is held."""
+        """A new standalone volume of the snapshot's point in time; the volume may be
+        attached (QEMU only reads below its active file; no block job of ours runs)."""
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
         async with self._volume(volume_id):
-            await self._observe(volume_id)
+            await self.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -288,31 +286,30 @@ class Operations:
 
     async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
-        live = self._require_live()
+        live = self.require_live()
         async with self._volume(volume_id):
-            meta, files, users = await self._observe(volume_id)
+            meta, files, users = await self.observe(volume_id)
             return await live.attach(files, meta, users, domain, target)
 
     async def detach(self, volume_id: str) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
-        live = self._require_live()
+        live = self.require_live()
         async with self._volume(volume_id):
-            meta, files, users = await self._observe(volume_id, damaged_ok=True)
+            meta, files, users = await self.observe(volume_id, damaged_ok=True)
             return await live.detach(files, meta, users)
 
     async def repair(self, volume_id: str, fmt: Format | None = None,
                      choice: str | None = None) -> list[str]:
         """Make the info file describe the chain the files form, losing no data still
-        present. ``fmt``: the operator confirms the base file's format. An undecided pivot
-        is shown, and settled only by the operator's ``choice`` (``base`` or ``overlay``).
-        Returns what was done."""
+        present (``fmt``: the base file's format, confirmed by the operator). An undecided
+        pivot is settled only by the operator's ``choice`` (``base`` or ``overlay``)."""
         volume_id = valid_id(volume_id, "volume id")
         async with self._volume(volume_id):
             before = self.store.find(volume_id)
-            meta, files, users = await self._observe(volume_id, damaged_ok=True)
+            meta, files, users = await self.observe(volume_id, damaged_ok=True)
             users.refuse_live("repair", volume_id)
             if (meta.operation or {}).get("step") == AMBIGUOUS_PIVOT:
-                deleter = self._require_live().deleter
+                deleter = self.require_live().deleter
                 if choice is None:
                     raise NeedsRepair(await deleter.describe_ambiguity(files, meta))
                 return [await deleter.resolve_ambiguity(files, meta, choice)]
@@ -349,7 +346,8 @@ class Operations:
             await asyncio.to_thread(reread_foreign_operations, self.store)
         for meta in list(self.store.volumes.values()):
             if not (meta.state in ("creating", "deleting") or meta.operation) \
-                    or self.store.locks.busy(meta.id):
+                    or self.store.locks.busy(meta.id) \
+                    or (meta.operation or {}).get("name") == GROUP_SNAPSHOT:  # as a whole
                 continue
             owner = str((meta.operation or {}).get("host") or mine)
             if owner != mine and owner in alive:
@@ -380,6 +378,8 @@ class Operations:
                 log.error("recovery of volume %s failed, left as it is: %s", meta.id, exc,
                           exc_info=not isinstance(exc, HostvoldError),
                           extra={"VOLUME_ID": meta.id})
+        await self.groups.recover(alive)
+        await self.group_changes.finish_marked()
 
     async def _require_unlocked(self, meta: VolumeMeta, owner: str) -> None:
         """A second fence: no file of the volume still held by the departed host's qemu-img."""
@@ -389,12 +389,12 @@ class Operations:
                        f"(host {owner}'s qemu-img?); tried again when hosts join or leave")
 
     async def _resume(self, meta: VolumeMeta) -> None:
-        """One volume's interrupted operation, finished or undone. An offline step waits
-        while a domain runs on the volume; definitions follow the chain afterwards."""
+        """One volume's interrupted operation, finished or undone (an offline step waits
+        while a domain runs on it); definitions follow the chain afterwards."""
         name = str((meta.operation or {}).get("name", ""))
         if self.live is not None and meta.operation and not name.startswith("live-"):
             users = await self.live.attachments.users(self.store.files_of(meta), meta.id)
             users.refuse_live(f"finish {name} on", meta.id)
         await self.store.resume(meta)
         if self.store.find(meta.id) is not None and meta.operation:
-            await self._follow_definitions(self.store.files_of(meta), meta.id)
+            await self.follow_definitions(self.store.files_of(meta), meta.id)

@@ -46,10 +46,12 @@ class Quiescer:
         return self._locks.setdefault(guest.uuid, asyncio.Lock())
 
     @contextlib.asynccontextmanager
-    async def frozen(self, guest: Guest) -> AsyncIterator[bool]:
-        """The guest's filesystems frozen for the body, by the policy; yields whether they
-        are. ``require`` raises QuiesceFailed when the agent does not freeze them."""
-        if self.policy == "never":
+    async def frozen(self, guest: Guest, policy: str | None = None) -> AsyncIterator[bool]:
+        """The guest's filesystems frozen for the body, by the policy (``policy``: this
+        call's own); yields whether they are. ``require`` raises QuiesceFailed when the
+        agent does not freeze them."""
+        policy = policy or self.policy
+        if policy == "never":
             yield False
             return
         async with self._lock(guest):
@@ -67,7 +69,7 @@ class Quiescer:
                     if self._unanswered(exc, asked):
                         self._thaw_when_answered(guest)  # the freeze may still land
                     reason = exc.message
-                if self.policy == "require":
+                if policy == "require":
                     raise QuiesceFailed(
                         f"quiesce=require but the guest agent of {guest.name} did not freeze "
                         f"the filesystems: {reason}") from None

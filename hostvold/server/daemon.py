@@ -223,6 +223,8 @@ class Daemon:
                                      config.libvirt.keepalive)
         notify.status("connecting to libvirt")
         ops.live = LiveVolumes(config, ops.store, self.hypervisor)
+        # group snapshots a lost libvirt left half-way, and their deletes, go on with it
+        self.hypervisor.on_reconnect += [ops.groups.recover, ops.group_changes.finish_marked]
         try:
             await self.hypervisor.connect()
         except HypervisorUnavailable as exc:

@@ -11,12 +11,16 @@ from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from hostvold import __version__
-from hostvold.core.errors import NotAuthorized
+from hostvold.core.errors import InvalidArgument, NotAuthorized
+from hostvold.core.groups import GroupRequest
 from hostvold.core.models import CreateVolume, ImportVolume
 from hostvold.core.records import VolumeMeta
+from hostvold.server.bus import id_from_path, object_path
 from hostvold.server.calls import (
     CREATE_OPTIONS,
     IMPORT_OPTIONS,
+    STR,
+    ObjectPaths,
     caller_fd,
     close_fd,
     named_errors,
@@ -26,6 +30,9 @@ from hostvold.storage.safefile import open_source
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
+
+GROUP_OPTIONS = {"domain": STR, "domains": frozenset({"as"}), "consistency": STR,
+                 "quiesce": STR}
 
 
 class ManagerInterface(ServiceInterface):
@@ -73,6 +80,35 @@ class ManagerInterface(ServiceInterface):
                 close_fd(fd)
 
         return self.api.start_volume_job("import-volume", [], make, size)
+
+    @dbus_method()
+    @named_errors
+    async def CreateGroupSnapshot(self, volumes: ObjectPaths,
+                                  options: DBusDict) -> DBusObjectPath:
+        """One point in time across ``volumes`` and the volumes of options ``domain`` /
+        ``domains`` (SPEC section 5a); the job's objects end with the group's path."""
+        await self.api.authorizer.require_admin("CreateGroupSnapshot")
+        values = read_options(options, GROUP_OPTIONS)
+        domains = [*([values.pop("domain")] if "domain" in values else []),
+                   *values.pop("domains", [])]
+        try:
+            ids = [id_from_path(path, "volumes") for path in volumes]
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        request = GroupRequest.parse(volumes=ids, domains=domains, **values)
+        for volume_id in request.volumes:
+            self.api.store.get_volume(volume_id)  # NotFound when the call arrives
+        groups = self.api.ops.groups
+        objects = [object_path("volumes", v) for v in request.volumes]
+
+        async def work() -> str:
+            outcome = await groups.create(request)
+            for volume_id in outcome.members:
+                self.api.sync_volume(volume_id)
+            objects.append(object_path("groups", outcome.group_id))
+            return outcome.group_id
+
+        return self.api.start_job("create-group-snapshot", objects, work)
 
     @dbus_method()
     def Status(self) -> DBusDict:

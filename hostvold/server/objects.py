@@ -19,6 +19,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.core.errors import AlreadyExists, NotFound
+from hostvold.core.groups import collect_groups, groups_of
 from hostvold.core.records import VolumeMeta
 from hostvold.ops.jobs import Job, JobRunner
 from hostvold.ops.operations import Operations
@@ -31,6 +32,7 @@ from hostvold.server.bus import (
     parse_path,
 )
 from hostvold.server.calls import Accepted, read_options
+from hostvold.server.group import GroupSnapshotInterface
 from hostvold.server.job import JobInterface
 from hostvold.server.managed import managed_objects
 from hostvold.server.manager import ManagerInterface
@@ -56,6 +58,8 @@ class Api:
         self.share_objects: dict[str, ShareInterface] = {}
         self.volume_objects: dict[str, VolumeInterface] = {}
         self.snapshot_objects: dict[str, SnapshotInterface] = {}
+        self.group_objects: dict[str, GroupSnapshotInterface] = {}
+        self._group_volumes: dict[str, set[str]] = {}  # group id -> volumes that name it
         self.job_objects: dict[str, JobInterface] = {}
         self._usage_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -77,7 +81,8 @@ class Api:
             return None
         kinds: dict[str, dict[str, Any]] = {
             "shares": self.share_objects, "volumes": self.volume_objects,
-            "snapshots": self.snapshot_objects, "jobs": self.job_objects}
+            "snapshots": self.snapshot_objects, "jobs": self.job_objects,
+            "groups": self.group_objects}
         kind, object_id = parse_path(message.path or "") or ("", "")
         if object_id in kinds.get(kind, {}):
             return None
@@ -118,9 +123,11 @@ class Api:
     # ---- keeping objects in step -------------------------------------------------------
 
     def sync_volume(self, volume_id: str) -> None:
-        """Export, update or unexport one volume and its snapshots."""
+        """Export, update or unexport one volume, its snapshots and their groups."""
         meta = self.store.find(volume_id)
         current = self.volume_objects.get(volume_id)
+        self._sync_groups(volume_id, groups_of(current.meta if current else None),
+                          groups_of(meta))
         if meta is None:
             if current is not None:
                 for sid in list(current.meta.snapshots):
@@ -144,6 +151,30 @@ class Api:
                 self.snapshot_objects[sid] = snap
                 self.bus.export(object_path("snapshots", sid), snap)
         self._share_usage_changed()
+
+    def _sync_groups(self, volume_id: str, before: set[str], after: set[str]) -> None:
+        """The groups whose members' records changed, rebuilt from those records; a group
+        shows while any member names it and no delete of it is under way."""
+        for group_id in before | after:
+            volumes = self._group_volumes.setdefault(group_id, set())
+            if group_id in after:
+                volumes.add(volume_id)
+            else:
+                volumes.discard(volume_id)
+            records = [m for v in volumes if (m := self.store.find(v)) is not None]
+            view = collect_groups(records).get(group_id)
+            current = self.group_objects.get(group_id)
+            if view is None or view.deleting:
+                if not volumes:
+                    del self._group_volumes[group_id]
+                if current is not None:
+                    del self.group_objects[group_id]
+                    self.bus.unexport(object_path("groups", group_id))
+            elif current is None:
+                self.group_objects[group_id] = GroupSnapshotInterface(self, view)
+                self.bus.export(object_path("groups", group_id), self.group_objects[group_id])
+            else:
+                current.update(view)
 
     def _drop_snapshot(self, sid: str) -> None:
         if self.snapshot_objects.pop(sid, None) is not None:

@@ -93,13 +93,14 @@ def disk_xml(path: str, fmt: str, target: str, serial: str, bus: str = "scsi") -
             f"<serial>{escape(serial)}</serial></disk>")
 
 
-def snapshot_xml(target: str, overlay: str, other_targets: list[str]) -> str:
-    """External disk-only snapshot of one disk into a pre-made overlay; the others untouched."""
+def snapshot_xml(overlays: dict[str, str], other_targets: list[str]) -> str:
+    """External disk-only snapshot of the disks ``overlays`` names (target -> pre-made
+    overlay), all in one transaction; the other disks untouched."""
+    switched = "".join(f"<disk name={quoteattr(t)} snapshot='external' type='file'>"
+                       f"<driver type='qcow2'/><source file={quoteattr(o)}/></disk>"
+                       for t, o in overlays.items())
     others = "".join(f"<disk name={quoteattr(t)} snapshot='no'/>" for t in other_targets)
-    return ("<domainsnapshot><disks>"
-            f"<disk name={quoteattr(target)} snapshot='external' type='file'>"
-            f"<driver type='qcow2'/><source file={quoteattr(overlay)}/></disk>"
-            f"{others}</disks></domainsnapshot>")
+    return f"<domainsnapshot><disks>{switched}{others}</disks></domainsnapshot>"
 
 
 class Guest:
@@ -198,12 +199,27 @@ class Guest:
         await self._call(self.domain.fsThaw)
 
     async def snapshot_disk(self, target: str, overlay: str, other_targets: list[str]) -> None:
+        await self.snapshot_disks({target: overlay}, other_targets)
+
+    async def snapshot_disks(self, overlays: dict[str, str], other_targets: list[str]) -> None:
+        """Switch every disk of ``overlays`` to its overlay at one point in time (QEMU
+        applies the disks of one call as a transaction: all switch or none)."""
         flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
-        await self._call(self.domain.snapshotCreateXML,
-                         snapshot_xml(target, overlay, other_targets), flags)
+        await self._call(self.domain.snapshotCreateXML, snapshot_xml(overlays, other_targets),
+                         flags)
+
+    async def is_paused(self) -> bool:
+        state, _reason = await self._call(self.domain.state)
+        return bool(state == libvirt.VIR_DOMAIN_PAUSED)
+
+    async def suspend(self) -> None:
+        await self._call(self.domain.suspend)
+
+    async def resume(self) -> None:
+        await self._call(self.domain.resume)
 
     def block(self, target: str) -> BlockDevice:
         """The disk ``target`` of this domain, for block jobs and resize."""
