@@ -5,6 +5,7 @@ transaction per domain, freeze, suspend) are in ``tests/test_group_guest.py``.""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator, Callable
 
@@ -121,7 +122,6 @@ async def test_a_revert_changes_all_or_none(host: Host) -> None:
 
 
 async def test_members_are_locked_in_one_order_so_groups_never_deadlock(host: Host) -> None:
-    import asyncio
     ops = host.ops
     labs = await make_labs(ops, 4)
     first = GroupRequest.parse(volumes=[lab.volume_id for lab in labs[:3]])
@@ -153,9 +153,8 @@ async def test_groups_come_back_from_the_shares(host: Host) -> None:
     ops = await host.start()
     view = view_of(ops, group_id)
     assert view is not None
-    assert view.problems == [f"member {gone.volume_id}: its snapshot "
-                             f"{next(m.snapshot_id for m in view.members if m.volume_id == gone.volume_id)}"
-                             " is gone"]
+    sid = next(m.snapshot_id for m in view.members if m.volume_id == gone.volume_id)
+    assert view.problems == [f"member {gone.volume_id}: its snapshot {sid} is gone"]
     with pytest.raises(NeedsRepair, match="not whole"):
         await ops.group_changes.revert(group_id)
     await ops.group_changes.delete(group_id)  # what is left of it can still go
