@@ -9,6 +9,7 @@ import contextlib
 import os
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from dbus_fast import Variant
@@ -111,15 +112,26 @@ async def cmd_job(client: Client, args: argparse.Namespace) -> None:
 
 # ---- changing: each change is a job ----------------------------------------------------
 
+async def start_job(client: Client, args: argparse.Namespace, path: str, interface: str,
+                    member: str, options: dict[str, Variant],
+                    leading: tuple[str, list[Any]] = ("", [])) -> dict[str, Any] | None:
+    """Run a job-returning method and wait for it: the ended job's properties. With
+    --no-wait, print the job's path instead, and None."""
+    if args.no_wait:
+        (job,) = await client.call(path, f"{PREFIX}{interface}", member,
+                                   f"{leading[0]}a{{sv}}", [*leading[1], options])
+        emit(args, {"job": str(job)}, lambda: str(job))
+        return None
+    show = sys.stderr.isatty() and not args.json
+    return await client.run_job(path, member, options, interface, show, leading)
+
+
 async def job_command(client: Client, args: argparse.Namespace, path: str, interface: str,
                       member: str, options: dict[str, Variant]) -> None:
     """Run a job-returning method; wait for it unless --no-wait; print what it made."""
-    if args.no_wait:
-        (job,) = await client.call(path, f"{PREFIX}{interface}", member, "a{sv}", [options])
-        emit(args, {"job": str(job)}, lambda: str(job))
+    result = await start_job(client, args, path, interface, member, options)
+    if result is None:
         return
-    show = sys.stderr.isatty() and not args.json
-    result = await client.run_job(path, member, options, interface, show)
     made = [p for p in result["Objects"] if p.startswith(f"{ROOT_PATH}/volumes/")
             and result["Operation"] in MAKES_VOLUME]
     if made:
@@ -235,3 +247,72 @@ async def cmd_snapshot(client: Client, args: argparse.Namespace) -> None:
         await job_command(client, args, resolve("snapshots", args.target), "Snapshot",
                           "CreateVolume", options_of(id=args.id, size=args.size,
                                                      format=args.format, share=args.share))
+
+
+# ---- group snapshots (SPEC section 5a) -------------------------------------------------
+
+GROUP = f"{PREFIX}GroupSnapshot"
+
+
+def group_text(group: dict[str, Any]) -> Callable[[], str]:
+    """A group for a person: its members and snapshots by id, its problems in one line."""
+    return fields({**group, "Volumes": " ".join(object_id(p) for p in group["Volumes"]),
+                   "Snapshots": " ".join(object_id(p) for p in group["Snapshots"]),
+                   "Problems": "; ".join(group["Problems"])}, 11)
+
+
+async def show_group(client: Client, args: argparse.Namespace, path: str,
+                     job: str | None = None) -> None:
+    group = {"path": path, **await client.properties(path, GROUP),
+             **({"job": job} if job is not None else {})}
+    emit(args, group, group_text(group))
+
+
+async def cmd_group_create(client: Client, args: argparse.Namespace) -> None:
+    volumes = [resolve("volumes", volume) for volume in args.volumes]
+    options = options_of(consistency=args.consistency, quiesce=args.quiesce)
+    if args.domains:
+        options["domains"] = Variant("as", list(args.domains))
+    result = await start_job(client, args, ROOT_PATH, "Manager", "CreateGroupSnapshot",
+                             options, ("ao", [volumes]))
+    if result is None:
+        return
+    made = [p for p in result["Objects"] if p.startswith(f"{ROOT_PATH}/groups/")]
+    if not made:
+        raise CliError(f"job {object_id(result['job'])} completed without naming its group")
+    await show_group(client, args, made[-1], result["job"])
+
+
+async def cmd_group_list(client: Client, args: argparse.Namespace) -> None:
+    groups = of_kind(await client.objects(), "GroupSnapshot")
+    emit(args, groups, lambda: table(
+        [[g["Id"], g["Created"], g["Consistency"], "yes" if g["Quiesced"] else "no",
+          str(len(g["Volumes"])), "; ".join(g["Problems"])] for g in groups],
+        ["GROUP", "CREATED", "CONSISTENCY", "QUIESCED", "MEMBERS", "PROBLEMS"]))
+
+
+async def cmd_group_show(client: Client, args: argparse.Namespace) -> None:
+    await show_group(client, args, resolve("groups", args.group))
+
+
+async def cmd_group_delete(client: Client, args: argparse.Namespace) -> None:
+    await job_command(client, args, resolve("groups", args.group), "GroupSnapshot", "Delete",
+                      {})
+
+
+async def cmd_group_revert(client: Client, args: argparse.Namespace) -> None:
+    await job_command(client, args, resolve("groups", args.group), "GroupSnapshot", "Revert",
+                      {})
+
+
+async def cmd_group_create_volumes(client: Client, args: argparse.Namespace) -> None:
+    """One new volume per member; the job's objects are the group, then the new volumes."""
+    result = await start_job(client, args, resolve("groups", args.group), "GroupSnapshot",
+                             "CreateVolumes", options_of(share=args.share))
+    if result is None:
+        return
+    volumes = [{"path": path, **await client.properties(path, f"{PREFIX}Volume"),
+                "job": result["job"]}
+               for path in result["Objects"] if path.startswith(f"{ROOT_PATH}/volumes/")]
+    emit(args, volumes, lambda: "\n".join(
+        f"{v['Id']}  {human_size(v['Size'])} {v['Format']}" for v in volumes))

@@ -16,6 +16,7 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.validators import is_object_path_valid
 
 from hostvold.client.output import draw_progress, plain
 from hostvold.core.collector import collector_paused
@@ -49,8 +50,13 @@ def object_id(path: str) -> str:
 
 
 def resolve(kind: str, value: str) -> str:
-    """A volume/snapshot/job given as an id or an object path, as an object path."""
-    return value if value.startswith("/") else object_path(kind, value)
+    """A volume/snapshot/job/group given as an id or an object path, as an object path
+    (a value that makes no object path is refused here, before any call)."""
+    path = value if value.startswith("/") else object_path(kind, value)
+    if not is_object_path_valid(path):
+        raise CliError(f"InvalidArgument: {value!r} is not a {kind.removesuffix('s')} id "
+                       "or object path")
+    return path
 
 
 # ---- failures --------------------------------------------------------------------------
@@ -157,8 +163,11 @@ class Client:
                             [rule], destination="org.freedesktop.DBus")
 
     async def run_job(self, path: str, member: str, options: dict[str, Variant],
-                      interface: str, show_progress: bool) -> dict[str, Any]:
-        """Call a job-returning method and wait for the job's Completed signal."""
+                      interface: str, show_progress: bool,
+                      leading: tuple[str, list[Any]] = ("", [])) -> dict[str, Any]:
+        """Call a job-returning method and wait for the job's Completed signal.
+        ``leading``: the signature and values of the arguments before the options (e.g.
+        ``("ao", [paths])``)."""
         await self.watch_jobs()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[bool, str, str]] = loop.create_future()
@@ -185,7 +194,8 @@ class Client:
                     draw_progress(float(changed["Progress"]), float(changed.get("Rate", 0)))
 
         self.handlers.append(on_signal)
-        (job,) = await self.call(path, f"{PREFIX}{interface}", member, "a{sv}", [options])
+        (job,) = await self.call(path, f"{PREFIX}{interface}", member,
+                                 f"{leading[0]}a{{sv}}", [*leading[1], options])
         job_path.append(str(job))
         if str(job) in early:
             done.set_result(early[str(job)])

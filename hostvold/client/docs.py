@@ -17,8 +17,9 @@ from hostvold import __version__
 from hostvold.client.connection import EXIT_CODES
 
 REPO = Path(__file__).resolve().parent.parent.parent
-# positional arguments that name an object, and the list that completes them
-OBJECT_LISTS = {"volume": "volumes", "snapshot": "snapshots", "job": "jobs", "target": "volumes"}
+# positional arguments that name an object, and the command that lists them
+OBJECT_LISTS = {"volume": "volumes", "volumes": "volumes", "snapshot": "snapshots",
+                "job": "jobs", "target": "volumes", "group": "group list"}
 
 
 def _roff(text: str) -> str:
@@ -42,6 +43,19 @@ def _helps(parser: argparse.ArgumentParser) -> dict[str, str]:
     return {}
 
 
+def _commands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser,
+                                                              str]]:
+    """Every command as (name, parser, help), a command with actions of its own (``group``)
+    followed by each of them as ``group create`` etc."""
+    found = []
+    helps = _helps(parser)
+    for name, sub in _subcommands(parser).items():
+        found.append((name, sub, helps.get(name, "")))
+        found += [(f"{name} {inner}", action, text)
+                  for inner, action, text in _commands(sub)]
+    return found
+
+
 def man_client(parser: argparse.ArgumentParser) -> str:
     lines = [f'.TH HOSTVOLCTL 1 "" "hostvold {__version__}" "User Commands"', ".SH NAME",
              "hostvolctl \\- manage hostvold's volumes and snapshots over D\\-Bus",
@@ -57,10 +71,9 @@ def man_client(parser: argparse.ArgumentParser) -> str:
             lines += [".TP", "\\fB" + _roff(", ".join(action.option_strings)) + "\\fR",
                       _roff(action.help or "")]
     lines.append(".SH COMMANDS")
-    helps = _helps(parser)
-    for name, sub in _subcommands(parser).items():
-        usage = sub.format_usage().removeprefix("usage: ").strip()
-        lines += [".TP", "\\fB" + _roff(usage) + "\\fR", _roff(helps.get(name, ""))]
+    for _, sub, text in _commands(parser):
+        usage = " ".join(sub.format_usage().removeprefix("usage: ").split())
+        lines += [".TP", "\\fB" + _roff(usage) + "\\fR", _roff(text)]
     lines += [".SH EXIT STATUS", ".nf", _roff(EXIT_CODES), ".fi",
               ".SH SEE ALSO", "\\fBhostvold\\fR(8), \\fBhostvold.conf\\fR(5)"]
     return "\n".join(lines) + "\n"

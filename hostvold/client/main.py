@@ -112,6 +112,42 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--size", type=size_arg)
     snapshot.add_argument("--format", choices=["raw", "qcow2"])
     snapshot.add_argument("--share")
+    group_parser = sub.add_parser("group", help="group snapshots: one point in time across "
+                                  "volumes (create|list|show|delete|revert|create-volumes)")
+    group = group_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def add_group(name: str, func: Callable[..., Any],
+                  help_text: str) -> argparse.ArgumentParser:
+        command = group.add_parser(name, help=help_text)
+        command.set_defaults(func=func)
+        return command
+
+    group_create = add_group("create", commands.cmd_group_create,
+                             "one point in time across the volumes named and the volumes "
+                             "attached to the domains named")
+    group_create.add_argument("volumes", nargs="*", metavar="VOL", help="a volume id")
+    group_create.add_argument("--domain", action="append", dest="domains", metavar="DOM",
+                              help="every hostvold volume attached to this domain (repeat "
+                                   "for several domains)")
+    group_create.add_argument("--consistency", choices=["crash", "quiesced", "suspend"],
+                              help="crash (default): atomic per domain; quiesced: every "
+                                   "guest must freeze; suspend: the domains are paused "
+                                   "together for the switch")
+    group_create.add_argument("--quiesce", choices=["try", "require", "never"],
+                              help="freezing the guests (default: the daemon's [libvirt] "
+                                   "quiesce)")
+    add_group("list", commands.cmd_group_list, "list group snapshots")
+    add_group("show", commands.cmd_group_show, "one group's properties").add_argument("group")
+    add_group("delete", commands.cmd_group_delete,
+              "delete a group and its members' snapshots").add_argument("group")
+    add_group("revert", commands.cmd_group_revert,
+              "take every member (all detached) back to the group's point in time, all or "
+              "none").add_argument("group")
+    group_volumes = add_group("create-volumes", commands.cmd_group_create_volumes,
+                              "a new volume with each member's content at the group's point "
+                              "in time")
+    group_volumes.add_argument("group")
+    group_volumes.add_argument("--share")
     add("monitor", monitor.cmd_monitor, "print what changes as it happens (until Ctrl-C)")
     check = sub.add_parser("check-config", help="validate a configuration file (offline)")
     check.add_argument("path", type=Path, nargs="?", default=None)

@@ -51,7 +51,9 @@ from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.files import make_overlay
 from hostvold.storage.infofile import read_info, write_info
 from hostvold.storage.mounts import find_share
-from hostvold.virt.guest import Guest
+from hostvold.storage.qcow2 import qcow2_is_empty
+from hostvold.storage.volumefiles import remove_temp_files
+from hostvold.virt.guest import DiskInfo, Guest
 
 if TYPE_CHECKING:
     from hostvold.ops.operations import Operations
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME = "group-snapshot"
+_NO_DISK = DiskInfo("", None, None, None, None, None)
 
 
 @dataclass
@@ -133,7 +136,7 @@ class GroupSnapshots:
         volume_ids = await self.members_of(request)
         group_id = group_id or new_id()
         async with self.locked(volume_ids):
-            planned = [await self._plan(volume_id) for volume_id in volume_ids]
+            planned = list(await asyncio.gather(*(self._plan(v) for v in volume_ids)))
             outcome = await self._take(group_id, planned, request)
         log.info("group snapshot %s of %d volumes (%s)", group_id, len(planned),
                  request.consistency, extra={"GROUP_ID": group_id})
@@ -184,10 +187,9 @@ class GroupSnapshots:
         except BaseException:
             await uninterrupted(self._settle(self._current(planned), crashed=False))
             raise
-        for p in planned:
-            await self._finish(self.store.get_volume(p.meta.id), p.files, outcome.quiesced,
-                               outcome.paused_seconds)
-            crash.point("group-snapshot:member-finished")
+        await asyncio.gather(*(self._finish(self.store.get_volume(p.meta.id), p.files,
+                                            outcome.quiesced, outcome.paused_seconds)
+                               for p in planned))
         return outcome
 
     @contextlib.asynccontextmanager
@@ -261,6 +263,7 @@ class GroupSnapshots:
                  **member_extra(op["group"], op["members"], op["consistency"], paused)}
         await self.store.record(files, meta.evolve(
             active=overlay, operation=None, snapshots={**meta.snapshots, sid: extra}))
+        crash.point("group-snapshot:member-finished")
         if follow if follow is not None else "domain" not in op:
             await self.ops.follow_definitions(files, meta.id)
 
@@ -290,6 +293,9 @@ class GroupSnapshots:
                     fresh = [m for vid in volume_ids
                              if (m := await self.store.refresh(vid, ours_too=True)) is not None
                              and (m.operation or {}).get("group") == group_id]
+                    for meta in fresh:  # writes the crash cut short
+                        await share_call(self.store, meta, remove_temp_files,
+                                         self.store.files_of(meta))
                     if fresh:
                         log.warning("recovery: group snapshot %s (%d members unfinished)",
                                     group_id, len(fresh), extra={"GROUP_ID": group_id})
@@ -312,6 +318,7 @@ class GroupSnapshots:
                 if live is None:
                     raise HypervisorUnavailable("a group member was live: libvirt is needed")
                 guests[domain] = await live.attachments.running_guest(domain)
+        forward = forward and await self._taken(metas, guests)
         if forward:
             await self._switch_left(metas, guests)
         owed = {str(d) for m in metas for d in (m.operation or {}).get("suspend", [])}
@@ -325,14 +332,40 @@ class GroupSnapshots:
                 with contextlib.suppress(HypervisorError):
                     await guest.thaw()  # the run that died may have frozen it
         for meta in metas:
-            files = self.store.files_of(meta)
+            files, op = self.store.files_of(meta), meta.operation or {}
+            at_rest = "domain" not in op or guests.get(str(op["domain"])) is None
             if forward:
-                domain = str((meta.operation or {}).get("domain") or "")
-                await self._finish(meta, files, False, follow=guests.get(domain) is None)
+                await self._finish(meta, files, False, follow=at_rest)
             else:
-                overlay = (meta.operation or {})["overlay"]
-                await share_call(self.store, meta, unlink_durable, files.directory / overlay)
+                await share_call(self.store, meta, unlink_durable, files.directory / op["overlay"])
                 await self.store.record(files, meta.evolve(operation=None))
+                if "domain" in op and at_rest:  # its definition may name the overlay
+                    await self.ops.follow_definitions(files, meta.id)
+
+    async def _taken(self, metas: list[VolumeMeta], guests: dict[str, Guest | None]) -> bool:
+        """Whether the group's point in time has been taken anywhere: a member finished or
+        in its info file, a running domain on its overlay, or the overlay of a domain gone
+        written into. If not, undoing it changes nothing anyone has seen."""
+        first = metas[0].operation or {}
+        for volume_id, snapshot_id in (first.get("members") or {}).items():
+            done = self.store.find(str(volume_id))
+            if done is not None and snapshot_id in done.snapshots:
+                return True
+        for meta in metas:
+            op, files = meta.operation or {}, self.store.files_of(meta)
+            linked = await share_call(self.store, meta, read_info, files)
+            if linked.snapshots.get(op["snapshot"]) == op["overlay"]:
+                return True  # half-finished: its info file names it
+            if "domain" not in op:
+                continue
+            path = files.directory / op["overlay"]
+            guest = guests.get(op["domain"])
+            if guest is None:
+                if await share_call(self.store, meta, _written, path):
+                    return True
+            elif (await guest.disk(op["target"]) or _NO_DISK).source == str(path):
+                return True
+        return False
 
     async def _switch_left(self, metas: list[VolumeMeta],
                            guests: dict[str, Guest | None]) -> None:
@@ -362,3 +395,7 @@ def _by_domain(planned: list[Planned]) -> dict[str, list[Planned]]:
 
 def _exists(path: Any) -> bool:
     return os.path.lexists(path)
+
+
+def _written(path: Any) -> bool:
+    return os.path.exists(path) and not qcow2_is_empty(path)
