@@ -126,7 +126,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
                         "raw" if top == base.name else "qcow2", str(overlay), "8M"],
                        check=True)
         others = [d.target for d in parse_disks(domain.XMLDesc(0)) if d.target != target]
-        await guest.snapshot_disk(target, str(overlay), others)
+        await guest.snapshot_disks({target: str(overlay)}, others)
         bare_times.append(time.perf_counter() - start)
         top = overlay.name
 

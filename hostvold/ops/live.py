@@ -230,7 +230,7 @@ class LiveVolumes:
     async def _switch(self, guest: Guest, target: str, overlay: str, others: list[str]) -> bool:
         """snapshotCreateXML with the quiesce policy; returns whether the guest was frozen."""
         async with self.quiescer.frozen(guest) as frozen:
-            await guest.snapshot_disk(target, overlay, others)
+            await guest.snapshot_disks({target: overlay}, others)
         return frozen
 
     async def _finish_create(self, files: VolumeFiles, meta: VolumeMeta, sid: str, overlay: str,

@@ -35,7 +35,7 @@ from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of
 from hostvold.core.users import NOBODY, Users
 from hostvold.ops.copies import CopyOps
 from hostvold.ops.group_changes import GroupChanges
-from hostvold.ops.groups import NAME as GROUP_SNAPSHOT
+from hostvold.ops.group_recovery import NAME as GROUP_SNAPSHOT
 from hostvold.ops.groups import GroupSnapshots
 from hostvold.ops.live import LiveVolumes
 from hostvold.ops.repair import RepairOps
@@ -64,7 +64,7 @@ class Operations:
         self.coordination: Coordination | None = None  # set when hosts share the shares
 
     # ---- libvirt's word -----------------------------------------------------------------
-    async def observe(self, volume_id: str, damaged_ok: bool = False,
+    async def _observe(self, volume_id: str, damaged_ok: bool = False,
                       top_only: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
         """Under the lock: the volume re-read from its share (another writer may have
         changed it), and as libvirt says it is used now, its record in line. Damaged files
@@ -103,11 +103,11 @@ class Operations:
         async with self.store.locks.volume(volume_id, wait=False):  # Busy: another host
             yield
 
-    async def follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
+    async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
         if self.live is not None:
             await self.live.attachments.keep_definitions_in_step(files, volume_id)
 
-    def require_live(self) -> LiveVolumes:
+    def _require_live(self) -> LiveVolumes:
         if self.live is None:
             raise HypervisorUnavailable("hostvold runs without libvirt: attached volumes "
                                         "cannot be changed")
@@ -119,7 +119,7 @@ class Operations:
         away after) of an attached one: the layer to copy the current content from."""
         chain_map, chain = await self.store.validated_chain(files, meta)
         if meta.state == "in-use":
-            async with self.require_live().point_in_time(meta, files, chain_map,
+            async with self._require_live().point_in_time(meta, files, chain_map,
                                                           chain) as frozen:
                 yield frozen
         else:
@@ -140,7 +140,7 @@ class Operations:
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
         async with self._volume(volume_id):
-            meta, files, users = await self.observe(volume_id, damaged_ok=True)
+            meta, files, users = await self._observe(volume_id, damaged_ok=True)
             users.refuse_any("delete", volume_id)
             if meta.attachment or meta.state == "in-use":
                 raise InvalidState(f"volume {volume_id} is attached to "
@@ -152,14 +152,14 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
         async with self._volume(volume_id):
-            _meta, files, users = await self.observe(volume_id)
+            _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             if meta.state != "in-use":
                 users.refuse_live("extend", volume_id)
             await self.volumes.check_growth(meta, request.size)
             await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
-                return await self.require_live().extend(meta, files, request.size)
+                return await self._require_live().extend(meta, files, request.size)
             return await self.volumes.extend(files, meta, request.size)
 
     async def export_volume(self, volume_id: str, **options: Any) -> Path | None:
@@ -176,7 +176,7 @@ class Operations:
             if dest.exists() or dest.is_symlink():
                 raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
         async with self._volume(volume_id):
-            await self.observe(volume_id)
+            await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             fd = request.fd if request.fd is not None else create_destination(dest)
@@ -198,7 +198,7 @@ class Operations:
         """A new standalone volume with the current content; leaves no snapshot behind."""
         volume_id = valid_id(volume_id, "volume id")
         async with self._volume(volume_id):
-            await self.observe(volume_id)
+            await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             async with self._frozen_top(files, meta) as top:
@@ -210,7 +210,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
         async with self._volume(volume_id):
-            _meta, files, users = await self.observe(volume_id, top_only=True)
+            _meta, files, users = await self._observe(volume_id, top_only=True)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             overlay = files.overlay_name(sid)
@@ -218,13 +218,13 @@ class Operations:
                     self.store, meta, os.path.lexists, files.directory / overlay):
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
             if meta.state == "in-use":
-                meta = await self.require_live().create_snapshot(meta, files, chain_map,
+                meta = await self._require_live().create_snapshot(meta, files, chain_map,
                                                                   chain, sid)
                 how = "attached volume"
             else:
                 users.refuse_live("take an offline snapshot of", volume_id)
                 meta = await self.snapshots.create(files, meta, chain_map, chain, sid)
-                await self.follow_definitions(files, volume_id)
+                await self._follow_definitions(files, volume_id)
                 how = "volume"
             log.info("created snapshot %s of %s %s", sid, how, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
@@ -238,18 +238,18 @@ class Operations:
             if op.get("name") in ("delete-snapshot", "live-delete-snapshot") \
                     and op.get("snapshot") == sid:
                 return await self._resume(self.store.get_volume(volume_id))  # a retry
-            _meta, files, users = await self.observe(volume_id)
+            _meta, files, users = await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
                 if sid not in chain_map.snapshots:
                     raise NotFound(f"snapshot {sid} does not exist")
-                await self.require_live().deleter.delete_snapshot(meta, files, chain_map,
+                await self._require_live().deleter.delete_snapshot(meta, files, chain_map,
                                                                    chain, sid)
             else:
                 users.refuse_live("delete a snapshot of", volume_id)
                 await self.snapshots.delete(files, meta, chain_map, chain, sid)
-                await self.follow_definitions(files, volume_id)
+                await self._follow_definitions(files, volume_id)
             log.info("deleted snapshot %s of volume %s", sid, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
 
@@ -258,7 +258,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
         async with self._volume(volume_id):
-            _meta, files, users = await self.observe(volume_id)
+            _meta, files, users = await self._observe(volume_id)
             users.refuse_live("revert", volume_id)
             meta = self.store.require_available(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -273,7 +273,7 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
         async with self._volume(volume_id):
-            await self.observe(volume_id)
+            await self._observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -286,16 +286,16 @@ class Operations:
 
     async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
-        live = self.require_live()
+        live = self._require_live()
         async with self._volume(volume_id):
-            meta, files, users = await self.observe(volume_id)
+            meta, files, users = await self._observe(volume_id)
             return await live.attach(files, meta, users, domain, target)
 
     async def detach(self, volume_id: str) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
-        live = self.require_live()
+        live = self._require_live()
         async with self._volume(volume_id):
-            meta, files, users = await self.observe(volume_id, damaged_ok=True)
+            meta, files, users = await self._observe(volume_id, damaged_ok=True)
             return await live.detach(files, meta, users)
 
     async def repair(self, volume_id: str, fmt: Format | None = None,
@@ -306,10 +306,10 @@ class Operations:
         volume_id = valid_id(volume_id, "volume id")
         async with self._volume(volume_id):
             before = self.store.find(volume_id)
-            meta, files, users = await self.observe(volume_id, damaged_ok=True)
+            meta, files, users = await self._observe(volume_id, damaged_ok=True)
             users.refuse_live("repair", volume_id)
             if (meta.operation or {}).get("step") == AMBIGUOUS_PIVOT:
-                deleter = self.require_live().deleter
+                deleter = self._require_live().deleter
                 if choice is None:
                     raise NeedsRepair(await deleter.describe_ambiguity(files, meta))
                 return [await deleter.resolve_ambiguity(files, meta, choice)]
@@ -397,4 +397,4 @@ class Operations:
             users.refuse_live(f"finish {name} on", meta.id)
         await self.store.resume(meta)
         if self.store.find(meta.id) is not None and meta.operation:
-            await self.follow_definitions(self.store.files_of(meta), meta.id)
+            await self._follow_definitions(self.store.files_of(meta), meta.id)

@@ -198,9 +198,6 @@ class Guest:
     async def thaw(self) -> None:
         await self._call(self.domain.fsThaw)
 
-    async def snapshot_disk(self, target: str, overlay: str, other_targets: list[str]) -> None:
-        await self.snapshot_disks({target: overlay}, other_targets)
-
     async def snapshot_disks(self, overlays: dict[str, str], other_targets: list[str]) -> None:
         """Switch every disk of ``overlays`` to its overlay at one point in time (QEMU
         applies the disks of one call as a transaction: all switch or none)."""
@@ -210,16 +207,6 @@ class Guest:
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
         await self._call(self.domain.snapshotCreateXML, snapshot_xml(overlays, other_targets),
                          flags)
-
-    async def is_paused(self) -> bool:
-        state, _reason = await self._call(self.domain.state)
-        return bool(state == libvirt.VIR_DOMAIN_PAUSED)
-
-    async def suspend(self) -> None:
-        await self._call(self.domain.suspend)
-
-    async def resume(self) -> None:
-        await self._call(self.domain.resume)
 
     def block(self, target: str) -> BlockDevice:
         """The disk ``target`` of this domain, for block jobs and resize."""
@@ -265,3 +252,21 @@ class BlockDevice:
     async def resize(self, size: int) -> None:
         await self._call(self.guest.domain.blockResize, size,
                          libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+
+class Execution:
+    """A domain's vCPUs, paused for a moment (several domains at one point in time):
+    ``Execution(guest).pause()``."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+
+    async def is_paused(self) -> bool:
+        state, _reason = await self.guest._call(self.guest.domain.state)
+        return bool(state == libvirt.VIR_DOMAIN_PAUSED)
+
+    async def pause(self) -> None:
+        await self.guest._call(self.guest.domain.suspend)
+
+    async def resume(self) -> None:
+        await self.guest._call(self.guest.domain.resume)
