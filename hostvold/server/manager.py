@@ -96,9 +96,8 @@ class ManagerInterface(ServiceInterface):
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         request = GroupRequest.parse(volumes=ids, domains=domains, **values)
-        for volume_id in request.volumes:
-            self.api.store.get_volume(volume_id)  # NotFound when the call arrives
         groups = self.api.ops.groups
+        await groups.members_of(request)  # an unknown volume or domain: said now
         objects = [object_path("volumes", v) for v in request.volumes]
 
         async def work() -> str:
