@@ -165,13 +165,6 @@ def test_overlapping_groups_on_two_hosts_both_complete(cluster: Cluster) -> None
     run_rounds(cluster, deletes_at_once=False)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=False, reason=(
-    "daemon bug: GroupChanges.delete (hostvold/ops/group_changes.py) deletes each member "
-    "through Operations.delete_snapshot, whose lock does not wait (Busy) although the "
-    "marks were taken under waited locks: a delete overlapping another host's fails with "
-    "Busy after the group has vanished from view, its members' snapshots left behind "
-    "(marked group_deleting) until the next recovery pass: a restart, a host joining or "
-    "leaving, libvirt reconnecting"))
 def test_overlapping_group_deletes_on_two_hosts_both_complete(cluster: Cluster) -> None:
     """As above, then the two groups of each round deleted at the same moment, one from
     each host: both deletes succeed and no member snapshot is left behind."""

@@ -124,6 +124,9 @@ def collect_groups(volumes: Iterable[VolumeMeta]) -> dict[str, GroupView]:
     for view in groups.values():
         view.problems = [f"member {m.volume_id}: its snapshot {m.snapshot_id} is gone"
                          for m in view.members if m.volume_id not in view.present]
+        if view.deleting:
+            view.problems.insert(0, "being deleted: the members left go at the next "
+                                 "Delete or start")
     return groups
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -40,6 +43,20 @@ _WATCHED = {libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED,
             libvirt.VIR_DOMAIN_EVENT_SUSPENDED, DEVICE_REMOVED}
 # the states in which who holds the volume follows libvirt
 OWNED_STATES = ("available", "in-use", "migrating")
+# the domains as read once for several volumes looked at together (one_look)
+_LOOK: contextvars.ContextVar[dict[str, asyncio.Future[Any]] | None] = \
+    contextvars.ContextVar("hostvold_one_look", default=None)
+
+
+@contextlib.contextmanager
+def one_look() -> Iterator[None]:
+    """Volumes looked at together, under all their locks (a group snapshot's members):
+    libvirt's domains are read once for all of them, not once per volume."""
+    token = _LOOK.set({})
+    try:
+        yield
+    finally:
+        _LOOK.reset(token)
 
 
 
@@ -55,17 +72,36 @@ class Attachments:
         """Every domain whose live XML (running) or definition (shut off) names a file of
         the volume, by serial or by path."""
         uses: list[Use] = []
-        running_now, defined = await self.hypervisor.domains_by_state()
-        for domain, running in [(d, True) for d in running_now] + [(d, False) for d in defined]:
+        for guest, disks, running in await self._domains():
+            named = [d for d in disks if _names_volume(d, files, volume_id)]
             try:
-                guest = Guest(self.hypervisor, domain)
-                disks = await (guest.disks() if running else guest.defined_disks())
-                named = [d for d in disks if _names_volume(d, files, volume_id)]
                 saved = bool(named) and not running and await guest.has_managed_save()
             except (DomainGone, libvirt.libvirtError):
                 continue  # undefined while we looked
             uses += [Use(guest.name, d.target, d.source, running, saved) for d in named]
         return Users(tuple(uses))
+
+    async def _domains(self) -> list[tuple[Guest, list[DiskInfo], bool]]:
+        """Every domain with its disks (live XML if running, else its definition); read
+        once for all the volumes of one look (:func:`one_look`)."""
+        look = _LOOK.get()
+        if look is None:
+            return await self._read_domains()
+        if look.get("domains") is None:
+            look["domains"] = asyncio.ensure_future(self._read_domains())
+        return await asyncio.shield(look["domains"])
+
+    async def _read_domains(self) -> list[tuple[Guest, list[DiskInfo], bool]]:
+        found = []
+        running_now, defined = await self.hypervisor.domains_by_state()
+        for domain, running in [(d, True) for d in running_now] + [(d, False) for d in defined]:
+            try:
+                guest = Guest(self.hypervisor, domain)
+                found.append((guest, await (guest.disks() if running else
+                                            guest.defined_disks()), running))
+            except (DomainGone, libvirt.libvirtError):
+                continue  # undefined while we looked
+        return found
 
     async def observe(self, meta: VolumeMeta,
                       left_by_migration: bool = False) -> tuple[VolumeMeta, Users]:
@@ -157,7 +193,12 @@ class Attachments:
         """As :meth:`locate`, with the targets of the domain's other disks, from the same
         read of the live XML."""
         domain = (meta.attachment or {}).get("domain")
-        if domain:
+        if _LOOK.get() is not None:  # the look's own read of every domain
+            for guest, disks, running in await self._domains():
+                for disk in disks if running else ():
+                    if self._volume_of(disk) == meta.id:
+                        return guest, disk, [d.target for d in disks if d is not disk]
+        elif domain:
             try:
                 guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
                 if await guest.is_running():

@@ -19,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from hostvold.core import crash
-from hostvold.core.errors import HostvoldError, InvalidState, NeedsRepair, NotFound
+from hostvold.core.errors import Busy, HostvoldError, InvalidState, NeedsRepair, NotFound
 from hostvold.core.groups import DELETING, REVERTING, GroupView, collect_groups
 from hostvold.core.records import VolumeMeta
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from hostvold.ops.groups import GroupSnapshots
 
 log = logging.getLogger(__name__)
+
+BUSY_RETRIES = 20  # a member's delete waits this many times for another host's operation
 
 
 class GroupChanges:
@@ -37,8 +39,18 @@ class GroupChanges:
 
     def view(self, group_id: str) -> GroupView:
         view = collect_groups(self.store.list_volumes()).get(group_id)
-        if view is None or view.deleting:
+        if view is None:
             raise NotFound(f"group snapshot {group_id} does not exist")
+        return view
+
+    def whole(self, group_id: str) -> GroupView:
+        """The group, every member there and none being deleted."""
+        view = self.view(group_id)
+        if view.deleting:
+            raise InvalidState(f"group snapshot {group_id} is being deleted")
+        if view.problems:
+            raise NeedsRepair(f"group snapshot {group_id} is not whole: "
+                              f"{'; '.join(view.problems)}")
         return view
 
     def _present(self, view: GroupView) -> list[tuple[str, str]]:
@@ -68,20 +80,35 @@ class GroupChanges:
                 await self.ops._observe(volume_id, damaged_ok=True)
                 await self._mark(volume_id, snapshot_id, DELETING, True)
         crash.point("group-delete:marked")
+        failed: list[HostvoldError] = []
         for volume_id, snapshot_id in members:  # each by its own strategy, under its lock
-            await self.ops.delete_snapshot(volume_id, snapshot_id)
+            try:
+                await self._delete_member(volume_id, snapshot_id)
+            except HostvoldError as exc:  # the others go on; this one at the next start
+                log.error("group %s: deleting snapshot %s of volume %s failed: %s", group_id,
+                          snapshot_id, volume_id, exc, extra={"VOLUME_ID": volume_id})
+                failed.append(exc)
             crash.point("group-delete:member")
+        if failed:
+            raise failed[0]
         log.info("deleted group snapshot %s (%d members)", group_id, len(members),
                  extra={"GROUP_ID": group_id})
+
+    async def _delete_member(self, volume_id: str, snapshot_id: str) -> None:
+        """One member, waiting its turn behind another host's operation on the volume
+        (the delete of another group sharing it), as the group's locks were waited for."""
+        for _ in range(BUSY_RETRIES):
+            try:
+                return await self.ops.delete_snapshot(volume_id, snapshot_id)
+            except Busy:
+                async with self.groups.locked([volume_id]):
+                    pass  # released by the other host: try again
+        await self.ops.delete_snapshot(volume_id, snapshot_id)
 
     # ---- revert ---------------------------------------------------------------------------
 
     async def revert(self, group_id: str) -> None:
-        view = self.view(group_id)
-        if view.problems:
-            raise NeedsRepair(f"group snapshot {group_id} is not whole: "
-                              f"{'; '.join(view.problems)}")
-        members = self._present(view)
+        members = self._present(self.whole(group_id))
         async with self.groups.locked([v for v, _ in members]):
             for volume_id, snapshot_id in members:  # all checked before any is changed
                 _meta, files, users = await self.ops._observe(volume_id)
@@ -112,13 +139,9 @@ class GroupChanges:
     async def create_volumes(self, group_id: str, **options: Any) -> list[VolumeMeta]:
         """A standalone volume of each member's point in time (``share``: where); all are
         made or none is kept."""
-        view = self.view(group_id)
-        if view.problems:
-            raise NeedsRepair(f"group snapshot {group_id} is not whole: "
-                              f"{'; '.join(view.problems)}")
         made: list[VolumeMeta] = []
         try:
-            for volume_id, snapshot_id in self._present(view):
+            for volume_id, snapshot_id in self._present(self.whole(group_id)):
                 made.append(await self.ops.create_from_snapshot(volume_id, snapshot_id,
                                                                 **options))
         except BaseException:

@@ -39,6 +39,7 @@ from hostvold.core.ids import new_id
 from hostvold.core.images import Layer
 from hostvold.core.layout import VolumeFiles
 from hostvold.core.records import VolumeMeta, utc_now
+from hostvold.ops.attachments import one_look
 from hostvold.ops.group_recovery import NAME, GroupRecovery
 from hostvold.ops.store import share_call
 from hostvold.storage.files import make_overlay
@@ -123,7 +124,8 @@ class GroupSnapshots:
         volume_ids = await self.members_of(request)
         group_id = group_id or new_id()
         async with self.locked(volume_ids):
-            planned = list(await asyncio.gather(*(self._plan(v) for v in volume_ids)))
+            with one_look():  # libvirt's domains read once for all members
+                planned = list(await asyncio.gather(*(self._plan(v) for v in volume_ids)))
             outcome = await self._take(group_id, planned, request)
         log.info("group snapshot %s of %d volumes (%s)", group_id, len(planned),
                  request.consistency, extra={"GROUP_ID": group_id})

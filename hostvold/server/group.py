@@ -72,7 +72,7 @@ class GroupSnapshotInterface(ServiceInterface):
         await self.api.authorizer.require_admin("GroupSnapshot.Revert")
         read_options(options, NO_OPTIONS)
         changes, group_id = self.api.ops.group_changes, self.view.id
-        changes.view(group_id)
+        changes.whole(group_id)
 
         async def work() -> None:
             await changes.revert(group_id)
@@ -89,7 +89,7 @@ class GroupSnapshotInterface(ServiceInterface):
         CopyVolume.parse(**values)
         self.api.check_new_volume(None, values.get("share"))
         changes, group_id = self.api.ops.group_changes, self.view.id
-        changes.view(group_id)
+        changes.whole(group_id)
         objects = self._objects()
 
         async def work() -> list[str]:

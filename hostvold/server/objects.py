@@ -154,7 +154,7 @@ class Api:
 
     def _sync_groups(self, volume_id: str, before: set[str], after: set[str]) -> None:
         """The groups whose members' records changed, rebuilt from those records; a group
-        shows while any member names it and no delete of it is under way."""
+        shows while any member names it (one being deleted, with that problem)."""
         for group_id in before | after:
             volumes = self._group_volumes.setdefault(group_id, set())
             if group_id in after:
@@ -164,7 +164,7 @@ class Api:
             records = [m for v in volumes if (m := self.store.find(v)) is not None]
             view = collect_groups(records).get(group_id)
             current = self.group_objects.get(group_id)
-            if view is None or view.deleting:
+            if view is None:
                 if not volumes:
                     del self._group_volumes[group_id]
                 if current is not None:
