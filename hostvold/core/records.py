@@ -43,6 +43,9 @@ class VolumeMeta(BaseModel):
     problems: list[str] = []
     # the in-flight operation, recorded before its first side effect (SPEC section 7)
     operation: dict[str, Any] | None = None
+    # deleted snapshot id -> the snapshot next older when it went ("" none): where an
+    # export of changes from a deleted snapshot falls back to (SPEC section 5b)
+    deleted: dict[str, str] = {}
 
     def evolve(self, **changes: Any) -> VolumeMeta:
         """A copy with ``changes``, each checked against its field's type. The unchanged

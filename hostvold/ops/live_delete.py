@@ -48,6 +48,7 @@ from hostvold.core import crash, progress
 from hostvold.core.aio import quietly_ended, uninterrupted
 from hostvold.core.backoff import backoff
 from hostvold.core.chainmap import SnapshotMap
+from hostvold.core.changes import tombstoned
 from hostvold.core.errors import Failed, HypervisorError, NeedsRepair
 from hostvold.core.images import Format, Layer
 from hostvold.core.layout import VolumeFiles
@@ -104,7 +105,8 @@ class LiveDelete:
             "name": "live-delete-snapshot", "snapshot": sid, "strategy": strategy,
             "top": plan.top.name, "base": plan.base.name, "below": below,
             "base_format": plan.base.format,
-            "domain": guest.name, "target": disk.target, "step": "job"}))
+            "domain": guest.name, "target": disk.target, "step": "job"},
+            deleted=tombstoned(meta, chain, chain_map, sid)))
         crash.point("live-delete-snapshot:intent")
         log.info("deleting snapshot %s of volume %s live by %s", sid, meta.id, strategy,
                  extra={"VOLUME_ID": meta.id, "SNAPSHOT_ID": sid, "DOMAIN": guest.name})

@@ -34,6 +34,7 @@ from typing import Any
 
 from hostvold.core import crash
 from hostvold.core.chainmap import SnapshotMap
+from hostvold.core.changes import tombstoned
 from hostvold.core.errors import InvalidState, NotFound
 from hostvold.core.images import Layer
 from hostvold.core.layout import VolumeFiles, temp_name
@@ -110,7 +111,8 @@ class SnapshotOps:
         meta = await store.record(files, meta.evolve(operation={
             "name": "delete-snapshot", "snapshot": sid, "step": "commit",
             "top": plan.top.name, "base": plan.base.name, "base_format": plan.base.format,
-            "higher": plan.higher.name if plan.higher else None}))
+            "higher": plan.higher.name if plan.higher else None},
+            deleted=tombstoned(meta, chain, chain_map, sid)))
         crash.point("delete-snapshot:intent")
         await self._resume_delete(files, meta)
 

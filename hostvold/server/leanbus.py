@@ -12,8 +12,10 @@ does: run the coroutine, keep it referenced until it ends, reply with its result
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -59,8 +61,18 @@ class LeanMessageBus(MessageBus):
                 body, fds = ServiceInterface._fn_result_to_body(
                     finished.result(), method.out_signature_tree,
                     replace_fds=self._negotiate_unix_fd)
-                send_reply(Message.new_method_return(message, method.out_signature, body,
-                                                     fds))
+                reply = Message.new_method_return(message, method.out_signature, body, fds)
+                if not fds:
+                    send_reply(reply)
+                    return
+                # a descriptor a method returns is the caller's: ours closes once sent
+                self.send(reply).add_done_callback(lambda _: _close_all(fds))
 
         future.add_done_callback(done)
         future.add_done_callback(self._pending_futures.discard)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -21,6 +21,7 @@ from dbus_fast.aio import MessageBus
 from hostvold.core.errors import AlreadyExists, NotFound
 from hostvold.core.groups import collect_groups, groups_of
 from hostvold.core.records import VolumeMeta
+from hostvold.ops.changes import ChangeExports
 from hostvold.ops.jobs import Job, JobRunner
 from hostvold.ops.operations import Operations
 from hostvold.ops.store import VolumeStore
@@ -54,6 +55,7 @@ class Api:
         self.jobs = jobs
         self.authorizer = authorizer
         self.started = time.monotonic()
+        self.changes = ChangeExports(ops, store.config.daemon.state_dir / "exports")
         self.manager = ManagerInterface(self)
         self.share_objects: dict[str, ShareInterface] = {}
         self.volume_objects: dict[str, VolumeInterface] = {}

@@ -48,6 +48,7 @@ from hostvold.server.calls import (
     named_errors,
     read_options,
 )
+from hostvold.server.changes import VolumeChanges
 from hostvold.server.managed import CachedEntry
 
 if TYPE_CHECKING:
@@ -185,7 +186,7 @@ class VolumeProperties(ServiceInterface, CachedEntry):
         return _connection_info(self.meta, self.api)
 
 
-class VolumeInterface(VolumeProperties):
+class VolumeInterface(VolumeProperties, VolumeChanges):
     """The Volume interface's methods; each checks its caller and options at once."""
 
     async def _admin(self, action: str) -> int:
