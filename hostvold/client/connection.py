@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -130,6 +131,17 @@ class Client:
 
     async def call(self, path: str, interface: str, member: str, signature: str = "",
                    body: list[Any] | None = None, destination: str = BUS_NAME) -> list[Any]:
+        reply, fds = await self.call_with_fds(path, interface, member, signature, body,
+                                              destination)
+        for fd in fds:  # descriptors nobody asked for
+            os.close(fd)
+        return reply
+
+    async def call_with_fds(self, path: str, interface: str, member: str,
+                            signature: str = "", body: list[Any] | None = None,
+                            destination: str = BUS_NAME) -> tuple[list[Any], list[int]]:
+        """The reply's body and the descriptors it came with (the caller's to close): a
+        value of type 'h' in the body is an index into that list."""
         body, fds = with_fd_indexes(body or [])
         reply = await self.bus.call(Message(destination=destination, path=path,
                                             interface=interface, member=member,
@@ -137,9 +149,11 @@ class Client:
                                             unix_fds=fds))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
+            for fd in reply.unix_fds:
+                os.close(fd)
             raise _error(reply.error_name or "", str(reply.body[0]) if reply.body else "",
                          self.address)
-        return list(reply.body)
+        return list(reply.body), list(reply.unix_fds)
 
     async def objects(self) -> dict[str, dict[str, dict[str, Any]]]:
         with collector_paused():  # the answer is decoded into many acyclic objects
@@ -168,46 +182,66 @@ class Client:
         """Call a job-returning method and wait for the job's Completed signal.
         ``leading``: the signature and values of the arguments before the options (e.g.
         ``("ao", [paths])``)."""
-        await self.watch_jobs()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[bool, str, str]] = loop.create_future()
-        job_path: list[str] = []
-        early: dict[str, tuple[bool, str, str]] = {}
-
-        def on_signal(message: Message) -> None:
-            if (message.member == "NameOwnerChanged" and message.body[0] == BUS_NAME
-                    and not message.body[2] and not done.done()):
-                done.set_exception(CliError(
-                    "hostvold stopped while the job ran; it finishes or undoes the operation "
-                    "when it starts again", EXIT_NOT_RUNNING))
-            elif message.member == "Completed":
-                result = (bool(message.body[0]), str(message.body[1]), str(message.body[2]))
-                if job_path and message.path == job_path[0]:
-                    if not done.done():
-                        done.set_result(result)
-                else:
-                    early[str(message.path)] = result
-            elif (show_progress and message.member == "PropertiesChanged" and job_path
-                  and message.path == job_path[0]):
-                changed = plain(message.body[1])
-                if "Progress" in changed:
-                    draw_progress(float(changed["Progress"]), float(changed.get("Rate", 0)))
-
-        self.handlers.append(on_signal)
+        waiter = await self.job_waiter(show_progress)
         (job,) = await self.call(path, f"{PREFIX}{interface}", member,
                                  f"{leading[0]}a{{sv}}", [*leading[1], options])
-        job_path.append(str(job))
-        if str(job) in early:
-            done.set_result(early[str(job)])
+        return await waiter.wait(str(job))
+
+    async def job_waiter(self, show_progress: bool = False) -> JobWaiter:
+        """Ready to wait for a job the next call starts: made before that call, so none of
+        its signals can be missed."""
+        await self.watch_jobs()
+        return JobWaiter(self, show_progress)
+
+
+class JobWaiter:
+    """Collects the jobs' Completed signals (and the daemon leaving the bus) from the moment
+    it is made; :meth:`wait` then waits for one job, however early it ended."""
+
+    def __init__(self, client: Client, show_progress: bool) -> None:
+        self.client = client
+        self.show_progress = show_progress
+        self.done: asyncio.Future[tuple[bool, str, str]] = \
+            asyncio.get_running_loop().create_future()
+        self.job_path: list[str] = []
+        self.early: dict[str, tuple[bool, str, str]] = {}
+        client.handlers.append(self._on_signal)
+
+    def _on_signal(self, message: Message) -> None:
+        done, job_path = self.done, self.job_path
+        if (message.member == "NameOwnerChanged" and message.body[0] == BUS_NAME
+                and not message.body[2] and not done.done()):
+            done.set_exception(CliError(
+                "hostvold stopped while the job ran; it finishes or undoes the operation "
+                "when it starts again", EXIT_NOT_RUNNING))
+        elif message.member == "Completed":
+            result = (bool(message.body[0]), str(message.body[1]), str(message.body[2]))
+            if job_path and message.path == job_path[0]:
+                if not done.done():
+                    done.set_result(result)
+            else:
+                self.early[str(message.path)] = result
+        elif (self.show_progress and message.member == "PropertiesChanged" and job_path
+              and message.path == job_path[0]):
+            changed = plain(message.body[1])
+            if "Progress" in changed:
+                draw_progress(float(changed["Progress"]), float(changed.get("Rate", 0)))
+
+    async def wait(self, job: str) -> dict[str, Any]:
+        """The job's properties once it completed; its failure as a :class:`CliError`."""
+        client, done = self.client, self.done
+        self.job_path.append(job)
+        if job in self.early:
+            done.set_result(self.early[job])
         else:
-            props = await self.properties(str(job), f"{PREFIX}Job")
+            props = await client.properties(job, f"{PREFIX}Job")
             if props["State"] != "running" and not done.done():
                 error = props["Error"]
                 done.set_result((props["State"] == "completed", error[0], error[1]))
         success, error_name, message = await done
-        if show_progress:
+        if self.show_progress:
             sys.stderr.write("\n")
-        props = await self.properties(str(job), f"{PREFIX}Job")
+        props = await client.properties(job, f"{PREFIX}Job")
         if not success:
-            raise _error(error_name, message, self.address)
-        return {"job": str(job), **props}
+            raise _error(error_name, message, client.address)
+        return {"job": job, **props}

@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parent.parent.parent
 # positional arguments that name an object, and the command that lists them
 OBJECT_LISTS = {"volume": "volumes", "volumes": "volumes", "snapshot": "snapshots",
                 "job": "jobs", "target": "volumes", "group": "group list"}
+# option values that name an object (by the option's dest), and the command that lists them
+OPTION_LISTS = {"since": "snapshots", "to": "snapshots"}
+# positional arguments that name a file of the client's
+FILE_ARGS = ("path", "destination", "output", "base", "increment")
 
 
 def _roff(text: str) -> str:
@@ -74,6 +78,8 @@ def man_client(parser: argparse.ArgumentParser) -> str:
     for _, sub, text in _commands(parser):
         usage = " ".join(sub.format_usage().removeprefix("usage: ").split())
         lines += [".TP", "\\fB" + _roff(usage) + "\\fR", _roff(text)]
+        if sub.description:  # a command's longer description, below its summary
+            lines += [".IP", _roff(sub.description)]
     lines += [".SH EXIT STATUS", ".nf", _roff(EXIT_CODES), ".fi",
               ".SH SEE ALSO", "\\fBhostvold\\fR(8), \\fBhostvold.conf\\fR(5)"]
     return "\n".join(lines) + "\n"
@@ -129,8 +135,9 @@ def _valued_options(parser: argparse.ArgumentParser) -> list[str]:
 
 def bash_completion(parser: argparse.ArgumentParser) -> str:
     """A bash completion for hostvolctl: options, commands (and the actions of ``group``),
-    the choices of arguments and options, and the ids of volumes, snapshots, jobs and
-    groups (asked from the running daemon)."""
+    the choices of arguments and options, the ids of volumes, snapshots, jobs and groups
+    (asked from the running daemon; also as the values of --from and --to), and file
+    names for the arguments that name the client's files."""
     commands = _commands(parser)
     nested = [name for name, sub, _ in commands if _subcommands(sub)]
     cases = []
@@ -139,12 +146,16 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
         positionals = [a for a in sub._actions if not a.option_strings and a.dest != "help"
                        and not isinstance(a, argparse._SubParsersAction)]
         options = " ".join(o for a in sub._actions for o in a.option_strings)
-        kinds = " ".join(OBJECT_LISTS.get(a.dest, "-").replace(" ", ",") for a in positionals)
+        kinds = " ".join("@file" if a.dest in FILE_ARGS else
+                         OBJECT_LISTS.get(a.dest, "-").replace(" ", ",") for a in positionals)
         choices = " ".join(",".join(a.choices) if a.choices else "-" for a in positionals)
         if actions:  # its first word is one of its actions
             kinds, choices = "-", ",".join(actions)
-        values = " ".join(f"{o}={','.join(a.choices)}" for a in sub._actions if a.choices
-                          for o in a.option_strings)
+        values = " ".join([f"{o}={','.join(a.choices)}" for a in sub._actions if a.choices
+                           for o in a.option_strings]
+                          + [f"{o}=@{OPTION_LISTS[a.dest].replace(' ', ',')}"
+                             for a in sub._actions if a.dest in OPTION_LISTS
+                             and a.option_strings for o in a.option_strings])
         more = int(bool(positionals) and positionals[-1].nargs in ("*", "+"))
         cases.append(f'        "{name}") kinds=({kinds or "-"}); choices=({choices or "-"}); '
                      f'opts="{options}"; values="{values}"; more={more} ;;')
@@ -182,7 +193,11 @@ _hostvolctl() {{
         for pair in $values; do
             if [ "${{pair%%=*}}" = "$prev" ]; then
                 pair=${{pair#*=}}
-                COMPREPLY=($(compgen -W "${{pair//,/ }}" -- "$cur"))
+                if [[ $pair == @* ]]; then  # the ids of the objects it names
+                    COMPREPLY=($(compgen -W "$(_hostvolctl_ids "${{pair#@}}")" -- "$cur"))
+                else
+                    COMPREPLY=($(compgen -W "${{pair//,/ }}" -- "$cur"))
+                fi
             fi
         done
         return
@@ -198,6 +213,9 @@ _hostvolctl() {{
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
     elif [ "${{choices[index]:--}}" != - ]; then
         COMPREPLY=($(compgen -W "${{choices[index]//,/ }}" -- "$cur"))
+    elif [ "${{kinds[index]:--}}" = @file ]; then
+        compopt -o filenames 2>/dev/null
+        COMPREPLY=($(compgen -f -- "$cur"))
     elif [ "${{kinds[index]:--}}" != - ]; then
         COMPREPLY=($(compgen -W "$(_hostvolctl_ids "${{kinds[index]}}")" -- "$cur"))
     fi

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hostvold import __version__
+from hostvold.client import changes as changes_cli
 from hostvold.client import commands, monitor
 from hostvold.client.connection import EXIT_CODES, EXIT_CONFIG, Client, CliError
 from hostvold.core.config import load_config
@@ -80,6 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("volume")
     export.add_argument("destination")
     export.add_argument("--format", choices=["raw", "qcow2"], default="raw")
+    changes = add("export-changes", changes_cli.cmd_export_changes,
+                  "write the blocks changed between two points in time to a sparse raw file "
+                  "OUTPUT, and their extent map to OUTPUT.json (an incremental backup)")
+    changes.description = (
+        "The daemon serves the 'to' point in time read-only over NBD on a connection it "
+        "hands to hostvolctl, which reads the changed extents into OUTPUT (a raw file of the "
+        "volume's size; everything else is a hole) and writes OUTPUT.json: {volume, from, to, "
+        "fallback, size, context, extents: [{start, length, dirty, zero}]}, where 'from' is "
+        "the snapshot actually counted from (\"\" for a full copy). The volume stays locked "
+        "until the copy is done. Restore with restore-changes onto a full copy at 'from' "
+        "(the first one from `export VOL FILE --format raw`, or export-changes without "
+        "--from restored onto an empty file of the volume's size). It always waits: the copy is "
+        "hostvolctl's own work (--no-wait does not apply).")
+    changes.add_argument("volume", metavar="VOL")
+    changes.add_argument("output", metavar="OUTPUT",
+                         help="the new file (never overwritten); its map goes to OUTPUT.json")
+    changes.add_argument("--from", dest="since", metavar="SNAPSHOT",
+                         help="count the changes from this snapshot (default: everything, "
+                              "a full copy); a deleted one falls back to the nearest older "
+                              "snapshot and says so")
+    changes.add_argument("--to", metavar="SNAPSHOT",
+                         help="the point in time exported (default: now)")
+    changes.add_argument("--full-if-needed", action="store_true",
+                         help="a full copy when --from is gone and no older snapshot is left")
+    restore = add("restore-changes", changes_cli.cmd_restore_changes,
+                  "apply an increment of export-changes (INCREMENT and INCREMENT.json) onto "
+                  "BASE, a raw full copy of the volume at the increment's --from point in "
+                  "time (offline: the daemon is not asked)")
+    restore.description = (
+        "Copies every dirty extent of INCREMENT onto BASE at the same offset (an extent "
+        "that reads as zeros is punched as a hole, or written as zeros where the file "
+        "system cannot), then syncs BASE. Refused when BASE's size is not the volume's. "
+        "BASE must hold the volume at the increment's 'from': applying it elsewhere gives "
+        "a file that is neither point in time.")
+    restore.add_argument("base", metavar="BASE",
+                         help="a raw file of the volume's size, changed in place")
+    restore.add_argument("increment", metavar="INCREMENT",
+                         help="a file export-changes wrote, with its map INCREMENT.json")
+    restore.set_defaults(offline=True)
     clone = add("clone", commands.cmd_clone, "a new volume with a volume's current content")
     clone.add_argument("volume")
     for command in (clone,):
@@ -173,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.path or 'the default configuration'}: valid")
         return 0
     try:  # the one error boundary: every failure becomes a sentence and an exit code
-        asyncio.run(run(args))
+        if getattr(args, "offline", False):  # works on files only, without the daemon
+            args.func(args)
+        else:
+            asyncio.run(run(args))
     except CliError as exc:
         print(f"hostvolctl: {exc}", file=sys.stderr)
         return exc.code
