@@ -52,6 +52,8 @@ SPEC: dict[str, tuple[str, str]] = {
     "P11": ("reflink clone of 2 GiB vs a full copy", ">= 50x"),
     "P12": ("the real guest's longest I/O stall, hostvold vs libvirt's own", "<= 1.2x"),
     "P13": ("group snapshot of a domain's 8 disks vs one disk's snapshot", "<= 1.3x"),
+    "P14": ("changed-block export: bytes read / changed; time vs qemu-io on the extents",
+            "<= 1.05x; <= 1.3x"),
 }
 
 
@@ -87,6 +89,10 @@ BENCHES = [
     Bench(("P12",), "guest_pause", ("--rounds", "5"), ("--rounds", "1"),
           needs=("gcc", "apt-get", "dpkg-deb", "virsh"), root=True),
     Bench(("P13",), "group_snapshot", ("--rounds", "9"), ("--rounds", "1"), root=True),
+    Bench(("P14",), "changes_export", ("--rounds", "5"),
+          ("--size-gib", "1", "--base-mib", "32", "--changed-mib", "32", "--rounds", "1"),
+          needs=("qemu-img", "qemu-io", "qemu-nbd", "mkfs.ext4", "findmnt", "setpriv"),
+          root=True),
     # last: removing its 20,000 files leaves a filesystem mounted with ``discard`` trimming
     # their blocks at every journal commit for a while, which slows the fsyncs measured by
     # any benchmark after it (P7's own floor: fsyncs from 32 threads overlapped 0.5x before
