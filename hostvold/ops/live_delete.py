@@ -89,8 +89,9 @@ class LiveDelete:
                                      {plan.top.name, plan.base.name})
         if not plan.top_is_active:
             strategy = "commit"
-        elif plan.base.name == files.base_name or \
-                allocated.get(plan.top.name, 0) <= allocated.get(plan.base.name, 0):
+        elif plan.base.name == files.base_name or meta.snapshots.get(sid, {}).get(
+                "temporary") or allocated.get(plan.top.name, 0) <= allocated.get(
+                plan.base.name, 0):  # a temporary one: the active file keeps its name
             strategy = "active-commit"
         else:
             strategy = "pull"

@@ -69,9 +69,10 @@ async def build_view(workdir: Path, top: Path, fmt: Format, size: int,
 
 
 async def _qemu_io(image: Path, script: str) -> None:
-    """One qemu-io for every command of ``script`` (read from its standard input)."""
+    """One qemu-io for every command of ``script`` (read from its standard input); no
+    flushes: the scratch file is merged into the view and removed straight after."""
     proc = await asyncio.create_subprocess_exec(
-        "qemu-io", "-f", "qcow2", str(image), stdin=asyncio.subprocess.PIPE,
+        "qemu-io", "-t", "unsafe", "-f", "qcow2", str(image), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate(script.encode())
     if proc.returncode != 0 or err.strip():
