@@ -64,11 +64,13 @@ class ChangeExports:
             async with self._at_rest(meta, files, chain_map, chain, to is None):
                 top = files.directory / span.top.name
                 fmt = layer_format(span.top)
-                runs = extents(await changeview.map_entries(top, fmt, self.store.limits),
-                               span)
                 workdir = changeview.private_dir(self.directory, new_id())
                 try:
-                    view = await changeview.build_view(workdir, top, fmt, meta.size, runs)
+                    entries, _ = await asyncio.gather(
+                        changeview.map_entries(top, fmt, self.store.limits),
+                        changeview.prepare(workdir, top, fmt, meta.size))
+                    runs = extents(entries, span)
+                    view = await changeview.mark(workdir, runs)
                     fd, server = await changeview.serve(view, workdir)
                     if ready.done():  # the caller went away meanwhile
                         os.close(fd)

@@ -50,20 +50,31 @@ async def map_entries(top: Path, fmt: Format, limits: Limits) -> list[dict[str, 
         raise Failed(f"unexpected output from qemu-img map of {top.name}: {exc}") from None
 
 
-async def build_view(workdir: Path, top: Path, fmt: Format, size: int,
-                     runs: list[Extent]) -> Path:
-    """The view of ``top`` carrying the bitmap of ``runs``' dirty extents."""
+async def prepare(workdir: Path, top: Path, fmt: Format, size: int) -> None:
+    """The scratch file with its enabled bitmap and the view with its disabled one, made
+    side by side (and beside the map of the changes, which they do not need)."""
     scratch, view = workdir / "changes.qcow2", workdir / "view.qcow2"
-    await run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(scratch), str(size)])
-    await run([QEMU_IMG, "bitmap", "--add", str(scratch), BITMAP])
+
+    async def make_scratch() -> None:
+        await run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(scratch), str(size)])
+        await run([QEMU_IMG, "bitmap", "--add", str(scratch), BITMAP])
+
+    async def make_view() -> None:
+        await run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", str(top), "-F", fmt,
+                   str(view), str(size)])
+        await run([QEMU_IMG, "bitmap", "--add", "--disable", str(view), BITMAP])
+
+    await asyncio.gather(make_scratch(), make_view())
+
+
+async def mark(workdir: Path, runs: list[Extent]) -> Path:
+    """The view (of :func:`prepare`) given the bitmap of ``runs``' dirty extents."""
+    scratch, view = workdir / "changes.qcow2", workdir / "view.qcow2"
     script = "".join(f"write -z {r.start} {r.length}\n" for r in runs if r.dirty)
     if script:
         await _qemu_io(scratch, script)
-    await run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", str(top), "-F", fmt,
-               str(view), str(size)])
-    await run([QEMU_IMG, "bitmap", "--add", "--disable", str(view), BITMAP])
-    await run([QEMU_IMG, "bitmap", "--merge", BITMAP, "-b", str(scratch), "-F", "qcow2",
-               str(view), BITMAP])
+        await run([QEMU_IMG, "bitmap", "--merge", BITMAP, "-b", str(scratch), "-F", "qcow2",
+                   str(view), BITMAP])
     scratch.unlink()
     return view
 
