@@ -41,10 +41,12 @@ def guest_mounts() -> Iterator[Path]:
 class GuestKeeper:
     """The module's guest: the same one while it runs, a new boot once it died."""
 
-    def __init__(self, image: GuestImage, uri: str, directory: Path) -> None:
+    def __init__(self, image: GuestImage, uri: str, directory: Path,
+                 prefix: str = "hostvold-guest") -> None:
         self.image = image
         self.uri = uri
         self.directory = directory
+        self.prefix = prefix  # a second keeper's guests need names of their own
         self.guest: RealGuest | None = None
         self.boots = 0
 
@@ -53,7 +55,7 @@ class GuestKeeper:
             return self.guest
         self.close()
         self.boots += 1
-        name = f"hostvold-guest-{os.getpid()}-{self.boots}"
+        name = f"{self.prefix}-{os.getpid()}-{self.boots}"
         console = self.directory / f"{name}.console"
         started = time.monotonic()
         self.guest = boot(self.image, name, console, self.uri)

@@ -7,6 +7,12 @@
  *                                     consecutive completions in that period
  *   guestio check FILE                the records a file holds: "C COUNT" (the valid ones
  *                                     in a row from record 0), exit 1 if a bad one follows
+ *   guestio pair TAG FILEA FILEB [PACE_MS]
+ *                                     dependent pairs: record K in FILEA, fdatasync, then
+ *                                     mark K (the same record) in FILEB, fdatasync, then
+ *                                     "A TAG K"; so FILEB never holds more than FILEA
+ *   guestio mark TAG FILE UPTO        records up to UPTO appended to FILE and made durable,
+ *                                     then "A TAG UPTO" (a mark relayed from elsewhere)
  *
  * Lines go to stdout, which the guest's init points at the serial console: the host reads
  * them from the console log without asking the guest anything. A writer resumes after the
@@ -99,6 +105,54 @@ static int writer(const char *tag, const char *path, long pace_ms) {
     }
 }
 
+static int open_records(const char *tag, const char *path) {
+    int fd = open(path, O_RDWR | O_CREAT, 0644);
+    if (fd < 0) { printf("E %s open %d\n", tag, errno); fflush(stdout); }
+    return fd;
+}
+
+static int put_record(int fd, unsigned long seq) {
+    char record[RECORD];
+    make_record(seq, record);
+    if (pwrite(fd, record, RECORD, (off_t)seq * RECORD) != RECORD) return -1;
+    return fdatasync(fd);
+}
+
+static int pairs(const char *tag, const char *path_a, const char *path_b, long pace_ms) {
+    int a = open_records(tag, path_a), b = open_records(tag, path_b), bad;
+    if (a < 0 || b < 0) return 1;
+    unsigned long in_a = count_valid(a, &bad), seq = count_valid(b, &bad);
+    if (in_a < seq) seq = in_a; /* never a hole in FILEA (a broken invariant shows offline) */
+    printf("S %s %lu\n", tag, seq);
+    fflush(stdout);
+    for (;; seq++) {
+        if (put_record(a, seq) != 0 || put_record(b, seq) != 0) {
+            printf("E %s %lu %d\n", tag, seq, errno);
+            fflush(stdout);
+            return 1;
+        }
+        printf("A %s %lu\n", tag, seq);
+        fflush(stdout);
+        pace(pace_ms);
+    }
+}
+
+static int mark(const char *tag, const char *path, unsigned long upto) {
+    int fd = open_records(tag, path), bad;
+    if (fd < 0) return 1;
+    for (unsigned long seq = count_valid(fd, &bad); seq <= upto; seq++) {
+        char record[RECORD];
+        make_record(seq, record);
+        if (pwrite(fd, record, RECORD, (off_t)seq * RECORD) != RECORD) {
+            printf("E %s %lu %d\n", tag, seq, errno);
+            return 1;
+        }
+    }
+    if (fdatasync(fd) != 0) { printf("E %s %lu %d\n", tag, upto, errno); return 1; }
+    printf("A %s %lu\n", tag, upto);
+    return 0;
+}
+
 static int probe(const char *tag, const char *path, long pace_ms) {
     int fd = open(path, O_RDWR | O_CREAT | O_DSYNC, 0644);
     if (fd < 0) { printf("E %s open %d\n", tag, errno); return 1; }
@@ -140,6 +194,11 @@ int main(int argc, char **argv) {
         return probe(argv[2], argv[3], argc > 4 ? atol(argv[4]) : 5);
     if (argc == 3 && strcmp(argv[1], "check") == 0)
         return check(argv[2]);
-    fprintf(stderr, "usage: guestio write|probe TAG FILE [PACE_MS] | guestio check FILE\n");
+    if (argc >= 5 && strcmp(argv[1], "pair") == 0)
+        return pairs(argv[2], argv[3], argv[4], argc > 5 ? atol(argv[5]) : 5);
+    if (argc == 5 && strcmp(argv[1], "mark") == 0)
+        return mark(argv[2], argv[3], strtoul(argv[4], NULL, 10));
+    fprintf(stderr, "usage: guestio write|probe TAG FILE [PACE_MS] | guestio check FILE |\n"
+                    "       guestio pair TAG FILEA FILEB [PACE_MS] | guestio mark TAG FILE UPTO\n");
     return 2;
 }
