@@ -178,7 +178,7 @@ class LiveDelete:
                 crash.point("live-delete-snapshot:job-started")
             ticker = asyncio.get_running_loop().create_task(self._progress(guest, target))
             try:
-                ready = running is not None and running.end and running.cur == running.end
+                ready = running is not None and await device.ready(running)
                 while True:
                     if ready and strategy == "active-commit" and \
                             (meta.operation or {}).get("step") != "pivoted":
@@ -190,7 +190,7 @@ class LiveDelete:
                         info = await guest.block(target).job_info()
                         if info is None:
                             return meta, looked  # ended while we were away; the caller checks
-                        ready = bool(info.end and info.cur == info.end)
+                        ready = await guest.block(target).ready(info)
                     elif event.status == JOB_READY:
                         ready = True
                     elif event.status == JOB_COMPLETED:

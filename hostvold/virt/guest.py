@@ -25,6 +25,7 @@ class DiskInfo:
     alias: str | None
     bus: str | None
     chain: list[str] = field(default_factory=list)  # source first, then its backing files
+    mirror_ready: bool = False  # a block job's copy waits for a pivot (libvirt's <mirror>)
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,15 @@ def parse_disks(domain_xml: str | ET.Element) -> list[DiskInfo]:
             node = node.find("backingStore")
         serial = disk.find("serial")
         alias = disk.find("alias")
+        mirror = disk.find("mirror")
         disks.append(DiskInfo(
             target=str(target.get("dev")),
             source=source.get("file") if source is not None else None,
             format=driver.get("type") if driver is not None else None,
             serial=serial.text if serial is not None else None,
             alias=alias.get("name") if alias is not None else None,
-            bus=target.get("bus"), chain=chain))
+            bus=target.get("bus"), chain=chain,
+            mirror_ready=mirror is not None and mirror.get("ready") == "yes"))
     return disks
 
 
@@ -240,6 +243,14 @@ class BlockDevice:
         if not info:
             return None
         return JobInfo(int(info["type"]), int(info["cur"]), int(info["end"]))
+
+    async def ready(self, info: JobInfo) -> bool:
+        """Whether the job waits for a pivot: its copy caught up, by libvirt's figures or,
+        as a writing guest keeps moving those apart, by the live XML's mirror."""
+        if info.end and info.cur == info.end:
+            return True
+        disk = await self.guest.disk(self.target)
+        return disk is not None and disk.mirror_ready
 
     async def pivot(self) -> None:
         await self._call(self.guest.domain.blockJobAbort,
