@@ -567,20 +567,6 @@ class Relay(threading.Thread):
         assert self.error is None, f"the relay failed: {self.error}"
 
 
-@contextlib.contextmanager
-def paused(guest: RealGuest) -> Iterator[None]:
-    conn = libvirt.open(guest.uri)
-    try:
-        domain = conn.lookupByName(guest.name)
-        domain.suspend()
-        try:
-            yield
-        finally:
-            domain.resume()
-    finally:
-        conn.close()
-
-
 def domain_state(guest: RealGuest) -> int:
     conn = libvirt.open(guest.uri)
     try:
