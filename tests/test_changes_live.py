@@ -482,3 +482,148 @@ def test_more_written_during_the_export_than_the_frozen_layer_holds(
     nothing_left(host)
     after = volume_state(cli, domain, share, vid)
     assert after == before  # merged by active commit: the active file keeps its name
+
+
+# ---- deletes: every surviving pair stays exact; a deleted ``from`` falls back ---------------
+
+@dataclass(frozen=True)
+class Point:
+    """A snapshot's point in time: the guest writes it holds, and a full raw copy of it
+    made right after it was taken."""
+
+    at: int
+    full: Path
+
+
+def matches(path: Path, data: bytes | bytearray) -> bool:
+    """A named boolean (an ``assert a == b`` on 64 MiB would make pytest diff them)."""
+    return path.read_bytes() == data
+
+
+class Pairs:
+    """Snapshots taken live with a full copy of each point in time, and restores between
+    them checked against those copies and the writes' model."""
+
+    def __init__(self, cli: Cli, domain: str, guest: Guest, vid: str, scratch: Path) -> None:
+        self.cli, self.domain, self.guest, self.vid = cli, domain, guest, vid
+        self.scratch = scratch
+        self.points: dict[str, Point] = {}
+        self.cluster = 64 * KiB  # checked once the first overlay exists
+        self.restores = 0
+
+    def take(self) -> str:
+        sid: str = self.cli.json("snapshot", "create", self.vid)["Id"]
+        frozen = Path(live_disk(self.domain, self.vid).chain[1])
+        fmt = "raw" if frozen.name == f"volume-{self.vid}" else "qcow2"
+        full = to_raw(frozen, fmt, self.scratch / f"{sid}.raw")
+        assert matches(full, self.guest.image()), f"{sid}'s full copy is not its point in time"
+        self.points[sid] = Point(self.guest.done, full)
+        return sid
+
+    def restore(self, since: str, to: str = "", fallback_to: str = "",
+                onto_from: str = "") -> bool:
+        """ExportChanges(since, to) read by libnbd onto the full copy of the snapshot the
+        daemon says it counted from (``fallback_to`` when ``since`` is deleted); the extents
+        marked changed are exactly the clusters written between the two points. Whether
+        the restore is ``to``'s full copy (or, ``to`` = now, the volume: nothing writes
+        during the call). ``onto_from``: another snapshot's copy (a negative control)."""
+        self.guest.flush()
+        exported = export_changes(self.cli, self.vid, since, to)
+        used = fallback_to or since
+        assert (exported.info["from"], exported.info["fallback"]) == (used, bool(fallback_to)), \
+            (since, to, exported.info)
+        onto = self.scratch / "restore.raw"
+        shutil.copyfile(self.points[onto_from or used].full, onto)
+        seen = read_export(exported, onto)
+        assert wait_job(self.cli, exported.info["job"])["State"] == "completed"
+        self.restores += 1
+        end = self.points[to].at if to else self.guest.done
+        expected = written_ranges(self.guest.writes[self.points[used].at:end], self.cluster)
+        assert dirty_ranges(exported.extents, lambda e: e[2]) == expected, (since, to)
+        assert dirty_ranges(seen["extents"], lambda e: e[2] & 1) == expected, (since, to)
+        return matches(onto, self.points[to].full.read_bytes() if to else self.guest.image())
+
+    def every_pair(self, survivors: list[str]) -> None:
+        assert sorted(s["Id"] for s in self.cli.json("snapshots", self.vid)) == \
+            sorted(survivors)
+        for i, since in enumerate(survivors):
+            for to in [*survivors[i + 1:], ""]:
+                assert self.restore(since, to), f"{since} -> {to or 'now'} is not exact"
+
+
+def deleted_live(cli: Cli, process: DaemonProcess, share: Path, vid: str, sid: str,
+                 strategy: str) -> None:
+    cli.json("snapshot", "delete", sid)
+    assert f"deleting snapshot {sid} of volume {vid} live by {strategy}" in process.log_text()
+    assert json.loads((share / f"volume-{vid}.meta").read_text()).get("operation") is None
+    assert sid not in json.loads((share / f"volume-{vid}.info").read_text())
+
+
+def test_deletes_keep_every_pair_exact_and_a_deleted_from_falls_back(
+        live: Live, domain: str, tmp_path: Path) -> None:
+    """S1..S5 taken live while QEMU writes, each with a full copy. Deleting an
+    intermediate snapshot live by commit, the newest live by active commit and (after S6)
+    by pull, and an intermediate one offline (detached): after each, every surviving pair
+    and every survivor to now restores exactly, marking just the clusters written between
+    them, detached and attached again. An export from a deleted snapshot counts from the
+    nearest older survivor, says so, and restores exactly from that one's full copy."""
+    cli, process, host, vid, guest, share = attached(live, domain)
+    rng = random.Random(21)
+    pairs = Pairs(cli, domain, guest, vid, tmp_path)
+    guest.scribble(rng, 8, (64 * KiB, 256 * KiB, MiB))
+    s1 = pairs.take()
+    pairs.cluster = int(json.loads(qemu_img(
+        "info", "-U", "-f", "qcow2", "--output=json",
+        live_disk(domain, vid).source))["cluster-size"])
+    assert pairs.cluster == 64 * KiB  # the writes are 64 KiB-aligned: the map is exact
+    guest.scribble(rng, 6, (64 * KiB, 256 * KiB, MiB))
+    s2 = pairs.take()
+    guest.scribble(rng, 6, (64 * KiB, 256 * KiB, MiB))
+    s3 = pairs.take()
+    guest.scribble(rng, 6, (64 * KiB, 256 * KiB, MiB))
+    s4 = pairs.take()
+    guest.scribble(rng, 6, (256 * KiB, MiB))
+    s5 = pairs.take()
+    guest.scribble(rng, 2, (64 * KiB,))  # S5's overlay (the active file) holds less than S4's
+
+    # an intermediate snapshot, live, by commit below the active file
+    deleted_live(cli, process, share, vid, s2, "commit")
+    pairs.every_pair([s1, s3, s4, s5])
+    # negative control: the increment S3 -> S4 on S1's full copy is not S4
+    assert not pairs.restore(s3, s4, onto_from=s1)
+
+    # the newest, live, by active commit
+    deleted_live(cli, process, share, vid, s5, "active-commit")
+    pairs.every_pair([s1, s3, s4])
+    assert pairs.restore(s5, "", fallback_to=s4)  # S5 was deleted: from S4, said so
+    assert pairs.restore(s2, s4, fallback_to=s1)
+
+    # the newest again, live, by pull: the active file outgrows the layer below it
+    guest.scribble(rng, 4, (64 * KiB, 256 * KiB))
+    s6 = pairs.take()
+    for i in range(12):  # 12 MiB into S6's overlay, more than S4's holds
+        guest.write(LOW - (12 - i) * MiB, MiB)
+    deleted_live(cli, process, share, vid, s6, "pull")
+    pairs.every_pair([s1, s3, s4])
+    assert pairs.restore(s6, "", fallback_to=s4)
+
+    # detached: an intermediate snapshot deleted offline; exports of the detached volume
+    guest.flush()
+    cli.json("detach", vid)
+    assert cli.json("show", vid)["State"] == "available"
+    cli.json("snapshot", "delete", s3)
+    assert f"deleting snapshot {s3} of volume {vid} live" not in process.log_text()
+    pairs.every_pair([s1, s4])
+    assert pairs.restore(s3, "", fallback_to=s1)
+    assert pairs.restore(s3, s4, fallback_to=s1)
+    assert pairs.restore(s5, "", fallback_to=s4)  # the older tombstones still answer
+
+    # attached again, the guest writing on
+    cli.json("attach", vid, domain)
+    guest.alias = str(live_disk(domain, vid).alias)
+    guest.scribble(rng, 4, (64 * KiB, 256 * KiB))
+    pairs.every_pair([s1, s4])
+    assert pairs.restore(s2, "", fallback_to=s1)
+    assert pairs.restore(s6, s4, fallback_to=s4)  # the same point in time: nothing changed
+    print(f"\n{pairs.restores} restores checked")
+    nothing_left(host)
