@@ -1,4 +1,5 @@
-"""The D-Bus edge: connection, bus name, caller identity, error names, object paths.
+"""The D-Bus edge: connection, bus name, caller identity, error names, object paths, and
+the ObjectManager's signals.
 
 dbus-fast does not tell a method who called it. A message handler that runs before
 dispatch records the sender of each method call in a context variable; the task that runs
@@ -25,6 +26,7 @@ from dbus_fast import (
     RequestNameReply,
 )
 from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
 
 from hostvold.core.errors import Failed, HostvoldError, NotAuthorized, StorageUnavailable
 from hostvold.server.leanbus import LeanMessageBus
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 BUS_NAME = "org.hostvold1"
 ROOT_PATH = "/org/hostvold1"
 ERROR_PREFIX = "org.hostvold1.Error."
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 
 caller: ContextVar[str | None] = ContextVar("hostvold_caller", default=None)
 # how long the file descriptors of a call wait for their method to claim them; any call
@@ -61,6 +64,38 @@ class ReceivedFds:
 
 
 received_fds: ContextVar[ReceivedFds | None] = ContextVar("hostvold_fds", default=None)
+
+
+class ManagedBus(LeanMessageBus):
+    """The bus whose ObjectManager signals come from the ObjectManager.
+
+    dbus-fast's ``export``/``unexport`` send InterfacesAdded/InterfacesRemoved from the
+    exported object's own path. The D-Bus specification has them sent by the ObjectManager,
+    from its path (ours: the root), with the object's path as the first argument; that is
+    what GDBus's and sd-bus's clients subscribe to. These two methods replace dbus-fast's
+    (export and unexport call them): one signal per export or unexport, from the root, for
+    the objects below it; none for the root itself, which is not one of the objects it
+    manages (GetManagedObjects leaves it out too)."""
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected or not path.startswith(f"{ROOT_PATH}/"):
+            return
+
+        def send(interface: ServiceInterface, values: Any, _: Any,
+                 error: Exception | None) -> None:
+            if error is not None:  # as dbus-fast does: the signal goes without that property
+                log.error("InterfacesAdded of %s on %s lacks a property: %s",
+                          interface.name, path, error)
+            self.send(Message.new_signal(ROOT_PATH, OBJECT_MANAGER, "InterfacesAdded",
+                                         "oa{sa{sv}}", [path, {interface.name: values}]))
+
+        ServiceInterface._get_all_property_values(interface, send)
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected or not path.startswith(f"{ROOT_PATH}/"):
+            return
+        self.send(Message.new_signal(ROOT_PATH, OBJECT_MANAGER, "InterfacesRemoved", "oas",
+                                     [path, removed_interfaces]))
 
 
 def object_path(kind: str, object_id: str) -> str:
@@ -91,11 +126,11 @@ def dbus_error(exc: HostvoldError) -> DBusError:
 async def connect(address: str) -> MessageBus:
     """Connect to ``system``, ``session`` or an explicit address."""
     if address == "system":
-        bus = LeanMessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
+        bus = ManagedBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True)
     elif address == "session":
-        bus = LeanMessageBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
+        bus = ManagedBus(bus_type=BusType.SESSION, negotiate_unix_fd=True)
     else:
-        bus = LeanMessageBus(bus_address=address, bus_type=BusType.SYSTEM,
+        bus = ManagedBus(bus_address=address, bus_type=BusType.SYSTEM,
                              negotiate_unix_fd=True)
     try:
         connected: MessageBus = await bus.connect()
