@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hostvold.core import crash
+from hostvold.core.aio import uninterrupted
 from hostvold.core.errors import InvalidArgument, NoSpace, UnsafeImage
 from hostvold.core.ids import new_id
 from hostvold.core.images import Format, Layer, layer_format
@@ -67,8 +68,9 @@ class VolumeOps:
             else request.provisioning == "thin"
 
         async def make(path: Path) -> None:
-            if fmt == "raw":
-                await asyncio.to_thread(create_raw, path, request.size, not thin, store.file_mode)
+            if fmt == "raw":  # its thread ends before a cancelled create removes the files
+                await uninterrupted(asyncio.to_thread(create_raw, path, request.size, not thin,
+                                                      store.file_mode))
             else:
                 await qemuimg.create(path, "qcow2", request.size,
                                      preallocation="metadata" if thin else "falloc")
@@ -144,7 +146,13 @@ class VolumeOps:
                                       make, space_needed=needed, operation="import")
 
     async def delete(self, files: VolumeFiles, meta: VolumeMeta) -> None:
-        """Every file of the volume, the metadata file last, and nothing else."""
+        """Every file of the volume, the metadata file last, and nothing else.
+
+        Once begun it is not cut short: a cancel meanwhile lets it finish (the volume is
+        gone, never left listed as ``deleting``) and is delivered after it."""
+        await uninterrupted(self._delete(files, meta))
+
+    async def _delete(self, files: VolumeFiles, meta: VolumeMeta) -> None:
         await self.store.record(files, meta.evolve(state="deleting"))
         crash.point("delete:intent")
         share = self.store.share_of(meta)

@@ -88,6 +88,14 @@ def named_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
     return wrapper
 
 
+def refuse_smaller(size: int | None, source_size: int | None, source: str) -> None:
+    """A new volume's ``size`` option below its source's size is refused at the call (the
+    copy would refuse it later, in a failed job). None: not given, or not known now."""
+    if size is not None and source_size is not None and size < source_size:
+        raise InvalidArgument(f"option size: {size} is smaller than the {source_size} bytes "
+                              f"of {source}")
+
+
 def caller_fd(value: object, write: bool) -> int:
     """The descriptor option ``fd`` names, checked to be one that came with this call.
 

@@ -2,16 +2,28 @@
 volume. Its properties are read from the volume's metadata the services keep."""
 
 # no "from __future__ import annotations": dbus-fast reads the Annotated signatures
+import os
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import PropertyAccess
 from dbus_fast.annotations import DBusBool, DBusDict, DBusObjectPath, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
+from hostvold.core.errors import HostvoldError
+from hostvold.core.images import layer_format
 from hostvold.core.models import CopyVolume
+from hostvold.core.planning import snapshot_data
 from hostvold.core.records import VolumeMeta
 from hostvold.server.bus import object_path
-from hostvold.server.calls import NEW_VOLUME, NO_OPTIONS, named_errors, read_options
+from hostvold.server.calls import (
+    NEW_VOLUME,
+    NO_OPTIONS,
+    named_errors,
+    read_options,
+    refuse_smaller,
+)
+from hostvold.storage.infofile import read_info
+from hostvold.storage.qcow2 import read_qcow2_header, validate_chain
 
 if TYPE_CHECKING:
     from hostvold.server.objects import Api
@@ -46,9 +58,12 @@ class SnapshotInterface(ServiceInterface):
     @dbus_method()
     @named_errors
     async def CreateVolume(self, options: DBusDict) -> DBusObjectPath:
-        values, _ = await self.api.admit_new_volume(
+        values, request = await self.api.admit_new_volume(
             "Snapshot.CreateVolume", options, NEW_VOLUME, CopyVolume.parse)
         self.api.store.require_idle(self.volume_id)
+        if request.size is not None:
+            refuse_smaller(request.size, await self._virtual_size(),
+                           f"snapshot {self.snapshot_id}")
         volume_id, sid = self.volume_id, self.snapshot_id
 
         async def make() -> VolumeMeta:
@@ -57,6 +72,29 @@ class SnapshotInterface(ServiceInterface):
         meta = self.api.store.get_volume(volume_id)
         return self.api.start_volume_job("create-volume-from-snapshot",
                                          [object_path("snapshots", sid)], make, meta.size)
+
+    async def _virtual_size(self) -> int | None:
+        """The snapshot's size (the volume's when it was taken), read from the headers of
+        the chain in the share's pool, no process spawned; None when it cannot be read now
+        (the job then finds out)."""
+        store = self.api.store
+        meta = store.get_volume(self.volume_id)
+
+        def read() -> int:
+            chain_map = read_info(files)
+            top_format = meta.format if chain_map.active == files.base_name else "qcow2"
+            chain = validate_chain(files, chain_map.active, top_format)
+            layer = snapshot_data(chain, chain_map, self.snapshot_id)
+            path = files.directory / layer.name
+            if layer_format(layer) == "raw":
+                return os.stat(path).st_size
+            return read_qcow2_header(path).size
+
+        try:
+            files = store.files_of(meta)
+            return await store.share_of(meta).io.run(read)
+        except (HostvoldError, OSError):
+            return None
 
     @dbus_property(access=PropertyAccess.READ)
     def Id(self) -> DBusStr:

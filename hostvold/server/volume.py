@@ -47,6 +47,7 @@ from hostvold.server.calls import (
     keep_fd,
     named_errors,
     read_options,
+    refuse_smaller,
 )
 from hostvold.server.changes import VolumeChanges
 from hostvold.server.managed import CachedEntry
@@ -164,6 +165,8 @@ class VolumeProperties(ServiceInterface, CachedEntry):
 
     @dbus_property(access=PropertyAccess.READ)
     def Attachment(self) -> Pair:
+        """(domain, target device) of the attached volume, both non-empty; ``("", "")``
+        (both empty, never absent: the type stays ``(ss)``) when it is not attached."""
         return _attachment(self.meta)
 
     @dbus_property(access=PropertyAccess.READ)
@@ -234,9 +237,10 @@ class VolumeInterface(VolumeProperties, VolumeChanges):
     @dbus_method()
     @named_errors
     async def Clone(self, options: DBusDict) -> DBusObjectPath:
-        values, _ = await self.api.admit_new_volume(
+        values, request = await self.api.admit_new_volume(
             "Volume.Clone", options, NEW_VOLUME, CopyVolume.parse)
         self.api.store.require_idle(self.meta.id)
+        refuse_smaller(request.size, self.meta.size, f"volume {self.meta.id}")
         volume_id = self.meta.id
 
         async def make() -> VolumeMeta:

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
+from hostvold.core.aio import quietly_ended
 from hostvold.core.errors import HostvoldError, NoSpace, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,12 @@ class ShareIO:
         self.gate()
         limit = self.timeout if timeout is None else timeout
         future = asyncio.wrap_future(self.pool.submit(lambda: function(*args)))
+        future.add_done_callback(quietly_ended)  # an outcome nobody awaits is not logged
         try:
             return await asyncio.wait_for(asyncio.shield(future), limit)
+        except asyncio.CancelledError:
+            await self._settle(future, limit)
+            raise
         except TimeoutError:
             reason = f"no answer from share {self.address} within {limit:g} s"
             self.on_hung(reason)
@@ -123,3 +128,16 @@ class ShareIO:
                 raise StorageUnavailable(f"share {self.address} failed: "
                                          f"{exc.strerror or exc}") from None
             raise
+
+    @staticmethod
+    async def _settle(future: asyncio.Future[Any], limit: float) -> None:
+        """A cancelled caller waits for the call it started to end (within the time limit),
+        so that what it does next (its clean-up removes the files) never races that call;
+        a call still running after that is disowned (its outcome retrieved and dropped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while not future.done() and (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait({future}, timeout=remaining)
+            except asyncio.CancelledError:  # cancelled again: still the same cancellation
+                continue
