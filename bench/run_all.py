@@ -54,6 +54,8 @@ SPEC: dict[str, tuple[str, str]] = {
     "P13": ("group snapshot of a domain's 8 disks vs one disk's snapshot", "<= 1.3x"),
     "P14": ("changed-block export: bytes read / changed; time vs qemu-io on the extents",
             "<= 1.05x; <= 1.3x"),
+    "P15": ("hostvolctl status, volumes, show vs virsh list; completion of 1,000 ids",
+            "<= 3x; <= 100 ms"),
 }
 
 
@@ -92,6 +94,9 @@ BENCHES = [
     Bench(("P14",), "changes_export", ("--rounds", "5"),
           ("--size-gib", "1", "--base-mib", "32", "--changed-mib", "32", "--rounds", "1"),
           needs=("qemu-img", "qemu-io", "qemu-nbd", "mkfs.ext4", "findmnt", "setpriv"),
+          root=True),
+    Bench(("P15",), "cli_latency", ("--volumes", "1000", "--rounds", "21"),
+          ("--volumes", "100", "--rounds", "3"), needs=("virsh", "busctl", "dbus-daemon"),
           root=True),
     # last: removing its 20,000 files leaves a filesystem mounted with ``discard`` trimming
     # their blocks at every journal commit for a while, which slows the fsyncs measured by

@@ -4,27 +4,23 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import stat
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dbus_fast import Variant
+from dbus_fast.signature import Variant  # not the package: it imports the whole bus
 
-from hostvold.client.connection import (
-    PREFIX,
-    ROOT_PATH,
-    Client,
-    CliError,
-    object_id,
-    os_error,
-    resolve,
-)
 from hostvold.client.output import emit, fields, plain, table
+from hostvold.client.wire import PREFIX, ROOT_PATH, CliError, object_id, os_error, resolve
 from hostvold.core.units import human_size
+
+if TYPE_CHECKING:  # the reading commands also run on a WireClient (see hostvold.client.wire)
+    import argparse
+
+    from hostvold.client.connection import Client
 
 # the operations whose job ends with the volume they made or changed as its last object
 MAKES_VOLUME = ("create-volume", "import-volume", "clone", "create-volume-from-snapshot",

@@ -9,7 +9,6 @@ the server.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import sys
 from collections.abc import Callable
@@ -17,76 +16,26 @@ from typing import Any
 
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.validators import is_object_path_valid
 
 from hostvold.client.output import draw_progress, plain
+
+# the names callers import from here, now defined where a reading command finds them light
+from hostvold.client.wire import BUS_NAME as BUS_NAME
+from hostvold.client.wire import EXIT_CODES as EXIT_CODES
+from hostvold.client.wire import EXIT_CONFIG as EXIT_CONFIG
+from hostvold.client.wire import EXIT_DENIED as EXIT_DENIED
+from hostvold.client.wire import EXIT_FAILED as EXIT_FAILED
+from hostvold.client.wire import EXIT_NOT_RUNNING as EXIT_NOT_RUNNING
+from hostvold.client.wire import EXIT_USAGE as EXIT_USAGE
+from hostvold.client.wire import PREFIX as PREFIX
+from hostvold.client.wire import ROOT_PATH as ROOT_PATH
+from hostvold.client.wire import CliError as CliError
+from hostvold.client.wire import bus_error as _error
+from hostvold.client.wire import object_id as object_id
+from hostvold.client.wire import object_path as object_path
+from hostvold.client.wire import os_error as os_error
+from hostvold.client.wire import resolve as resolve
 from hostvold.core.collector import collector_paused
-
-EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED, EXIT_CONFIG = 1, 2, 3, 4, 78
-EXIT_CODES = """Exit codes: 0 success; 1 the operation failed (the message names the error); 2 usage
-error; 3 hostvold is not running or the bus cannot be reached; 4 permission denied;
-78 invalid configuration file (check-config)."""
-
-BUS_NAME = "org.hostvold1"
-ROOT_PATH = "/org/hostvold1"
-PREFIX = "org.hostvold1."
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-# ---- object paths ----------------------------------------------------------------------
-
-def object_path(kind: str, object_id: str) -> str:
-    """``/org/hostvold1/<kind>/<id>``, the id made a valid path element ('-' -> '_')."""
-    return f"{ROOT_PATH}/{kind}/{object_id.replace('-', '_')}"
-
-
-def object_id(path: str) -> str:
-    """The id an object path names (its last element, '_' -> '-')."""
-    return path.rsplit("/", 1)[1].replace("_", "-")
-
-
-def resolve(kind: str, value: str) -> str:
-    """A volume/snapshot/job/group given as an id or an object path, as an object path
-    (a value that makes no object path is refused here, before any call)."""
-    path = value if value.startswith("/") else object_path(kind, value)
-    if not is_object_path_valid(path):
-        raise CliError(f"InvalidArgument: {value!r} is not a {kind.removesuffix('s')} id "
-                       "or object path")
-    return path
-
-
-# ---- failures --------------------------------------------------------------------------
-
-def _error(name: str, text: str, bus: str) -> CliError:
-    if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
-                "org.freedesktop.DBus.Error.NameHasNoOwner"):
-        return CliError(f"hostvold is not running (nobody owns {BUS_NAME} on the {bus} bus); "
-                        "start it with `systemctl start hostvold`", EXIT_NOT_RUNNING)
-    if name.startswith("org.freedesktop.DBus.Error.Spawn.") or name in (
-            "org.freedesktop.DBus.Error.NoServer", "org.freedesktop.DBus.Error.TimedOut"):
-        return CliError(f"hostvold is not running, and the {bus} bus could not start it "
-                        f"({text or name}); start it with `systemctl start hostvold`",
-                        EXIT_NOT_RUNNING)
-    if name in ("org.freedesktop.DBus.Error.AccessDenied", f"{PREFIX}Error.NotAuthorized"):
-        return CliError(f"permission denied: {text.split(';')[0]} (changing volumes needs root "
-                        "or membership of the hostvold admin group)", EXIT_DENIED)
-    if name in ("org.freedesktop.DBus.Error.UnknownObject",
-                "org.freedesktop.DBus.Error.UnknownInterface"):
-        return CliError(f"NotFound: {text}")
-    short = name.removeprefix(f"{PREFIX}Error.")
-    return CliError(f"{short}: {text}")
-
-
-def os_error(verb: str, path: str, exc: OSError) -> CliError:
-    """A file the client itself could not open or create, for the caller: denied (exit 4)
-    or failed (exit 1)."""
-    code = EXIT_DENIED if exc.errno in (errno.EACCES, errno.EPERM) else EXIT_FAILED
-    return CliError(f"cannot {verb} {path}: {exc.strerror}", code)
 
 
 def with_fd_indexes(body: list[Any]) -> tuple[list[Any], list[int]]:

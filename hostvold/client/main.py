@@ -7,24 +7,53 @@ The parser, and :func:`main`, the one error boundary: every failure raised as a
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostvold import __version__
-from hostvold.client import changes as changes_cli
-from hostvold.client import commands, monitor
-from hostvold.client.connection import EXIT_CODES, EXIT_CONFIG, Client, CliError
-from hostvold.core.config import load_config
-from hostvold.core.errors import ConfigError
+from hostvold.client.wire import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CODES,
+    EXIT_CONFIG,
+    CliError,
+    WireClient,
+    drive,
+    wire_only,
+)
 from hostvold.core.units import parse_size
+
+if TYPE_CHECKING:  # argparse loads only where the parser is built
+    import argparse
+    from collections.abc import Callable
+    from pathlib import Path
+
+with wire_only():  # dbus_fast's wire format alone: its bus layers load when a command needs them
+    from hostvold.client import commands
+
+# the commands that only read: one connection, a call or two, no event loop (see wire.py)
+READING = (commands.cmd_status, commands.cmd_shares, commands.cmd_volumes, commands.cmd_show,
+           commands.cmd_connection_info, commands.cmd_snapshots, commands.cmd_jobs,
+           commands.cmd_group_list, commands.cmd_group_show)
+# `hostvolctl __complete KIND...`: the ids the bash completion offers, one a line; KIND is
+# the command that lists them (as the completion names it) or the kind of object
+COMPLETE = {"volumes": "volumes", "snapshots": "snapshots", "jobs": "jobs",
+            "group list": "groups", "groups": "groups"}
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """A command function of a module imported only when that command runs."""
+    def command(*args: Any) -> Any:
+        import importlib
+        return getattr(importlib.import_module(module), name)(*args)
+    command.__name__ = command.__qualname__ = name
+    command.__doc__ = f"{module}.{name}, imported when it runs"
+    return command
 
 
 def size_arg(text: str) -> int:
+    import argparse
+
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -32,6 +61,9 @@ def size_arg(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
     parser = argparse.ArgumentParser(prog="hostvolctl", description="hostvold client",
                                      epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"hostvolctl {__version__}")
@@ -81,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("volume")
     export.add_argument("destination")
     export.add_argument("--format", choices=["raw", "qcow2"], default="raw")
-    changes = add("export-changes", changes_cli.cmd_export_changes,
+    changes = add("export-changes", lazy("hostvold.client.changes", "cmd_export_changes"),
                   "write the blocks changed between two points in time to a sparse raw file "
                   "OUTPUT, and their extent map to OUTPUT.json (an incremental backup)")
     changes.description = (
@@ -105,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the point in time exported (default: now)")
     changes.add_argument("--full-if-needed", action="store_true",
                          help="a full copy when --from is gone and no older snapshot is left")
-    restore = add("restore-changes", changes_cli.cmd_restore_changes,
+    restore = add("restore-changes", lazy("hostvold.client.changes", "cmd_restore_changes"),
                   "apply an increment of export-changes (INCREMENT and INCREMENT.json) onto "
                   "BASE, a raw full copy of the volume at the increment's --from point in "
                   "time (offline: the daemon is not asked)")
@@ -188,13 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "in time")
     group_volumes.add_argument("group")
     group_volumes.add_argument("--share")
-    add("monitor", monitor.cmd_monitor, "print what changes as it happens (until Ctrl-C)")
+    add("monitor", lazy("hostvold.client.monitor", "cmd_monitor"),
+        "print what changes as it happens (until Ctrl-C)")
     check = sub.add_parser("check-config", help="validate a configuration file (offline)")
     check.add_argument("path", type=Path, nargs="?", default=None)
     return parser
 
 
 async def run(args: argparse.Namespace) -> None:
+    from hostvold.client.connection import Client
+
     client = await Client.connect(args.bus)
     try:
         await args.func(client, args)
@@ -202,20 +237,97 @@ async def run(args: argparse.Namespace) -> None:
         client.bus.disconnect()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "check-config":
+def quick_parse(words: list[str]) -> Any:
+    """The plainest reading commands (``[--json] [--bus B] status|volumes|show VOL|...``)
+    parsed without building the parser (its dozens of subparsers, and the modules argparse
+    loads for help and messages, cost more than the call); None for anything else, which
+    the parser then reads, as it reads everything with an error or --help in it."""
+    values = {"json": False, "no_wait": False, "bus": os.environ.get("HOSTVOLD_BUS", "system")}
+    index = 0
+    while index < len(words) and words[index].startswith("-"):
+        word = words[index]
+        if word in ("--json", "--no-wait"):
+            values[word[2:].replace("-", "_")] = True
+        elif word.startswith("--bus=") and len(word) > 6:
+            values["bus"] = word[6:]
+        elif word == "--bus" and index + 1 < len(words) and words[index + 1][:1] not in "-":
+            index += 1
+            values["bus"] = words[index]
+        else:
+            return None
+        index += 1
+    command, rest = words[index:index + 1], words[index + 1:]
+    if any(word[:1] in ("-", "") for word in rest) or not command:
+        return None
+    arity = {"status": (0, 0), "shares": (0, 0), "volumes": (0, 0), "jobs": (0, 0),
+             "show": (1, 1), "connection-info": (1, 1), "snapshots": (0, 1)}
+    low, high = arity.get(command[0], (-1, -1))
+    if not low <= len(rest) <= high:
+        return None
+    func = getattr(commands, f"cmd_{command[0].replace('-', '_')}")
+    from types import SimpleNamespace  # as argparse.Namespace, read by attribute only
+
+    return SimpleNamespace(**values, command=command[0], func=func,
+                              **({"volume": rest[0] if rest else None}
+                                 if high else {}))
+
+
+def run_reading(args: argparse.Namespace) -> None:
+    """A reading command on a blocking connection (no event loop, no bus layers)."""
+    with wire_only():
+        client = WireClient(args.bus)
         try:
-            load_config(args.path)
-        except ConfigError as exc:
-            print(f"hostvolctl: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        print(f"{args.path or 'the default configuration'}: valid")
-        return 0
+            drive(args.func(client, args))
+        finally:
+            client.close()
+
+
+def complete(words: list[str]) -> int:
+    """``__complete KIND``: the ids of that kind of object, one a line, nothing else (the
+    bash completion waits for it at every Tab). Quiet: a failure is an exit status only."""
+    kind = COMPLETE.get(" ".join(words))
+    if kind is None:
+        return 2
+    try:
+        with wire_only():
+            client = WireClient(os.environ.get("HOSTVOLD_BUS", "system"))
+            try:
+                ids = client.child_ids(kind)
+            finally:
+                client.close()
+    except CliError as exc:
+        return exc.code
+    sys.stdout.write("".join(f"{each}\n" for each in ids))
+    return 0
+
+
+def check_config(path: Path | None) -> int:
+    from hostvold.core.config import load_config
+    from hostvold.core.errors import ConfigError
+
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        print(f"hostvolctl: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path or 'the default configuration'}: valid")
+    return 0
+
+
+def dispatch(argv: list[str] | None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["__complete"]:
+        return complete(words[1:])
+    args = quick_parse(words) or build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.path)
     try:  # the one error boundary: every failure becomes a sentence and an exit code
         if getattr(args, "offline", False):  # works on files only, without the daemon
             args.func(args)
+        elif args.func in READING:
+            run_reading(args)
         else:
+            import asyncio
             asyncio.run(run(args))
     except CliError as exc:
         print(f"hostvolctl: {exc}", file=sys.stderr)
@@ -223,6 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        code = dispatch(argv)
+        sys.stdout.flush()  # here, where a reader that went away can still be told apart
+    except BrokenPipeError:
+        # the reader closed the pipe (`| head`): stop quietly, as other programs do. What
+        # is still buffered goes nowhere, so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
 
 
 if __name__ == "__main__":

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dbus_fast import Variant
+from dbus_fast.signature import Variant  # not the package: it imports the whole bus
 
 from hostvold.core.units import human_size
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def plain(value: Any) -> Any:
