@@ -29,6 +29,7 @@ from hostvold.core import crash
 from hostvold.core.aio import uninterrupted
 from hostvold.core.errors import (
     AlreadyExists,
+    Busy,
     Failed,
     HypervisorError,
     InvalidArgument,
@@ -48,6 +49,8 @@ from hostvold.virt.guest import Execution, Guest
 
 if TYPE_CHECKING:
     from hostvold.ops.operations import Operations
+
+LOCK_WAIT = 120  # seconds a group waits for all its members' locks
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +94,20 @@ class GroupSnapshots:
     @contextlib.asynccontextmanager
     async def locked(self, volume_ids: list[str]) -> AsyncIterator[None]:
         """Every member's lock, in volume-id order, each waited for (a group waits its
-        turn behind another host's operation; the order rules out a circle)."""
+        turn behind another host's operation; the order rules out a circle), all of them
+        within :data:`LOCK_WAIT` seconds, else Busy (an export may hold one for hours)."""
         async with contextlib.AsyncExitStack() as stack:
-            for volume_id in sorted(set(volume_ids)):
-                known = self.store.find(volume_id)
-                if known is not None:
-                    find_share(self.store.shares, known.share).require_reachable()
-                await stack.enter_async_context(self.store.locks.volume(volume_id))
+            waiting = ""
+            try:
+                async with asyncio.timeout(LOCK_WAIT):
+                    for waiting in sorted(set(volume_ids)):
+                        known = self.store.find(waiting)
+                        if known is not None:
+                            find_share(self.store.shares, known.share).require_reachable()
+                        await stack.enter_async_context(self.store.locks.volume(waiting))
+            except TimeoutError:
+                raise Busy(f"volume {waiting} stayed busy for {LOCK_WAIT} s (an export or "
+                           "another host's operation holds it); try again later") from None
             yield
 
     # ---- create -------------------------------------------------------------------------
