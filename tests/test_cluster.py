@@ -309,3 +309,34 @@ async def _seen(address: str, check: Callable[[dict[str, Any]], bool], what: str
             await asyncio.sleep(0.01)  # the test's own look; the daemons never poll
     finally:
         bus.disconnect()
+
+
+def test_volumes_made_and_deleted_at_once_never_linger_elsewhere(cluster: Cluster) -> None:
+    """Found by bench/cluster_fire.py: a host kept listing a volume another host had
+    made and deleted moments later. Its refresh for the create (a look for the volume's
+    share, then a read) was still under way when the delete's announcement came; that
+    second refresh saw an unknown volume and did nothing, then the first one's stale read
+    added the volume. With the share rescan set to an hour only the announcements can set
+    it right: every volume made and deleted on host a is gone from host b and host c
+    within 2 s of the last delete."""
+    cluster.rescan = 3600
+    cli_a, cli_b, cli_c = cluster.start(3)
+    made: list[str] = []
+
+    def churn() -> None:
+        for _ in range(5):
+            vid = cli_a.json("create", "1M")["Id"]
+            cli_a.json("delete", vid)
+            made.append(vid)
+
+    workers = [threading.Thread(target=churn) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(made) == 15
+    deadline = time.monotonic() + 2
+    for cli in (cli_b, cli_c):
+        while lingering := {v["Id"] for v in cli.json("volumes")} & set(made):
+            assert time.monotonic() < deadline, f"still listed on {cli.address}: {lingering}"
+            time.sleep(0.1)

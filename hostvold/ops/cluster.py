@@ -30,14 +30,21 @@ class ClusterFollower:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stops: list[Callable[[], None]] = []
         self._changed_under_lock: set[str] = set()
+        self._again: dict[str, bool] = {}  # volume id -> announced again during its refresh
 
     async def start(self) -> None:
         self.store.change_listeners.append(self._changed_here)
         if isinstance(self.store.locks, ClusterLocks):
             self.store.locks.on_released.append(self._released)
         self._stops.append(self.coordination.watch(self._changed_elsewhere, self.catch_up))
-        self._stops.append(self.coordination.watch_members(
-            lambda: self._spawn(self.ops.take_over())))
+        self._stops.append(self.coordination.watch_members(self._members_changed))
+
+    def _members_changed(self) -> None:
+        """A host joined or left. One that left may have died between finishing a change
+        and announcing it: its work is taken over at once, and the shares are read again
+        (only what changed since the last read is looked at)."""
+        self._spawn(self.ops.take_over())
+        self.catch_up()
 
     def announce(self, volume_ids: list[str]) -> None:
         """Tell the other hosts of changes made before this follower started."""
@@ -73,8 +80,26 @@ class ClusterFollower:
             self._spawn(self.coordination.announce(volume_id))
 
     def _changed_elsewhere(self, volume_id: str, host: str) -> None:
-        if host != self.coordination.host_id:
-            self._spawn(self._refresh(volume_id))
+        if host == self.coordination.host_id:
+            return
+        if volume_id in self._again:  # its refresh is under way: one more after it
+            self._again[volume_id] = True
+            return
+        self._again[volume_id] = False
+        self._spawn(self._refresh_until_quiet(volume_id))
+
+    async def _refresh_until_quiet(self, volume_id: str) -> None:
+        """One refresh of a volume at a time, and one more for whatever was announced
+        while it ran: two refreshes side by side could finish out of order, and an older
+        read (the volume still there) would undo a newer one (it is gone)."""
+        try:
+            while True:
+                self._again[volume_id] = False
+                await self._refresh(volume_id)
+                if not self._again[volume_id]:
+                    return
+        finally:
+            del self._again[volume_id]
 
     async def _refresh(self, volume_id: str) -> None:
         """Another host changed the volume: read it again from its share. Not under the

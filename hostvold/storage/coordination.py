@@ -91,6 +91,8 @@ class Coordination:
         self._heartbeat: asyncio.Task[None] | None = None
         self._last_renewal = 0.0
         self._watches: list[PrefixWatch] = []
+        self._unannounced: set[str] = set()  # changes etcd did not take: sent again later
+        self._resending: asyncio.Task[None] | None = None
 
     @property
     def deadline(self) -> float:
@@ -241,6 +243,7 @@ class Coordination:
             self.healthy, self._last_renewal = True, sent
             for listener in self.on_renewed:
                 listener(self.deadline)
+            self._announce_again()
             if back:
                 log.warning("coordination session of %s is back", self.host_id)
                 for watch in self._watches:  # a stream cut off with us may be dead, silently
@@ -301,11 +304,30 @@ class Coordination:
         return {member.decode() for member in found}
 
     async def announce(self, volume_id: str) -> None:
-        """Tell every host that volume ``volume_id`` changed on the share."""
-        if self.coordinator is not None and self.healthy:
+        """Tell every host that volume ``volume_id`` changed on the share. A change etcd
+        did not take (it was away, or this host was cut off) is kept and told after the
+        next renewal that works: the other hosts' watches never saw it, and a lost one
+        would leave them listing what is gone until their next rescan."""
+        if self.coordinator is None:
+            return
+        if self.healthy:
             with contextlib.suppress(CoordinationUnavailable):
                 await self.call(self.coordinator.client.put, f"{CHANGES}{volume_id}",
                                  f"{self.host_id} {time.time():.6f}")
+                return
+        self._unannounced.add(volume_id)
+
+    def _announce_again(self) -> None:
+        if not self._unannounced or (self._resending and not self._resending.done()):
+            return
+        pending, self._unannounced = sorted(self._unannounced), set()
+        log.info("telling the other hosts of %d change(s) etcd did not take", len(pending))
+
+        async def resend() -> None:
+            for volume_id in pending:
+                await self.announce(volume_id)
+
+        self._resending = asyncio.get_running_loop().create_task(resend())
 
     def watch(self, changed: Callable[[str, str], None],
               gap: Callable[[], None]) -> Callable[[], None]:

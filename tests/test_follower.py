@@ -1,0 +1,125 @@
+"""How announcements of other hosts' changes turn into refreshes (pure logic: a fake
+store whose reads the test lets finish in any order; tests/test_cluster.py has the real
+hosts)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hostvold.ops.cluster import ClusterFollower
+from hostvold.storage.coordination import CHANGES, Coordination
+
+
+class Locks:
+    def busy(self, volume_id: str) -> bool:
+        return False
+
+
+class Store:
+    """A volume's refresh reads the share (``on_share`` at that moment) and applies what it
+    read only when the test lets that read finish."""
+
+    def __init__(self) -> None:
+        self.locks = Locks()
+        self.listed: set[str] = {"v"}
+        self.on_share = True
+        self.reads: list[asyncio.Future[None]] = []
+
+    def find(self, volume_id: str) -> object | None:
+        return object() if volume_id in self.listed else None
+
+    def mounted_shares(self) -> list[Any]:
+        return []
+
+    async def refresh(self, volume_id: str, share: object = None) -> None:
+        seen = self.on_share
+        read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.reads.append(read)
+        await read
+        if seen:
+            self.listed.add(volume_id)
+        else:
+            self.listed.discard(volume_id)
+
+
+class Peer:
+    host_id = "b"
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_an_announcement_during_a_refresh_is_read_after_it() -> None:
+    """Host a snapshots volume v (b's refresh reads it, slowly), then deletes it. The
+    delete's announcement comes while the first read is under way: a second refresh in
+    parallel could finish first, and the older read would bring the volume back. Here the
+    second waits for the first and is the last word: v is gone on b."""
+    store = Store()
+    follower = ClusterFollower(store, None, Peer(), lambda: None)  # type: ignore[arg-type]
+    follower._changed_elsewhere("v", "a")  # the snapshot
+    await settle()
+    assert len(store.reads) == 1
+    store.on_share = False  # a deletes v, and says so
+    follower._changed_elsewhere("v", "a")
+    follower._changed_elsewhere("v", "a")  # announcements pile up: one more read, not two
+    await settle()
+    assert len(store.reads) == 1, "a second read began beside the first"
+    store.reads[0].set_result(None)
+    await settle()
+    assert len(store.reads) == 2
+    store.reads[1].set_result(None)
+    await settle()
+    assert store.listed == set()
+    assert not follower._again  # nothing left pending
+    store.listed.add("v")  # say it came back: a later change is read again
+    follower._changed_elsewhere("v", "c")
+    await settle()
+    assert len(store.reads) == 3
+    store.reads[2].set_result(None)
+    await settle()
+
+
+async def test_this_hosts_own_announcements_are_not_read_back() -> None:
+    store = Store()
+    follower = ClusterFollower(store, None, Peer(), lambda: None)  # type: ignore[arg-type]
+    follower._changed_elsewhere("v", "b")
+    await settle()
+    assert store.reads == []
+
+
+class Client:
+    def __init__(self) -> None:
+        self.down = True
+        self.sent: list[str] = []
+
+    def put(self, key: str, value: str) -> None:
+        if self.down:
+            raise ConnectionRefusedError("etcd is restarting")
+        self.sent.append(key)
+
+
+async def test_a_change_etcd_did_not_take_is_told_once_it_answers() -> None:
+    """A delete finished just as etcd went away: its announcement failed. Dropping it
+    would leave every other host listing the volume until its next share rescan; it is
+    kept, and sent after the next lease renewal that works (once per volume)."""
+    coordination = Coordination("etcd3+http://127.0.0.1:1", "a", 6)
+    client = Client()
+    coordination.coordinator = type("Coordinator", (), {"client": client})()
+    coordination.healthy = True
+    await coordination.announce("v1")
+    await coordination.announce("v1")
+    coordination.healthy = False  # cut off: not even tried
+    await coordination.announce("v2")
+    assert client.sent == []
+    client.down, coordination.healthy = False, True
+    coordination._announce_again()  # what a renewal that worked does
+    assert coordination._resending is not None
+    await coordination._resending
+    assert client.sent == [f"{CHANGES}v1", f"{CHANGES}v2"]
+    coordination._announce_again()  # nothing left to tell
+    assert client.sent == [f"{CHANGES}v1", f"{CHANGES}v2"]
+    coordination.executor.shutdown()
+    coordination.renewer.shutdown()
