@@ -269,6 +269,7 @@ DBUS_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Confi
 </busconfig>
 """
 # every local user may call every method: only the daemon's own check stands in the way
+POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
 PERMISSIVE = """<policy context="default"><allow send_type="method_call"/></policy>"""
 
 
@@ -298,14 +299,15 @@ class PrivateBus:
 @pytest.fixture(scope="session")
 def bus_factory() -> Iterator[Callable[[str], str]]:
     """Factory of private buses: ``bus_factory("hostvold")`` includes hostvold's own policy
-    file (systemd/org.hostvold1.conf), ``"permissive"`` lets anyone call anything, ``""``
-    is a plain system bus."""
+    file (systemd/org.hostvold1.conf), ``"polkit"`` polkitd's too, ``"permissive"`` lets
+    anyone call anything, ``""`` is a plain system bus."""
     need(shutil.which("dbus-daemon") is not None, "dbus-daemon (Debian package dbus)")
     buses: list[PrivateBus] = []
 
     def factory(kind: str) -> str:
-        extra = {"": "", "permissive": PERMISSIVE,
-                 "hostvold": f"<include>{REPO / 'systemd' / 'org.hostvold1.conf'}</include>"}
+        hostvold = f"<include>{REPO / 'systemd' / 'org.hostvold1.conf'}</include>"
+        extra = {"": "", "permissive": PERMISSIVE, "hostvold": hostvold,
+                 "polkit": f"{hostvold}<include>{POLKIT_BUS_POLICY}</include>"}
         bus = PrivateBus(extra[kind])
         buses.append(bus)
         need(bool(bus.address) and bus.proc.poll() is None, "a private dbus-daemon")

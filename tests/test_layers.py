@@ -1,4 +1,5 @@
-"""The allowed import directions between hostvold's layers, read from the source.
+"""The import contracts, stated in pyproject.toml (``[tool.importlinter]``) and checked by
+import-linter, and the size limits of modules and classes.
 
     core     pure models, errors, planning, naming: imports nothing else of hostvold
     storage  files, qcow2 headers, qemu-img, mounts, index, locks: core
@@ -6,87 +7,56 @@
     ops      use cases over the volume store: core, storage, virt; never dbus_fast
              offline use cases never import the libvirt edge or the live ones, and the
              live ones never import the offline ones: only ops.operations decides
-    server   daemon, bus, D-Bus objects: anything but the client
+    server   daemon, bus, D-Bus objects: anything but the client; the interface modules
+             depend on the ``Api`` protocol (server/api.py), never on the registry
     client   hostvolctl: core only (it talks to the daemon over D-Bus)
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "hostvold"
-
-LAYERS = {
-    "core": {"core"},
-    "storage": {"core", "storage"},
-    "virt": {"core", "virt"},
-    "ops": {"core", "storage", "virt", "ops"},
-    "server": {"core", "storage", "virt", "ops", "server"},
-    "client": {"core", "client"},
-}
-OFFLINE = {"ops.store", "ops.startup", "ops.volumes", "ops.snapshots", "ops.copies",
-           "ops.repair", "ops.jobs"}
-LIVE = {"ops.attachments", "ops.live", "ops.live_delete"}
-FOREIGN = {"ops": {"dbus_fast"}, "core": {"dbus_fast", "libvirt", "libvirtaio"},
-           "storage": {"dbus_fast", "libvirt"}, "client": {"libvirt"}}
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "hostvold"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
-def imports_of(path: Path) -> set[str]:
-    """Every module a file imports (absolute names), at any depth, type-checking included."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            if node.module == "hostvold":
-                found |= {f"hostvold.{alias.name}" for alias in node.names}
-    return found
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter over the package under ``root`` with the repo's contracts."""
+    return subprocess.run([str(LINT_IMPORTS), "--config", str(REPO / "pyproject.toml"),
+                           "--no-cache"], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(root)), timeout=120)
 
 
-def violations(package: Path = PACKAGE) -> list[str]:
-    wrong = []
-    for path in sorted(package.rglob("*.py")):
-        parts = path.relative_to(package).with_suffix("").parts
-        if len(parts) < 2:
-            continue  # hostvold/__init__.py, __main__.py: the entry points
-        layer, module = parts[0], ".".join(parts[:2])
-        for name in imports_of(path):
-            top = name.split(".")[0]
-            if top in FOREIGN.get(layer, set()):
-                wrong.append(f"{module} imports {name}")
-            if top != "hostvold" or name == "hostvold":
-                continue
-            target = name.split(".")[1]
-            target_module = ".".join(name.split(".")[1:3])
-            if target not in LAYERS and not (package / target).is_dir():
-                continue  # the package root itself (__version__): open to every layer
-            if target not in LAYERS[layer]:
-                wrong.append(f"{module} ({layer}) imports {name} ({target})")
-            elif module in OFFLINE and (target == "virt" or target_module in LIVE):
-                wrong.append(f"{module} (offline) imports {name}")
-            elif module in LIVE and target_module in OFFLINE - {"ops.store", "ops.jobs"}:
-                wrong.append(f"{module} (live) imports {name}")
-    return wrong
+def test_import_contracts_are_kept() -> None:
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
 
 
-def test_import_directions() -> None:
-    assert violations() == []
-
-
-def test_a_forbidden_import_is_caught(tmp_path: Path) -> None:
-    """The contract really looks: a core module importing storage is reported."""
-    fake = tmp_path / "hostvold"
-    (fake / "core").mkdir(parents=True)
-    (fake / "core" / "bad.py").write_text("from hostvold.storage.atomic import write_atomic\n")
-    (fake / "ops").mkdir()
-    (fake / "ops" / "volumes.py").write_text("from hostvold.ops.live import LiveVolumes\n")
-    assert violations(fake) == [
-        "core.bad (core) imports hostvold.storage.atomic (storage)",
-        "ops.volumes (offline) imports hostvold.ops.live"]
+def test_a_broken_contract_is_caught(tmp_path: Path) -> None:
+    """The contracts really look: a core module importing storage, an offline use case
+    importing a live one, and an interface importing the registry behind TYPE_CHECKING."""
+    shutil.copytree(PACKAGE, tmp_path / "hostvold",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "hostvold" / "core" / "units.py", "a") as core:
+        core.write("\nfrom hostvold.storage.atomic import write_atomic  # noqa\n")
+    with open(tmp_path / "hostvold" / "ops" / "volumes.py", "a") as offline:
+        offline.write("\nfrom hostvold.ops.live import LiveVolumes  # noqa\n")
+    with open(tmp_path / "hostvold" / "server" / "job.py", "a") as interface:
+        interface.write("\nif TYPE_CHECKING:\n    from hostvold.server.objects import Api\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "hostvold.core.units -> hostvold.storage.atomic" in result.stdout
+    assert "hostvold.ops.volumes -> hostvold.ops.live" in result.stdout
+    assert "hostvold.server.job -> hostvold.server.objects" in result.stdout
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")),

@@ -73,9 +73,12 @@ def bus_error(name: str, text: str, bus: str) -> CliError:
         return CliError(f"hostvold is not running, and the {bus} bus could not start it "
                         f"({text or name}); start it with `systemctl start hostvold`",
                         EXIT_NOT_RUNNING)
-    if name in ("org.freedesktop.DBus.Error.AccessDenied", f"{PREFIX}Error.NotAuthorized"):
-        return CliError(f"permission denied: {text.split(';')[0]} (changing volumes needs root "
-                        "or membership of the hostvold admin group)", EXIT_DENIED)
+    if name == f"{PREFIX}Error.NotAuthorized":  # the daemon says who may
+        return CliError(f"permission denied: {text}", EXIT_DENIED)
+    if name == "org.freedesktop.DBus.Error.AccessDenied":
+        return CliError(f"permission denied: {text.split(';')[0]} (the bus refused the call: "
+                        "changing volumes needs root, the hostvold admin group, or polkit's "
+                        "authorization with authorization = polkit)", EXIT_DENIED)
     if name in ("org.freedesktop.DBus.Error.UnknownObject",
                 "org.freedesktop.DBus.Error.UnknownInterface"):
         return CliError(f"NotFound: {text}")

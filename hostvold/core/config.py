@@ -115,6 +115,8 @@ class DaemonConfig(_Section):
                          Field(description="one of debug, info, warning, error")] = "info"
     admin_group: Annotated[str, BeforeValidator(_group), Field(
         description="a group name (lower case letters, digits, _ and -)")] = "hostvold"
+    authorization: Annotated[Literal["polkit", "group"], BeforeValidator(_lower),
+                             Field(description="polkit or group")] = "polkit"
     workers: Annotated[int, Field(ge=1, le=64, description="an integer from 1 to 64")] = 4
 
 

@@ -2,16 +2,15 @@
 the ObjectManager's signals.
 
 dbus-fast does not tell a method who called it. A message handler that runs before
-dispatch records the sender of each method call in a context variable; the task that runs
-the method inherits it, and :meth:`Authorizer.require_admin` asks the bus driver for that
-connection's uid and groups.
+dispatch (:func:`remember_call`) records the sender of each method call in a context
+variable; the task that runs the method inherits it (:mod:`hostvold.server.authority`
+decides from it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
 import os
 from contextvars import ContextVar
@@ -28,7 +27,7 @@ from dbus_fast import (
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from hostvold.core.errors import Failed, HostvoldError, NotAuthorized, StorageUnavailable
+from hostvold.core.errors import Failed, HostvoldError, StorageUnavailable
 from hostvold.server.leanbus import LeanMessageBus
 
 log = logging.getLogger(__name__)
@@ -146,54 +145,17 @@ async def own_name(bus: MessageBus) -> None:
         raise Failed(f"{BUS_NAME} is already owned on this bus: is another hostvold running?")
 
 
-class Authorizer:
-    """Mutating calls need uid 0 or membership of ``admin_group``; reading is open."""
-
-    def __init__(self, bus: MessageBus, admin_group: str) -> None:
-        self.bus = bus
-        self.admin_group = admin_group
-        try:
-            self.admin_gid: int | None = grp.getgrnam(admin_group).gr_gid
-        except KeyError:
-            log.warning("admin_group %s does not exist: only root may change volumes",
-                        admin_group)
-            self.admin_gid = None
-        bus.add_message_handler(self._remember_sender)
-
-    @staticmethod
-    def _remember_sender(message: Message) -> bool | None:
-        if message.message_type == MessageType.METHOD_CALL:
-            caller.set(message.sender)
-            holder = ReceivedFds(message.unix_fds) if message.unix_fds else None
-            received_fds.set(holder)
-            if holder is not None:
-                asyncio.get_running_loop().call_later(UNCLAIMED_FD_SECONDS,
-                                                      holder.close_unclaimed)
-        elif message.unix_fds:  # fds on a signal or reply: nobody asked for them
-            ReceivedFds(message.unix_fds).close()
-        return None  # let dispatch go on
-
-    async def credentials(self, sender: str) -> dict[str, Any]:
-        reply = await self.bus.call(Message(
-            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus", member="GetConnectionCredentials",
-            signature="s", body=[sender]))
-        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
-            raise NotAuthorized("the caller's credentials could not be read")
-        return {key: variant.value for key, variant in reply.body[0].items()}
-
-    async def require_admin(self, action: str) -> int:
-        """The caller's uid, when it is root or in the admin group; else NotAuthorized."""
-        sender = caller.get()
-        if sender is None:
-            raise NotAuthorized("the caller is unknown")
-        creds = await self.credentials(sender)
-        uid = creds.get("UnixUserID")
-        groups = creds.get("UnixGroupIDs", [])
-        if isinstance(uid, int) and (uid == 0 or (self.admin_gid is not None
-                                                  and self.admin_gid in groups)):
-            return uid
-        log.warning("refused %s to uid %s (not root, not in group %s)", action, uid,
-                    self.admin_group)
-        raise NotAuthorized(f"{action} needs root or membership of the group "
-                            f"{self.admin_group!r}")
+def remember_call(message: Message) -> bool | None:
+    """A message handler run before dispatch: a method call's sender and file descriptors
+    go to the context variables the method's task inherits (:data:`caller`,
+    :data:`received_fds`); fds nobody asked for (on a signal or reply) are closed."""
+    if message.message_type == MessageType.METHOD_CALL:
+        caller.set(message.sender)
+        holder = ReceivedFds(message.unix_fds) if message.unix_fds else None
+        received_fds.set(holder)
+        if holder is not None:
+            asyncio.get_running_loop().call_later(UNCLAIMED_FD_SECONDS,
+                                                  holder.close_unclaimed)
+    elif message.unix_fds:
+        ReceivedFds(message.unix_fds).close()
+    return None  # let dispatch go on

@@ -17,7 +17,7 @@ from hostvold.storage.changeview import CONTEXT
 
 if TYPE_CHECKING:
     from hostvold.core.records import VolumeMeta
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
 
 ExportReply = Annotated[list[Any], DBusSignature("ha(ttbb)a{sv}")]
 CHANGES_OPTIONS = {"full-if-needed": frozenset("b")}

@@ -28,7 +28,8 @@ from hostvold.ops.sharekeeper import ShareKeeper, mount_in_time, probe
 from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
-from hostvold.server.bus import BUS_NAME, Authorizer, connect, own_name
+from hostvold.server.authority import Authorizer
+from hostvold.server.bus import BUS_NAME, connect, own_name
 from hostvold.server.objects import Api
 from hostvold.storage import children
 from hostvold.storage.children import FenceGuard
@@ -254,10 +255,13 @@ class Daemon:
         assert self.store is not None and self.ops is not None
         notify.status("connecting to the bus")
         self.bus = await connect(self.config.daemon.bus)
+        polkit = self.config.daemon.authorization == "polkit"
         if self.config.daemon.bus == "system":  # the installed policy must admit admin_group
-            for warning in policy.check_installed(self.config.daemon.admin_group):
+            for warning in policy.check_installed(self.config.daemon.admin_group,
+                                                  polkit=polkit):
                 log.warning("%s", warning)
-        authorizer = Authorizer(self.bus, self.config.daemon.admin_group)
+        authorizer = Authorizer(self.bus, self.config.daemon.admin_group, polkit)
+        log.info("%s", await authorizer.describe())
         api = Api(self.bus, self.store, self.ops, self.jobs, authorizer)
         api.export_all()
         await own_name(self.bus)

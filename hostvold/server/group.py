@@ -23,7 +23,7 @@ from hostvold.server.calls import (
 )
 
 if TYPE_CHECKING:
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
 
 
 def group_properties(view: GroupView) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from hostvold.server.bus import ERROR_PREFIX
 from hostvold.server.calls import ObjectPaths, Pair, named_errors
 
 if TYPE_CHECKING:
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
 
 
 def _microseconds(seconds: float) -> int:
@@ -48,7 +48,7 @@ class JobInterface(ServiceInterface):
     @dbus_method()
     @named_errors
     async def Cancel(self) -> None:
-        await self.api.authorizer.require_admin("Job.Cancel")
+        await self.api.authorizer.require_admin(f"Job.Cancel {self.job.operation}")
         self.api.jobs.cancel(self.job.id)
 
     @dbus_signal()

@@ -29,7 +29,7 @@ from hostvold.server.calls import (
 from hostvold.storage.safefile import open_source
 
 if TYPE_CHECKING:
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
 
 GROUP_OPTIONS = {"domain": STR, "domains": frozenset({"as"}), "consistency": STR,
                  "quiesce": STR}
@@ -110,7 +110,9 @@ class ManagerInterface(ServiceInterface):
         return self.api.start_job("create-group-snapshot", objects, work)
 
     @dbus_method()
-    def Status(self) -> DBusDict:
+    @named_errors
+    async def Status(self) -> DBusDict:
+        await self.api.authorizer.require_read("Manager.Status")
         api = self.api
         running = sum(1 for job in api.jobs.jobs.values() if job.state == "running")
         return {

@@ -25,10 +25,10 @@ from hostvold.ops.changes import ChangeExports
 from hostvold.ops.jobs import Job, JobRunner
 from hostvold.ops.operations import Operations
 from hostvold.ops.store import VolumeStore
+from hostvold.server.authority import Authorizer
 from hostvold.server.bus import (
     ERROR_PREFIX,
     ROOT_PATH,
-    Authorizer,
     object_path,
     parse_path,
 )

@@ -25,8 +25,7 @@ _TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <!-- D-Bus policy of hostvold: install as /usr/share/dbus-1/system.d/org.hostvold1.conf.
-     Reading is open to every local user; changing anything needs root or the group
-     "{group}" (the daemon checks the same again from the caller's credentials).
+     {what}
      The group must be hostvold's admin_group: `python -m hostvold.server.policy` writes this
      file for the configured one. -->
 <busconfig>
@@ -40,7 +39,18 @@ _TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
   </policy>
 
   <policy context="default">
-    <allow send_destination="org.hostvold1"
+{everyone}
+  </policy>
+</busconfig>
+"""
+_POLKIT = ("""Every local user reaches hostvold, which decides each call: reading is open;
+     changing anything needs root, the group "{group}", or polkit's authorization
+     for the method's action (authorization = polkit).""",
+           """    <allow send_destination="org.hostvold1"/>""")
+_GROUP = ("""Reading is open to every local user; changing anything needs root or the group
+     "{group}" (authorization = group; the daemon checks the same again from the
+     caller's credentials).""",
+          """    <allow send_destination="org.hostvold1"
            send_interface="org.freedesktop.DBus.Introspectable"/>
     <allow send_destination="org.hostvold1"
            send_interface="org.freedesktop.DBus.Peer"/>
@@ -51,22 +61,21 @@ _TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
     <allow send_destination="org.hostvold1"
            send_interface="org.freedesktop.DBus.Properties" send_member="GetAll"/>
     <allow send_destination="org.hostvold1"
-           send_interface="org.hostvold1.Manager" send_member="Status"/>
-  </policy>
-</busconfig>
-"""
+           send_interface="org.hostvold1.Manager" send_member="Status"/>""")
 
 
-def render(group: str) -> str:
-    """The policy file for ``admin_group = group`` (a validated group name)."""
-    return _TEMPLATE.format(group=group)
+def render(group: str, polkit: bool = True) -> str:
+    """The policy file for ``admin_group = group`` (a validated group name); with polkit,
+    every user's calls reach the daemon, which asks polkit about those outside the group."""
+    what, everyone = _POLKIT if polkit else _GROUP
+    return _TEMPLATE.format(group=group, what=what.format(group=group), everyone=everyone)
 
 
 def admitted_groups(xml_text: str) -> set[str]:
-    """The groups a policy lets call every method of hostvold."""
+    """The groups a policy lets call every method of hostvold ("*": every user)."""
     groups = set()
     for policy in ET.fromstring(xml_text).iter("policy"):
-        group = policy.get("group")
+        group = "*" if policy.get("context") == "default" else policy.get("group")
         if group is None:
             continue
         for allow in policy.iter("allow"):
@@ -76,8 +85,10 @@ def admitted_groups(xml_text: str) -> set[str]:
     return groups
 
 
-def check_installed(admin_group: str, paths: tuple[Path, ...] = INSTALLED) -> list[str]:
-    """Warnings about the installed policy and ``admin_group`` (empty: they agree)."""
+def check_installed(admin_group: str, paths: tuple[Path, ...] = INSTALLED,
+                    polkit: bool = True) -> list[str]:
+    """Warnings about the installed policy, ``admin_group`` and ``authorization`` (empty:
+    they agree)."""
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8")
@@ -92,11 +103,19 @@ def check_installed(admin_group: str, paths: tuple[Path, ...] = INSTALLED) -> li
             return [f"the D-Bus policy {path} is not valid XML ({exc})"]
         fix = f"install the policy for it with `python -m hostvold.server.policy > {path}`"
         warnings = []
-        if admin_group not in groups:
+        if polkit and "*" not in groups:
+            warnings.append(f"authorization is polkit but the D-Bus policy {path} lets only "
+                            f"{sorted(groups) or 'root'} call hostvold: what polkit grants "
+                            f"anyone else never reaches the daemon; {fix}")
+        if not polkit and "*" in groups:
+            warnings.append(f"authorization is group but the D-Bus policy {path} lets every "
+                            "user call hostvold: the daemon alone refuses those outside "
+                            f"admin_group; {fix}")
+        if admin_group not in groups and "*" not in groups:
             warnings.append(f"admin_group is {admin_group!r} but the D-Bus policy {path} lets "
                             f"only {sorted(groups) or 'root'} call hostvold: members of "
                             f"{admin_group!r} are refused by the bus; {fix}")
-        extra = sorted(groups - {admin_group})
+        extra = sorted(groups - {admin_group, "*"})
         if extra:
             warnings.append(f"the D-Bus policy {path} lets group(s) {extra} call hostvold, "
                             f"but admin_group is {admin_group!r}: the daemon refuses them "
@@ -120,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostvold.server.policy: {exc}", file=sys.stderr)
         return 78
     group = config.daemon.admin_group
-    sys.stdout.write(f"{group}\n" if args.group else render(group))
+    sys.stdout.write(f"{group}\n" if args.group else
+                     render(group, config.daemon.authorization == "polkit"))
     return 0
 
 

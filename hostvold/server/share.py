@@ -17,7 +17,7 @@ from hostvold.storage.mounts import Share
 from hostvold.storage.space import measure
 
 if TYPE_CHECKING:
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
 
 log = logging.getLogger(__name__)
 EMPTY = {"Total": 0, "Free": 0, "Allocated": 0, "Provisioned": 0}

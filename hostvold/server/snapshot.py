@@ -26,7 +26,7 @@ from hostvold.storage.infofile import read_info
 from hostvold.storage.qcow2 import read_qcow2_header, validate_chain
 
 if TYPE_CHECKING:
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
 
 
 class SnapshotInterface(ServiceInterface):

@@ -53,7 +53,7 @@ from hostvold.server.changes import VolumeChanges
 from hostvold.server.managed import CachedEntry
 
 if TYPE_CHECKING:
-    from hostvold.server.objects import Api
+    from hostvold.server.api import Api
     from hostvold.storage.mounts import Share
 
 
