@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.client.output import draw_progress, plain
@@ -36,6 +36,13 @@ from hostvold.client.wire import object_path as object_path
 from hostvold.client.wire import os_error as os_error
 from hostvold.client.wire import resolve as resolve
 from hostvold.core.collector import collector_paused
+
+
+def interaction() -> MessageFlag:
+    """At a terminal, a call may wait for polkit to ask for a password (an agent such as
+    pkttyagent prompts); from a script it never does, and is refused at once instead."""
+    return MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if sys.stdin.isatty() \
+        else MessageFlag.NONE
 
 
 def with_fd_indexes(body: list[Any]) -> tuple[list[Any], list[int]]:
@@ -95,7 +102,7 @@ class Client:
         reply = await self.bus.call(Message(destination=destination, path=path,
                                             interface=interface, member=member,
                                             signature=signature, body=body or [],
-                                            unix_fds=fds))
+                                            unix_fds=fds, flags=interaction()))
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             for fd in reply.unix_fds:
