@@ -38,6 +38,16 @@ def guest_mounts() -> Iterator[Path]:
         yield base
 
 
+def mount_base_under_guest_mounts(guest_mounts: Path) -> Path:
+    """A test's mount base, under the module's shared mount that the guests' QEMUs saw (a
+    guest module's ``shared_base``: ``shared_base = pytest.fixture(name="shared_base")(
+    mount_base_under_guest_mounts)``)."""
+    base = guest_mounts / f"t{time.monotonic_ns()}"
+    base.mkdir()
+    base.chmod(0o755)
+    return base
+
+
 class GuestKeeper:
     """The module's guest: the same one while it runs, a new boot once it died."""
 

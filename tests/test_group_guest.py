@@ -32,7 +32,7 @@ from tests.conftest import DaemonProcess, Host
 from tests.guest.image import GuestImage
 from tests.guest.offline import FsCheck, check_image
 from tests.guest.vm import RealGuest
-from tests.guest_fixtures import GuestKeeper
+from tests.guest_fixtures import GuestKeeper, mount_base_under_guest_mounts
 from tests.test_dbus import Cli, with_bus
 
 pytestmark = pytest.mark.integration
@@ -270,13 +270,7 @@ class Acks:
 
 # ---- fixtures -----------------------------------------------------------------------------
 
-@pytest.fixture
-def shared_base(guest_mounts: Path) -> Path:
-    """A test's mount base, under the module's shared mount that the guests' QEMUs saw."""
-    base = guest_mounts / f"t{time.monotonic_ns()}"
-    base.mkdir()
-    base.chmod(0o755)
-    return base
+shared_base = pytest.fixture(name="shared_base")(mount_base_under_guest_mounts)
 
 
 @pytest.fixture(scope="module")

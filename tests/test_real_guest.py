@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import DaemonProcess, Host
 from tests.guest.offline import FsCheck, check_image
 from tests.guest.vm import RealGuest
+from tests.guest_fixtures import mount_base_under_guest_mounts
 from tests.test_dbus import Cli, with_bus
 from tests.test_live import LIVE_CRASHES, live_disk
 
@@ -24,13 +25,7 @@ pytestmark = pytest.mark.integration
 Live = Callable[..., tuple[Cli, DaemonProcess, Host]]
 
 
-@pytest.fixture
-def shared_base(guest_mounts: Path) -> Path:
-    """A test's mount base, under the module's shared mount that the guest's QEMU saw."""
-    base = guest_mounts / f"t{time.monotonic_ns()}"
-    base.mkdir()
-    base.chmod(0o755)
-    return base
+shared_base = pytest.fixture(name="shared_base")(mount_base_under_guest_mounts)
 
 
 def attach_writing(cli: Cli, guest: RealGuest, size: str = "64M") -> str:
