@@ -202,14 +202,6 @@ def read_export(exported: Exported, onto: Path) -> dict[str, Any]:
     return seen
 
 
-def wait_job(cli: Cli, job: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 40
-    while (shown := cli.json("job", job))["State"] == "running":
-        assert time.monotonic() < deadline, shown
-        time.sleep(0.1)
-    return dict(shown)
-
-
 def dirty_ranges(extents: list[Any], flag: Callable[[Any], bool]) -> list[tuple[int, int]]:
     """Merged (start, end) of the extents ``flag`` marks."""
     out: list[tuple[int, int]] = []
@@ -317,7 +309,7 @@ def export_while_writing(cli: Cli, domain: str, guest: Guest, vid: str, since: s
         restored = scratch / f"restored-{seed}.raw"
         shutil.copyfile(base, restored)
         seen = read_export(exported, restored)
-        job = wait_job(cli, exported.info["job"])
+        job = cli.job_ended(exported.info["job"])
     finally:
         writer.finish()
     assert job["State"] == "completed", job
@@ -432,7 +424,7 @@ def test_qemu_killed_between_two_backups(live: Live, domain: str, tmp_path: Path
     restored = tmp_path / "after-crash.raw"
     shutil.copyfile(s1_full, restored)
     read_export(exported, restored)
-    assert wait_job(cli, exported.info["job"])["State"] == "completed"
+    assert cli.job_ended(exported.info["job"])["State"] == "completed"
     assert same(restored, now)
     assert not exported.info["fallback"] and exported.info["from"] == s1
     assert volume_state(cli, None, share, vid) == state
@@ -474,7 +466,7 @@ def test_more_written_during_the_export_than_the_frozen_layer_holds(
     restored = tmp_path / "restored.raw"
     shutil.copyfile(s1_full, restored)
     read_export(exported, restored)
-    assert wait_job(cli, exported.info["job"])["State"] == "completed"
+    assert cli.job_ended(exported.info["job"])["State"] == "completed"
     assert same(restored, frozen)
     guest.flush()
     now = to_raw(live_disk(domain, vid).source, "qcow2", tmp_path / "now.raw", share=True)
@@ -535,7 +527,7 @@ class Pairs:
         onto = self.scratch / "restore.raw"
         shutil.copyfile(self.points[onto_from or used].full, onto)
         seen = read_export(exported, onto)
-        assert wait_job(self.cli, exported.info["job"])["State"] == "completed"
+        assert self.cli.job_ended(exported.info["job"])["State"] == "completed"
         self.restores += 1
         end = self.points[to].at if to else self.guest.done
         expected = written_ranges(self.guest.writes[self.points[used].at:end], self.cluster)

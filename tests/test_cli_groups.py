@@ -9,11 +9,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -140,15 +138,6 @@ def test_group_create_list_show_volumes_revert_delete(
     assert len(cli.json("volumes")) == 6  # the copies are standalone volumes
 
 
-def wait_job(cli: Cli, job: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while True:  # --no-wait leaves waiting to the caller: here, by asking again
-        props: dict[str, Any] = cli.json("job", job)
-        if props["State"] != "running" or time.monotonic() > deadline:
-            return props
-        time.sleep(0.1)
-
-
 def test_group_no_wait_and_options(
         running: Callable[..., tuple[Host, Cli]]) -> None:  # noqa: F811
     _, cli = running()
@@ -157,14 +146,14 @@ def test_group_no_wait_and_options(
     assert started.returncode == 0, started.stderr
     job = started.stdout.strip()
     assert job.startswith("/org/hostvold1/jobs/")
-    props = wait_job(cli, job)
+    props = cli.job_ended(job)
     assert props["State"] == "completed", props
     (group,) = cli.json("group", "list")
     assert props["Objects"][-1] == group["path"]
     assert group["Consistency"] == "suspend" and group["Problems"] == []
     deleting = json.loads(cli.run("--json", "--no-wait", "group", "delete", group["Id"]).stdout)
     assert deleting["job"].startswith("/org/hostvold1/jobs/")
-    assert wait_job(cli, deleting["job"])["State"] == "completed"
+    assert cli.job_ended(deleting["job"])["State"] == "completed"
     assert cli.json("group", "list") == [] and cli.json("snapshots", vid) == []
 
 

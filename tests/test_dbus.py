@@ -82,6 +82,15 @@ class Cli:
         assert result.returncode == 0, f"{args}: {result.stderr}"
         return json.loads(result.stdout)
 
+    def job_ended(self, job: str, seconds: float = 60) -> dict[str, Any]:
+        """A job's properties once it is no longer running (a ``--no-wait`` call leaves
+        the waiting to the caller: here, by asking again)."""
+        deadline = time.monotonic() + seconds
+        while (shown := self.json("job", job))["State"] == "running":
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.1)
+        return dict(shown)
+
     def create_snapshot_timed(self, volume_id: str) -> tuple[float, str, str]:
         """Volume.CreateSnapshot over one bus connection, so the time taken is the
         daemon's, not a client's start: (seconds, error name or "", message or id)."""
