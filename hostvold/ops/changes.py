@@ -56,8 +56,8 @@ class ChangeExports:
         gets the export once it can be read. Returns, when the client has left, the bytes
         marked changed."""
         ops = self.ops
-        async with ops._volume(volume_id):
-            _meta, files, _users = await ops._observe(volume_id)
+        async with ops.access.locked(volume_id):
+            _meta, files, _users = await ops.access.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             span = resolve_span(chain, chain_map, meta.deleted, since, to, full_if_needed)
@@ -98,7 +98,7 @@ class ChangeExports:
         """The layers read held still: on an attached volume asked for now, a temporary
         live snapshot (merged away after) stops QEMU writing the top one."""
         if now and meta.state == "in-use":
-            async with self.ops._require_live().point_in_time(meta, files, chain_map, chain):
+            async with self.ops.access.require_live().point_in_time(meta, files, chain_map, chain):
                 yield
         else:
             yield

@@ -77,7 +77,7 @@ class GroupChanges:
         members = self._present(view)
         async with self.groups.locked([v for v, _ in members]):
             for volume_id, snapshot_id in members:
-                await self.ops._observe(volume_id, damaged_ok=True)
+                await self.ops.access.observe(volume_id, damaged_ok=True)
                 await self._mark(volume_id, snapshot_id, DELETING, True)
         crash.point("group-delete:marked")
         failed: list[HostvoldError] = []
@@ -111,7 +111,7 @@ class GroupChanges:
         members = self._present(self.whole(group_id))
         async with self.groups.locked([v for v, _ in members]):
             for volume_id, snapshot_id in members:  # all checked before any is changed
-                _meta, files, users = await self.ops._observe(volume_id)
+                _meta, files, users = await self.ops.access.observe(volume_id)
                 users.refuse_live("revert", volume_id)
                 meta = self.store.require_available(volume_id)
                 chain_map, _chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -171,7 +171,7 @@ class GroupChanges:
                         async with self.groups.locked([meta.id]):
                             log.warning("finishing the group revert of volume %s", meta.id,
                                         extra={"VOLUME_ID": meta.id})
-                            await self.ops._observe(meta.id)
+                            await self.ops.access.observe(meta.id)
                             self.store.require_available(meta.id)
                             await self._revert_member(meta.id, snapshot_id)
                 except Exception as exc:

@@ -61,7 +61,7 @@ class GroupRecovery:
             active=overlay, operation=None, snapshots={**meta.snapshots, sid: extra}))
         crash.point("group-snapshot:member-finished")
         if follow if follow is not None else "domain" not in op:
-            await self.ops._follow_definitions(files, meta.id)
+            await self.ops.access.follow_definitions(files, meta.id)
 
     # ---- recovery -------------------------------------------------------------------------
 
@@ -136,7 +136,7 @@ class GroupRecovery:
                 await share_call(self.store, meta, unlink_durable, files.directory / op["overlay"])
                 await self.store.record(files, meta.evolve(operation=None))
                 if "domain" in op and at_rest:  # its definition may name the overlay
-                    await self.ops._follow_definitions(files, meta.id)
+                    await self.ops.access.follow_definitions(files, meta.id)
 
     async def _taken(self, metas: list[VolumeMeta], guests: dict[str, Guest | None]) -> bool:
         """Whether the group's point in time has been taken anywhere: a member finished or

@@ -116,7 +116,7 @@ class GroupSnapshots:
         """The request's volumes, and every hostvold volume the named domains run on."""
         ids = set(request.volumes)
         if request.domains:
-            live = self.ops._require_live()
+            live = self.ops.access.require_live()
             running = await live.attachments.running_disks()
             for domain in request.domains:
                 guest = Guest(live.hypervisor, await live.hypervisor.lookup(domain))
@@ -143,14 +143,14 @@ class GroupSnapshots:
 
     async def _plan(self, volume_id: str) -> Planned:
         ops = self.ops
-        _meta, files, users = await ops._observe(volume_id, top_only=True)
+        _meta, files, users = await ops.access.observe(volume_id, top_only=True)
         meta = self.store.require_idle(volume_id)
         _chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
         planned = Planned(meta, files, new_id(), chain)
         if await share_call(self.store, meta, _exists, files.directory / planned.overlay):
             raise AlreadyExists(f"{planned.overlay} already exists")
         if meta.state == "in-use":
-            guest, disk, others = await ops._require_live().attachments.locate_among(meta)
+            guest, disk, others = await ops.access.require_live().attachments.locate_among(meta)
             if disk.source != str(files.directory / chain[0].name):
                 raise Failed(f"domain {guest.name} runs volume {volume_id} on {disk.source}, "
                              f"not on {chain[0].name} as its info file says")

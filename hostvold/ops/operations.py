@@ -16,14 +16,10 @@ from hostvold.core.errors import (
     AlreadyExists,
     Busy,
     HostvoldError,
-    HypervisorUnavailable,
-    InfoFileDamaged,
-    InUse,
     InvalidArgument,
     InvalidState,
     NeedsRepair,
     NotFound,
-    UnsafeFile,
 )
 from hostvold.core.ids import new_id, valid_id
 from hostvold.core.images import Format, Layer
@@ -32,7 +28,7 @@ from hostvold.core.models import ExportVolume, ExtendVolume
 from hostvold.core.planning import AMBIGUOUS_PIVOT, snapshot_data
 from hostvold.core.reconcile import record_changes
 from hostvold.core.records import Snapshot, VolumeMeta, snapshot_of
-from hostvold.core.users import NOBODY, Users
+from hostvold.ops.access import VolumeAccess
 from hostvold.ops.copies import CopyOps
 from hostvold.ops.group_changes import GroupChanges
 from hostvold.ops.group_recovery import NAME as GROUP_SNAPSHOT
@@ -44,7 +40,6 @@ from hostvold.ops.startup import reread_foreign_operations, reread_inflight
 from hostvold.ops.store import VolumeStore, share_call
 from hostvold.ops.volumes import VolumeOps
 from hostvold.storage.coordination import Coordination
-from hostvold.storage.mounts import find_share
 from hostvold.storage.safefile import check_caller_fd, create_destination, remove_destination
 from hostvold.storage.volumefiles import locked_images
 
@@ -54,64 +49,21 @@ log = logging.getLogger(__name__)
 class Operations:
     def __init__(self, store: VolumeStore) -> None:
         self.store = store
+        self.access = VolumeAccess(store)  # its live and coordination are set at start
         self.volumes = VolumeOps(store)
         self.snapshots = SnapshotOps(store)
         self.copies = CopyOps(store)
         self.repairs = RepairOps(store)
         self.groups = GroupSnapshots(self)
         self.group_changes = GroupChanges(self.groups)
-        self.live: LiveVolumes | None = None  # set when hostvold runs with libvirt
-        self.coordination: Coordination | None = None  # set when hosts share the shares
 
-    # ---- libvirt's word -----------------------------------------------------------------
-    async def _observe(self, volume_id: str, damaged_ok: bool = False,
-                      top_only: bool = False) -> tuple[VolumeMeta, VolumeFiles, Users]:
-        """Under the lock: the volume re-read from its share (another writer may have
-        changed it), and as libvirt says it is used now, its record in line. Damaged files
-        seen for the first time are raised as such; once recorded, the use case refuses
-        with NeedsRepair (``damaged_ok``: a repair, delete or detach goes on). A volume
-        attached on another host is that host's to change (InUse). ``top_only``: for a
-        snapshot create, which opens nothing below the active file (:func:`observe_chain`)."""
-        if self.coordination is not None:
-            self.coordination.require()  # a fenced host starts nothing that changes data
-        known = self.store.find(volume_id)
-        try:
-            await self.store.refresh(volume_id, top_only=top_only)
-        except (InfoFileDamaged, UnsafeFile):
-            if not damaged_ok and (known is None or not known.problems):
-                raise
-        meta = self.store.get_volume(volume_id)
-        users = NOBODY
-        if self.live is not None:
-            meta, users = await self.live.attachments.observe(meta)
-        attachment = meta.attachment or {}
-        if meta.state == "migrating":
-            raise InUse(f"volume {volume_id} is migrating with domain "
-                        f"{attachment.get('domain')} from host {attachment.get('host') or '?'} "
-                        f"to host {attachment.get('to') or '?'}; try again once it has landed")
-        if attachment.get("host") not in (None, self.store.host_id):
-            raise InUse(f"volume {volume_id} is attached to domain {attachment.get('domain')} "
-                        f"on host {attachment['host']}; work on it there")
-        return meta, self.store.files_of(meta), users
+    @property
+    def live(self) -> LiveVolumes | None:
+        return self.access.live
 
-    @contextlib.asynccontextmanager
-    async def _volume(self, volume_id: str) -> AsyncIterator[None]:
-        """The volume's lock, once its share can answer (a share gone is refused at once)."""
-        known = self.store.find(valid_id(volume_id, "volume id"))
-        if known is not None:
-            find_share(self.store.shares, known.share).require_reachable()
-        async with self.store.locks.volume(volume_id, wait=False):  # Busy: another host
-            yield
-
-    async def _follow_definitions(self, files: VolumeFiles, volume_id: str) -> None:
-        if self.live is not None:
-            await self.live.attachments.keep_definitions_in_step(files, volume_id)
-
-    def _require_live(self) -> LiveVolumes:
-        if self.live is None:
-            raise HypervisorUnavailable("hostvold runs without libvirt: attached volumes "
-                                        "cannot be changed")
-        return self.live
+    @property
+    def coordination(self) -> Coordination | None:
+        return self.access.coordination
 
     @contextlib.asynccontextmanager
     async def _frozen_top(self, files: VolumeFiles, meta: VolumeMeta) -> AsyncIterator[Layer]:
@@ -119,7 +71,7 @@ class Operations:
         away after) of an attached one: the layer to copy the current content from."""
         chain_map, chain = await self.store.validated_chain(files, meta)
         if meta.state == "in-use":
-            async with self._require_live().point_in_time(meta, files, chain_map,
+            async with self.access.require_live().point_in_time(meta, files, chain_map,
                                                           chain) as frozen:
                 yield frozen
         else:
@@ -128,19 +80,17 @@ class Operations:
     # ---- volumes -------------------------------------------------------------------------
 
     async def create_volume(self, **options: Any) -> VolumeMeta:
-        if self.coordination is not None:
-            self.coordination.require()
+        self.access.require_session()
         return await self.volumes.create_volume(**options)
 
     async def import_volume(self, **options: Any) -> VolumeMeta:
-        if self.coordination is not None:
-            self.coordination.require()
+        self.access.require_session()
         return await self.volumes.import_volume(**options)
 
     async def delete_volume(self, volume_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
-        async with self._volume(volume_id):
-            meta, files, users = await self._observe(volume_id, damaged_ok=True)
+        async with self.access.locked(volume_id):
+            meta, files, users = await self.access.observe(volume_id, damaged_ok=True)
             users.refuse_any("delete", volume_id)
             if meta.attachment or meta.state == "in-use":
                 raise InvalidState(f"volume {volume_id} is attached to "
@@ -151,15 +101,15 @@ class Operations:
     async def extend_volume(self, volume_id: str, **options: Any) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
         request: ExtendVolume = ExtendVolume.parse(**options)
-        async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id)
+        async with self.access.locked(volume_id):
+            _meta, files, users = await self.access.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             if meta.state != "in-use":
                 users.refuse_live("extend", volume_id)
             await self.volumes.check_growth(meta, request.size)
             await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
-                return await self._require_live().extend(meta, files, request.size)
+                return await self.access.require_live().extend(meta, files, request.size)
             return await self.volumes.extend(files, meta, request.size)
 
     async def export_volume(self, volume_id: str, **options: Any) -> Path | None:
@@ -175,8 +125,8 @@ class Operations:
                 raise NotFound(f"directory {dest.parent} does not exist")
             if dest.exists() or dest.is_symlink():
                 raise AlreadyExists(f"{dest} already exists; hostvold never overwrites a file")
-        async with self._volume(volume_id):
-            await self._observe(volume_id)
+        async with self.access.locked(volume_id):
+            await self.access.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             fd = request.fd if request.fd is not None else create_destination(dest)
@@ -197,8 +147,8 @@ class Operations:
     async def clone(self, volume_id: str, **options: Any) -> VolumeMeta:
         """A new standalone volume with the current content; leaves no snapshot behind."""
         volume_id = valid_id(volume_id, "volume id")
-        async with self._volume(volume_id):
-            await self._observe(volume_id)
+        async with self.access.locked(volume_id):
+            await self.access.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             async with self._frozen_top(files, meta) as top:
@@ -209,8 +159,8 @@ class Operations:
     async def create_snapshot(self, volume_id: str, snapshot_id: str | None = None) -> Snapshot:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id") if snapshot_id is not None else new_id()
-        async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id, top_only=True)
+        async with self.access.locked(volume_id):
+            _meta, files, users = await self.access.observe(volume_id, top_only=True)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             overlay = files.overlay_name(sid)
@@ -218,13 +168,13 @@ class Operations:
                     self.store, meta, os.path.lexists, files.directory / overlay):
                 raise AlreadyExists(f"snapshot {sid} of volume {volume_id} already exists")
             if meta.state == "in-use":
-                meta = await self._require_live().create_snapshot(meta, files, chain_map,
+                meta = await self.access.require_live().create_snapshot(meta, files, chain_map,
                                                                   chain, sid)
                 how = "attached volume"
             else:
                 users.refuse_live("take an offline snapshot of", volume_id)
                 meta = await self.snapshots.create(files, meta, chain_map, chain, sid)
-                await self._follow_definitions(files, volume_id)
+                await self.access.follow_definitions(files, volume_id)
                 how = "volume"
             log.info("created snapshot %s of %s %s", sid, how, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
@@ -233,23 +183,23 @@ class Operations:
     async def delete_snapshot(self, volume_id: str, snapshot_id: str) -> None:
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
-        async with self._volume(volume_id):
+        async with self.access.locked(volume_id):
             op = self.store.get_volume(volume_id).operation or {}
             if op.get("name") in ("delete-snapshot", "live-delete-snapshot") \
                     and op.get("snapshot") == sid:
                 return await self._resume(self.store.get_volume(volume_id))  # a retry
-            _meta, files, users = await self._observe(volume_id)
+            _meta, files, users = await self.access.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
             if meta.state == "in-use":
                 if sid not in chain_map.snapshots:
                     raise NotFound(f"snapshot {sid} does not exist")
-                await self._require_live().deleter.delete_snapshot(meta, files, chain_map,
+                await self.access.require_live().deleter.delete_snapshot(meta, files, chain_map,
                                                                    chain, sid)
             else:
                 users.refuse_live("delete a snapshot of", volume_id)
                 await self.snapshots.delete(files, meta, chain_map, chain, sid)
-                await self._follow_definitions(files, volume_id)
+                await self.access.follow_definitions(files, volume_id)
             log.info("deleted snapshot %s of volume %s", sid, volume_id,
                      extra={"VOLUME_ID": volume_id, "SNAPSHOT_ID": sid})
 
@@ -257,8 +207,8 @@ class Operations:
         """Throw away what was written since the newest snapshot (detached volumes)."""
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
-        async with self._volume(volume_id):
-            _meta, files, users = await self._observe(volume_id)
+        async with self.access.locked(volume_id):
+            _meta, files, users = await self.access.observe(volume_id)
             users.refuse_live("revert", volume_id)
             meta = self.store.require_available(volume_id)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -272,8 +222,8 @@ class Operations:
         attached (QEMU only reads below its active file; no block job of ours runs)."""
         volume_id = valid_id(volume_id, "volume id")
         sid = valid_id(snapshot_id, "snapshot id")
-        async with self._volume(volume_id):
-            await self._observe(volume_id)
+        async with self.access.locked(volume_id):
+            await self.access.observe(volume_id)
             meta = self.store.require_idle(volume_id)
             files = self.store.files_of(meta)
             chain_map, chain = await self.store.validated_chain(files, meta, fresh=True)
@@ -286,16 +236,16 @@ class Operations:
 
     async def attach(self, volume_id: str, domain: str, target: str | None = None) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
-        live = self._require_live()
-        async with self._volume(volume_id):
-            meta, files, users = await self._observe(volume_id)
+        live = self.access.require_live()
+        async with self.access.locked(volume_id):
+            meta, files, users = await self.access.observe(volume_id)
             return await live.attach(files, meta, users, domain, target)
 
     async def detach(self, volume_id: str) -> VolumeMeta:
         volume_id = valid_id(volume_id, "volume id")
-        live = self._require_live()
-        async with self._volume(volume_id):
-            meta, files, users = await self._observe(volume_id, damaged_ok=True)
+        live = self.access.require_live()
+        async with self.access.locked(volume_id):
+            meta, files, users = await self.access.observe(volume_id, damaged_ok=True)
             return await live.detach(files, meta, users)
 
     async def repair(self, volume_id: str, fmt: Format | None = None,
@@ -304,12 +254,12 @@ class Operations:
         present (``fmt``: the base file's format, confirmed by the operator). An undecided
         pivot is settled only by the operator's ``choice`` (``base`` or ``overlay``)."""
         volume_id = valid_id(volume_id, "volume id")
-        async with self._volume(volume_id):
+        async with self.access.locked(volume_id):
             before = self.store.find(volume_id)
-            meta, files, users = await self._observe(volume_id, damaged_ok=True)
+            meta, files, users = await self.access.observe(volume_id, damaged_ok=True)
             users.refuse_live("repair", volume_id)
             if (meta.operation or {}).get("step") == AMBIGUOUS_PIVOT:
-                deleter = self._require_live().deleter
+                deleter = self.access.require_live().deleter
                 if choice is None:
                     raise NeedsRepair(await deleter.describe_ambiguity(files, meta))
                 return [await deleter.resolve_ambiguity(files, meta, choice)]
@@ -397,4 +347,4 @@ class Operations:
             users.refuse_live(f"finish {name} on", meta.id)
         await self.store.resume(meta)
         if self.store.find(meta.id) is not None and meta.operation:
-            await self._follow_definitions(self.store.files_of(meta), meta.id)
+            await self.access.follow_definitions(self.store.files_of(meta), meta.id)

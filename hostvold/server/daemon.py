@@ -134,7 +134,7 @@ class Daemon:
                                 new_install=not store.list_volumes())
         store.file_mode = file_mode(secure)
         ops = Operations(store)  # the use cases register their recovery steps
-        ops.coordination = self.coordination
+        ops.access.coordination = self.coordination
         if self.with_libvirt:
             await self._connect_libvirt(ops)
         notify.status("recovering interrupted operations")
@@ -223,7 +223,7 @@ class Daemon:
         self.hypervisor = Hypervisor(config.libvirt.uri, config.daemon.workers,
                                      config.libvirt.keepalive)
         notify.status("connecting to libvirt")
-        ops.live = LiveVolumes(config, ops.store, self.hypervisor)
+        ops.access.live = LiveVolumes(config, ops.store, self.hypervisor)
         # group snapshots a lost libvirt left half-way, and their deletes, go on with it
         self.hypervisor.on_reconnect += [ops.groups.recover, ops.group_changes.finish_marked]
         try:

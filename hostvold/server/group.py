@@ -3,6 +3,7 @@ across several volumes (SPEC section 5a). Its properties are read from the membe
 records (:func:`hostvold.core.groups.collect_groups`); the registry refreshes them."""
 
 # no "from __future__ import annotations": dbus-fast reads the Annotated signatures
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from dbus_fast import PropertyAccess
@@ -51,33 +52,36 @@ class GroupSnapshotInterface(ServiceInterface):
     def _objects(self) -> list[str]:
         return [object_path("groups", self.view.id)]
 
+    async def _whole_group_job(self, method: str, options: DBusDict,
+                               check: Callable[[str], object],
+                               run: Callable[[str], Awaitable[None]], operation: str) -> str:
+        """What Delete and Revert share: the caller's right, no options, the group checked
+        as it stands when the call arrives, then one job."""
+        await self.api.authorizer.require_admin(f"GroupSnapshot.{method}")
+        read_options(options, NO_OPTIONS)
+        group_id = self.view.id
+        check(group_id)
+
+        async def work() -> None:
+            await run(group_id)
+
+        return self.api.start_job(operation, self._objects(), work)
+
     @dbus_method()
     @named_errors
     async def Delete(self, options: DBusDict) -> DBusObjectPath:
         """Every member, each by its cheapest strategy (live or offline)."""
-        await self.api.authorizer.require_admin("GroupSnapshot.Delete")
-        read_options(options, NO_OPTIONS)
-        changes, group_id = self.api.ops.group_changes, self.view.id
-        changes.view(group_id)
-
-        async def work() -> None:
-            await changes.delete(group_id)
-
-        return self.api.start_job("delete-group-snapshot", self._objects(), work)
+        changes = self.api.ops.group_changes
+        return await self._whole_group_job("Delete", options, changes.view, changes.delete,
+                                           "delete-group-snapshot")
 
     @dbus_method()
     @named_errors
     async def Revert(self, options: DBusDict) -> DBusObjectPath:
         """Every member (all detached) back to the group's point in time: all or none."""
-        await self.api.authorizer.require_admin("GroupSnapshot.Revert")
-        read_options(options, NO_OPTIONS)
-        changes, group_id = self.api.ops.group_changes, self.view.id
-        changes.whole(group_id)
-
-        async def work() -> None:
-            await changes.revert(group_id)
-
-        return self.api.start_job("revert-group-snapshot", self._objects(), work)
+        changes = self.api.ops.group_changes
+        return await self._whole_group_job("Revert", options, changes.whole, changes.revert,
+                                           "revert-group-snapshot")
 
     @dbus_method()
     @named_errors
