@@ -33,7 +33,7 @@ from tests.conftest import REPO, DaemonProcess, Host, PrivateBus, need
 
 pytestmark = pytest.mark.integration
 
-VENV = Path("/opt/venvs/hostvold")
+VENV = Path("/usr/lib/hostvold")
 DAEMON = Path("/usr/sbin/hostvold")
 CLIENT = Path("/usr/bin/hostvolctl")
 CONFFILE = Path("/etc/hostvold/hostvold.conf")
