@@ -16,3 +16,13 @@ bench:  # every benchmark, one table (root; a few minutes); e.g. make bench ARGS
 
 bench-quick:  # a smoke run with tiny sizes
 	PYTHONPATH=$(CURDIR) /opt/hostvold/venv/bin/python -m bench.run_all --quick $(ARGS)
+
+# The Debian package (README "Install the package"): dist/hostvold_<version>_<arch>.deb.
+# Needs the build dependencies of debian/control (bash .ci/setup deb installs them first).
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' hostvold/__init__.py)
+.PHONY: deb
+deb:
+	dpkg-buildpackage -b -us -uc
+	mkdir -p dist
+	mv ../hostvold_$(VERSION)_*.deb ../hostvold_$(VERSION)_*.buildinfo ../hostvold_$(VERSION)_*.changes dist/
+	lintian --info dist/hostvold_$(VERSION)_*.changes

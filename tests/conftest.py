@@ -330,7 +330,7 @@ class DaemonProcess:
     """``python -m hostvold`` with a NOTIFY_SOCKET of ours: started() returns at READY=1."""
 
     def __init__(self, config: Path, env: dict[str, str] | None = None,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, command: list[str] | None = None) -> None:
         # a short path of its own: a socket's path must fit in 108 bytes
         self.notify_path = Path(tempfile.mkdtemp(prefix="hvn-")) / "notify.sock"
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -344,7 +344,8 @@ class DaemonProcess:
         self.log_path = config.parent / f"hostvold-{id(self)}.log"
         with open(self.log_path, "w") as log:  # a file, never a pipe that could fill up
             self.proc = subprocess.Popen(
-                [*(prefix or []), sys.executable, "-m", "hostvold", "--config", str(config)],
+                [*(prefix or []), *(command or [sys.executable, "-m", "hostvold"]),
+                 "--config", str(config)],
                 env=full_env, cwd=REPO, stderr=log, text=True)
 
     def log_text(self) -> str:
@@ -397,9 +398,11 @@ def daemon_factory(tmp_path: Path, libvirtd: str) -> Iterator[Callable[..., Daem
     started without it refuses every change until it answers)."""
     started: list[DaemonProcess] = []
 
-    def factory(config: Path, env: dict[str, str] | None = None,
-                wait: bool = True, prefix: list[str] | None = None) -> DaemonProcess:
-        process = DaemonProcess(config, env, prefix)
+    def factory(config: Path, env: dict[str, str] | None = None, wait: bool = True,
+                prefix: list[str] | None = None,
+                command: list[str] | None = None) -> DaemonProcess:
+        """``command`` replaces ``python -m hostvold`` (e.g. an installed hostvold)."""
+        process = DaemonProcess(config, env, prefix, command)
         started.append(process)
         if wait:
             process.wait_ready()
