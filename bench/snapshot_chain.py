@@ -11,7 +11,7 @@ For each depth a volume gets that many snapshots, then:
   active file down to the snapshot, then the same commit and rebase), on identical chains.
 With ``--rounds N`` each is done N times per depth and the median kept (the creates lengthen
 the chain and the deletes shorten it by one each time: depths are nominal, +- N).
-Prints seconds and the ratios depth N / smallest depth (targets P5 <= 1.5x, P8 <= 1.5x), and
+Prints seconds and the ratios depth N / smallest depth (targets P5 <= 1.3x, P8 <= 1.3x), and
 as its last two lines the P5 and P8 summaries (bench/run_all.py): P8 is the deepest chain
 against the shallowest, P5 the deepest against depth 8 when 8 was measured (SPEC section 15).
 """
@@ -35,6 +35,7 @@ from hostvold.server.daemon import Daemon
 from hostvold.storage.infofile import read_info
 
 MiB = 1 << 20
+TARGET = 1.3  # SPEC section 15, P5 and P8 alike: deepest chain at most this times
 
 
 async def build(volumes: Operations, snapshots: Operations,
@@ -152,9 +153,9 @@ def main() -> None:
             continue
         r, b = results[depth], results[low]
         print(f"depth {depth} / depth {low}: create hostvold "
-              f"{r['create hostvold'] / b['create hostvold']:.2f}x (P8 target <= 1.5x), "
+              f"{r['create hostvold'] / b['create hostvold']:.2f}x (P8 target <= {TARGET}x), "
               f"delete hostvold {r['delete hostvold'] / b['delete hostvold']:.2f}x "
-              f"(P5 target <= 1.5x); naive delete "
+              f"(P5 target <= {TARGET}x); naive delete "
               f"{r['delete naive'] / b['delete naive']:.2f}x")
     deep = max(results)
     if deep == low:
@@ -170,7 +171,7 @@ def main() -> None:
     for target, what, column, base in summary:
         ratio = round(results[deep][column] / results[base][column], 2)
         print(f"{target}: {what}, chain depth {deep} vs {base} = {ratio:.2f}x "
-              f"(target <= 1.5x): {'met' if ratio <= 1.5 else 'missed'}")
+              f"(target <= {TARGET}x): {'met' if ratio <= TARGET else 'missed'}")
 
 
 if __name__ == "__main__":
