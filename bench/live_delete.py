@@ -219,7 +219,8 @@ async def run(args: argparse.Namespace, address: str, domain_name: str,
             target = await attach_scratch(active)
             # who goes first changes every round: neither side always meets the disk's
             # writeback of the other's gigabyte
-            for side in ("hostvold", "bare") if round_number % 2 == 0 else ("bare", "hostvold"):
+            order = ("hostvold", "bare") if round_number % 2 == 0 else ("bare", "hostvold")
+            for side in order:
                 await asyncio.to_thread(settle)  # off the loop: libvirt keep-alives go on
                 if side == "hostvold":
                     total, event = await hostvold_delete(info["snapshot"], info["volume"])
@@ -232,6 +233,10 @@ async def run(args: argparse.Namespace, address: str, domain_name: str,
                                                             active)
                     rows["bare"].append(bare)
                     rows["bare+sync"].append(synced)
+            print(f"{shape}, round {round_number + 1} ({order[0]} first): hostvold "
+                  f"{rows['hostvold'][-1] * 1000:.0f} ms (libvirt's event at "
+                  f"{rows['hostvold event'][-1] * 1000:.0f} ms), bare {rows['bare'][-1] * 1000:.0f}"
+                  f" ms, bare + fsync {rows['bare+sync'][-1] * 1000:.0f} ms", flush=True)
             await guest.detach_disk(disk_xml(str(after), "qcow2", target, "scratch"))
             shutil.rmtree(directory, ignore_errors=True)
             await asyncio.to_thread(remove, address, info["volume"])

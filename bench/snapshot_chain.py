@@ -101,9 +101,13 @@ async def measure(root: Path, depths: list[int],
             n for n in names if not n.startswith(prefix)])
         for _ in range(rounds):  # the same middle snapshots, in the same order, on both
             middle = ids.pop((len(ids) - 1) // 2)  # never the newest: that is the active file
+            # the same start for each side: the copy's writeback (a whole chain at depth 256)
+            # or the other side's commit would otherwise land in the next delete's fsyncs
+            os.sync()
             start = time.perf_counter()
             await snapshots.delete_snapshot(volume_id, middle)
             times.setdefault("delete hostvold", []).append(time.perf_counter() - start)
+            os.sync()
             start = time.perf_counter()
             naive_delete(copy, active_in(copy), files.overlay_name(middle))
             times.setdefault("delete naive", []).append(time.perf_counter() - start)
