@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -144,10 +145,18 @@ def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
     proc = subprocess.Popen([sys.executable, "-m", "hostvold", "--config", str(config)],
                             env=dict(os.environ, NOTIFY_SOCKET=str(notify)),
                             stderr=open(root / "hostvold.log", "a"))  # noqa: SIM115
-    listener.settimeout(120)
-    while b"READY=1" not in listener.recv(4096):
-        if proc.poll() is not None:
-            raise SystemExit(f"hostvold exited {proc.returncode}")
+    listener.settimeout(0.5)  # READY=1 wakes it at once; the timeout only looks at proc
+    deadline = time.monotonic() + 300
+    while True:
+        with contextlib.suppress(TimeoutError):
+            if b"READY=1" in listener.recv(4096):
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            tail = (root / "hostvold.log").read_text().strip().splitlines()[-3:]
+            raise SystemExit(f"hostvold did not become ready (exit {proc.wait()}): "
+                             + " | ".join(tail))
     started = time.perf_counter() - start
     query, objects, decode = asyncio.run(managed_objects(address))
     raw = raw_managed_objects(address)
