@@ -117,12 +117,16 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     hostvold_times, bare_times, latencies, spans = [], [], [], []
     top = base.name
     for round_number in range(args.rounds):
+        # the same start for both creates: the previous round's delete (a block job, durable
+        # records) leaves writeback that would otherwise land in hostvold's fsyncs only
+        await asyncio.to_thread(os.sync)
         start = time.perf_counter()
         (snapshot,) = await dbus_call(bus, volume_path, "org.hostvold1.Volume",
                                       "CreateSnapshot", "a{sv}", [{}])
         hostvold_times.append(time.perf_counter() - start)
 
         overlay = scratch / f"overlay-{round_number}.qcow2"
+        await asyncio.to_thread(os.sync)
         start = time.perf_counter()
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", top, "-F",
                         "raw" if top == base.name else "qcow2", str(overlay), "8M"],

@@ -72,13 +72,13 @@ class Bench:
 
 
 BENCHES = [
-    Bench(("P1", "P2"), "live_rig", ("--rounds", "11"), ("--rounds", "1"), root=True),
+    Bench(("P1", "P2"), "live_rig", ("--rounds", "21"), ("--rounds", "1"), root=True),
     Bench(("P3",), "live_delete", ("--changes-mib", "1024", "--rounds", "4"),
           ("--changes-mib", "32"),
           root=True),
     Bench(("P4",), "thick_create", ("--size", "4G", "--rounds", "2"),
           ("--size", "256M", "--rounds", "1"), needs=("dd",)),
-    Bench(("P5", "P8"), "snapshot_chain", ("--depths", "1,8,256", "--rounds", "5"),
+    Bench(("P5", "P8"), "snapshot_chain", ("--depths", "1,8,256", "--rounds", "9"),
           ("--depths", "1,8,16", "--rounds", "1"), needs=("qemu-img",)),
     Bench(("P7",), "parallel_snapshots", ("--volumes", "32", "--rounds", "5"),
           ("--volumes", "4", "--rounds", "1"),
