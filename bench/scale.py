@@ -168,6 +168,13 @@ def measure(root: Path, state_dir: Path, address: str) -> dict[str, float]:
             "decode": decode, "raw": raw}
 
 
+def unmounted(state_dir: Path) -> Path:
+    """``state_dir`` with the daemon's mount base unmounted (it binds the base onto itself
+    to make it shared)."""
+    subprocess.run(["umount", "-R", "-l", str(state_dir / "mnt")], capture_output=True)
+    return state_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--volumes", type=int, default=10000)
@@ -186,19 +193,22 @@ def main() -> None:
         assert bus.stdout is not None
         address = bus.stdout.readline().strip()
         results = {}
-        for count in (args.base, args.volumes):
-            state_dir = root / f"state-{count}"
-            t0 = time.perf_counter()
-            asyncio.run(populate(state_dir, count))
-            print(f"populated {count} volumes in {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr)
-            (state_dir / "index.sqlite").unlink()  # the start rebuilds from the share
-            results[count] = {"rebuild": measure(root, state_dir, address),
-                              "load": measure(root, state_dir, address)}
-            # the daemon binds its mount base onto itself to make it shared: undo that
-            subprocess.run(["umount", "-R", "-l", str(state_dir / "mnt")], capture_output=True)
-            shutil.rmtree(state_dir, ignore_errors=True)
-        bus.terminate()
+        try:
+            for count in (args.base, args.volumes):
+                state_dir = root / f"state-{count}"
+                t0 = time.perf_counter()
+                asyncio.run(populate(state_dir, count))
+                print(f"populated {count} volumes in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr)
+                (state_dir / "index.sqlite").unlink()  # the start rebuilds from the share
+                results[count] = {"rebuild": measure(root, state_dir, address),
+                                  "load": measure(root, state_dir, address)}
+                shutil.rmtree(unmounted(state_dir), ignore_errors=True)
+        finally:  # also when a run fails: no bus left running, no mount left behind
+            bus.terminate()
+            bus.wait()
+            for count in (args.base, args.volumes):
+                unmounted(root / f"state-{count}")
     small, big = results[args.base], results[args.volumes]
     factor = args.volumes / args.base
     linear = factor if factor == int(factor) else round(factor, 1)
