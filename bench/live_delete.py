@@ -14,10 +14,13 @@ Two shapes, each built offline and then attached:
   Proxmox) commits the changes down; Nova always pulls the base up. hostvold picks the
   direction that moves fewer bytes from the allocated sizes.
 Each round runs both sides on fresh chains, in turn first (the order alternates). Time is
-from the call to the end: hostvold's Job ``Completed`` signal, libvirt's
-``COMPLETED`` event (after the pivot for an active commit) for the bare calls. Builds its
-own domain, bus, daemon and share with ``bench.live_rig``; as root. The last lines are the
-P3 summaries (bench/run_all.py).
+from the call to the end: hostvold's Job ``Completed`` signal; for the bare calls libvirt's
+``COMPLETED`` event (after the pivot for an active commit) and, timed on in the same call,
+an fsync of the file the data went into. SPEC section 15 measures P3 against the bare call
+*with* that fsync (the durable floor: a delete must make the base durable before it removes
+the overlay), target <= 1.1x; the ratio against the bare call alone is printed beside it.
+Builds its own domain, bus, daemon and share with ``bench.live_rig``; as root. The last lines
+are the P3 summaries (bench/run_all.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 
 MiB = 1 << 20
 BASE_DATA = 16 * MiB
+P3_TARGET = 1.1  # SPEC section 15, against the bare call + an fsync of the base
 
 
 def qemu_img(*argv: str) -> None:
@@ -215,7 +219,8 @@ async def run(args: argparse.Namespace, address: str, domain_name: str,
             target = await attach_scratch(active)
             # who goes first changes every round: neither side always meets the disk's
             # writeback of the other's gigabyte
-            for side in ("hostvold", "bare") if round_number % 2 == 0 else ("bare", "hostvold"):
+            order = ("hostvold", "bare") if round_number % 2 == 0 else ("bare", "hostvold")
+            for side in order:
                 await asyncio.to_thread(settle)  # off the loop: libvirt keep-alives go on
                 if side == "hostvold":
                     total, event = await hostvold_delete(info["snapshot"], info["volume"])
@@ -228,6 +233,10 @@ async def run(args: argparse.Namespace, address: str, domain_name: str,
                                                             active)
                     rows["bare"].append(bare)
                     rows["bare+sync"].append(synced)
+            print(f"{shape}, round {round_number + 1} ({order[0]} first): hostvold "
+                  f"{rows['hostvold'][-1] * 1000:.0f} ms (libvirt's event at "
+                  f"{rows['hostvold event'][-1] * 1000:.0f} ms), bare {rows['bare'][-1] * 1000:.0f}"
+                  f" ms, bare + fsync {rows['bare+sync'][-1] * 1000:.0f} ms", flush=True)
             await guest.detach_disk(disk_xml(str(after), "qcow2", target, "scratch"))
             shutil.rmtree(directory, ignore_errors=True)
             await asyncio.to_thread(remove, address, info["volume"])
@@ -302,22 +311,24 @@ def main() -> int:
           f"then {(below['hostvold'] - below['hostvold event']) * 1000:.0f} ms to the Job's "
           f"Completed, nearly all of it the flush of the committed data by its first durable "
           f"write (bare: the fsync took {(below['bare+sync'] - below['bare']) * 1000:.0f} ms)")
-    durable = round(below["hostvold"] / below["bare+sync"], 2)
-    print(f"hostvold vs bare blockCommit with the data made durable: {durable:.2f}x")
+    plain = (below["hostvold"] / below["bare"], active["hostvold"] / active["bare"])
+    print(f"against the bare call alone (no fsync: the data may not be durable yet): "
+          f"{plain[0]:.2f}x below the active file, {plain[1]:.2f}x with the changes in it")
     print(f"snapshot whose overlay is active: the changes {active['commit'] / MiB:.0f} MiB, "
           f"the snapshot's data {active['pull'] / MiB:.0f} MiB allocated; hostvold moved "
           f"{active['moved'] / MiB:.0f} MiB in {active['hostvold'] * 1000:.0f} ms, bare "
           f"active commit + pivot {active['commit'] / MiB:.0f} MiB in "
-          f"{active['bare'] * 1000:.0f} ms")
-    ratio = round(below["hostvold"] / below["bare"], 2)
+          f"{active['bare'] * 1000:.0f} ms, then an fsync of its base "
+          f"{active['bare+sync'] * 1000:.0f} ms")
+    ratio = round(below["hostvold"] / below["bare+sync"], 2)
     print(f"P3: delete of a snapshot holding {args.changes_mib} MiB below the active file, "
-          f"hostvold vs bare blockCommit = {ratio:.2f}x (target <= 1.1x): "
-          f"{'met' if ratio <= 1.1 else 'missed'}")
-    ratio = round(active["hostvold"] / active["bare"], 2)
+          f"hostvold vs bare blockCommit + fsync of the base = {ratio:.2f}x "
+          f"(target <= {P3_TARGET}x): {'met' if ratio <= P3_TARGET else 'missed'}")
+    ratio = round(active["hostvold"] / active["bare+sync"], 2)
     print(f"P3: same with the changes in the active file, hostvold (moves "
-          f"{active['moved'] / MiB:.0f} MiB) vs bare active commit "
-          f"(moves {active['commit'] / MiB:.0f} MiB) = {ratio:.2f}x (target <= 1.1x): "
-          f"{'met' if ratio <= 1.1 else 'missed'}")
+          f"{active['moved'] / MiB:.0f} MiB) vs bare active commit + pivot + fsync of the base "
+          f"(moves {active['commit'] / MiB:.0f} MiB) = {ratio:.2f}x "
+          f"(target <= {P3_TARGET}x): {'met' if ratio <= P3_TARGET else 'missed'}")
     return 0
 
 

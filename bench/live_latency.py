@@ -3,7 +3,7 @@
     python -m bench.live_latency --bus ADDRESS --volume ID --domain NAME --scratch DIR
 
 P1: an online snapshot create, D-Bus call to done, against ``qemu-img create -u`` plus
-``snapshotCreateXML`` made bare on a scratch disk of the same domain (target <= 1.25x).
+``snapshotCreateXML`` made bare on a scratch disk of the same domain (target <= 1.15x).
 P2: for a snapshot delete (active commit + pivot), the time from the D-Bus call to the Job's
 Completed signal against the time from the same call to libvirt's COMPLETED event, seen by
 this process's own libvirt connection (target <= 1.2x; Nova polls every 500 ms); also the
@@ -35,6 +35,8 @@ from hostvold.server.bus import object_path
 from hostvold.storage.atomic import write_atomic
 from hostvold.virt.guest import Guest, disk_xml, parse_disks
 from hostvold.virt.hypervisor import Hypervisor
+
+P1_TARGET = 1.15  # SPEC section 15: hostvold's create at most this times the bare one
 
 
 async def dbus_call(bus: MessageBus, path: str, interface: str, member: str,
@@ -115,12 +117,16 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     hostvold_times, bare_times, latencies, spans = [], [], [], []
     top = base.name
     for round_number in range(args.rounds):
+        # the same start for both creates: the previous round's delete (a block job, durable
+        # records) leaves writeback that would otherwise land in hostvold's fsyncs only
+        await asyncio.to_thread(os.sync)
         start = time.perf_counter()
         (snapshot,) = await dbus_call(bus, volume_path, "org.hostvold1.Volume",
                                       "CreateSnapshot", "a{sv}", [{}])
         hostvold_times.append(time.perf_counter() - start)
 
         overlay = scratch / f"overlay-{round_number}.qcow2"
+        await asyncio.to_thread(os.sync)
         start = time.perf_counter()
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", top, "-F",
                         "raw" if top == base.name else "qcow2", str(overlay), "8M"],
@@ -153,7 +159,7 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
                "completed_vs_event_ratio": statistics.median(spans) if spans else -1.0}
     print(f"online snapshot create, median of {args.rounds}: hostvold over D-Bus "
           f"{hv * 1000:.1f} ms, bare qemu-img create -u + snapshotCreateXML "
-          f"{bare * 1000:.1f} ms: {hv / bare:.2f}x (P1 target <= 1.25x)")
+          f"{bare * 1000:.1f} ms: {hv / bare:.2f}x (P1 target <= {P1_TARGET}x)")
     print(f"of which durable: the three records a crash-safe online snapshot writes (intent, "
           f"info file, done: write, fsync, rename, fsync the directory) take "
           f"{durable * 1000:.1f} ms on this share; bare + those = {(bare + durable) * 1000:.1f} "
@@ -176,8 +182,8 @@ def summary(figures: dict[str, float]) -> list[str]:
     """The P1 and P2 lines (bench/run_all.py reads them); P2 only when libvirt's event came."""
     ratio = round(figures["ratio"], 2)
     lines = [f"P1: online snapshot create over D-Bus vs bare qemu-img create -u + "
-             f"snapshotCreateXML = {ratio:.2f}x (target <= 1.25x): "
-             f"{'met' if ratio <= 1.25 else 'missed'}"]
+             f"snapshotCreateXML = {ratio:.2f}x (target <= {P1_TARGET}x): "
+             f"{'met' if ratio <= P1_TARGET else 'missed'}"]
     if figures["completed_vs_event_ratio"] > 0:
         span = round(figures["completed_vs_event_ratio"], 2)
         lines.append(f"P2: delete's block job, call to the Job's Completed vs to libvirt's "

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from contextvars import ContextVar
 from typing import Any
 
@@ -136,7 +137,40 @@ async def connect(address: str) -> MessageBus:
     except (OSError, ValueError) as exc:
         raise StorageUnavailable(f"cannot connect to the D-Bus bus {address!r}: {exc}") \
             from None
+    wait_when_full(connected)
     return connected
+
+
+class _SendsThatWait:
+    """The bus socket as dbus-fast's writer sees it, but a ``send`` the kernel cannot take
+    now returns 0 (nothing sent) instead of raising BlockingIOError.
+
+    dbus-fast (5.2) writes at once when its queue is empty and takes any error of that
+    write, BlockingIOError too, for a lost connection: it closes the bus. The socket is full
+    whenever the bus reads slower than we write, e.g. the InterfacesAdded of 10,000 volumes
+    at start while dbus-daemon is short of CPU, and the daemon died of it (P6 at load 6 on
+    two cores). With 0 its writer keeps the rest and waits until the socket is writable.
+    ``sendmsg`` (a message carrying file descriptors) is left as it is: the writer forgets
+    the descriptors after one try whatever it returned."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def send(self, data: Any) -> int:
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def wait_when_full(bus: MessageBus) -> None:
+    """Make ``bus``'s writer wait for a full socket instead of dropping the connection."""
+    writer = getattr(bus, "_writer", None)
+    if writer is not None and not isinstance(writer.sock, _SendsThatWait):
+        writer.sock = _SendsThatWait(writer.sock)
 
 
 async def own_name(bus: MessageBus) -> None:

@@ -22,6 +22,18 @@ from hostvold.storage.stamped import Stamp, StampedCache
 _PARSED: StampedCache[SnapshotMap] = StampedCache(min_size=4096)  # deep chains only
 
 
+def cinder_json(data: dict[str, str]) -> str:
+    """The bytes ``json.dumps(data, indent=1, sort_keys=True)`` gives for a flat map of
+    strings, Cinder's layout, from json's C encoder: ``indent`` alone sends json to its
+    pure-Python encoder, twice as slow on the 32 KiB map of a 256-snapshot chain, which a
+    snapshot create and delete write each time (P8). The separators put each entry on a line
+    of its own, indented by one space, exactly as ``indent=1`` does one level deep."""
+    if not data:
+        return "{}"
+    inner = json.dumps(data, sort_keys=True, separators=(",\n ", ": "))
+    return "{\n " + inner[1:-1] + "\n}"
+
+
 def read_info(files: VolumeFiles) -> SnapshotMap:
     """The chain map of a volume; InfoFileDamaged when it cannot be trusted (a symbolic
     link, a device, or names that are not the volume's own files)."""
@@ -71,7 +83,7 @@ def write_info(files: VolumeFiles, chain_map: SnapshotMap, mode: int,
     """``chain``: the chain from the new active file down, when the caller knows it
     checked (it just put a new overlay on a validated chain): kept for this very file."""
     data = {"active": chain_map.active, **chain_map.snapshots}
-    stamp = write_atomic(files.info, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
+    stamp = write_atomic(files.info, cinder_json(data).encode(), mode)
     _PARSED.remember(files.info, stamp, chain_map)
     if chain is not None:
         remember_chain(files, stamp, chain)
