@@ -2,11 +2,11 @@
 
 The answer for ten thousand volumes is ten megabytes. Building it walks every record and
 marshals every value, and both cost more per object as the objects outgrow the CPU's caches.
-So each volume keeps its own entry of the answer as marshalled bytes, made the first time it
-is asked for and dropped whenever the volume's properties change (:meth:`update`), and the
-answer is those entries joined. That is sound because D-Bus aligns each entry of a dict
+So each volume and snapshot keeps its own entry of the answer as marshalled bytes, made the
+first time it is asked for and dropped whenever the volume's record changes, and the answer
+is those entries joined. That is sound because D-Bus aligns each entry of a dict
 array to 8 bytes counted from the message's start, and the body starts 8-aligned: an entry's
-bytes are the same wherever it lands. Snapshots, shares and jobs are built afresh each time.
+bytes are the same wherever it lands. Shares, jobs and groups (few) are built afresh each time.
 
 dbus-fast's own handler also asks of every getter whether it is a coroutine and checks after
 every property whether its whole result is complete; every getter here is synchronous and

@@ -148,10 +148,13 @@ class Api:
         for sid in exported - set(meta.snapshots):
             self._drop_snapshot(sid)
         for sid in meta.snapshots:
-            if sid not in self.snapshot_objects:
+            snap = self.snapshot_objects.get(sid)
+            if snap is None:
                 snap = SnapshotInterface(self, volume_id, sid)
                 self.snapshot_objects[sid] = snap
                 self.bus.export(object_path("snapshots", sid), snap)
+            else:  # its properties read the volume's record: marshalled again when asked
+                snap.managed_entry = None
         self._share_usage_changed()
 
     def _sync_groups(self, volume_id: str, before: set[str], after: set[str]) -> None:

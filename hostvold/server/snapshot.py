@@ -22,6 +22,7 @@ from hostvold.server.calls import (
     read_options,
     refuse_smaller,
 )
+from hostvold.server.managed import CachedEntry
 from hostvold.storage.infofile import read_info
 from hostvold.storage.qcow2 import read_qcow2_header, validate_chain
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from hostvold.server.api import Api
 
 
-class SnapshotInterface(ServiceInterface):
+class SnapshotInterface(ServiceInterface, CachedEntry):
     def __init__(self, api: "Api", volume_id: str, snapshot_id: str) -> None:
         super().__init__("org.hostvold1.Snapshot")
         self.api = api
