@@ -1,20 +1,23 @@
 """Rough edges found by random D-Bus calls: a cancelled create or delete leaves nothing
 half done, a new volume smaller than its source is refused at the call, the
 attachment of a detached volume is ``("", "")``, an attach to a domain that does not exist
-is refused at the call, and a volume smaller than 4 KiB can lose its snapshots."""
+or an import whose image dooms it is refused at the call, and a volume smaller than 4 KiB
+can lose its snapshots."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.core.ids import new_id
@@ -255,3 +258,28 @@ async def test_attach_to_a_domain_that_does_not_exist_is_refused_at_the_call(
     assert "no-such-domain-here" in reply.body[0]
     assert len(cli.json("jobs")) == jobs  # no job was made
     assert cli.json("show", vid)["State"] == "available"
+
+
+async def test_an_import_its_image_dooms_is_refused_at_the_call(
+        running: Callable[..., tuple[Host, Cli]], tmp_path: Path) -> None:  # noqa: F811
+    _, cli = running()
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"\x01" * MiB)
+    bus = await MessageBus(bus_address=cli.address, bus_type=BusType.SYSTEM,
+                           negotiate_unix_fd=True).connect()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        for options, error, words in (
+                ({"size": Variant("t", 512)}, "InvalidArgument", "smaller"),
+                ({"source_format": Variant("s", "qcow2")}, "UnsafeImage", "not a qcow2")):
+            reply = await bus.call(Message(
+                destination="org.hostvold1", path="/org/hostvold1",
+                interface="org.hostvold1.Manager", member="ImportVolume", signature="a{sv}",
+                body=[{"fd": Variant("h", 0), **options}], unix_fds=[fd]))
+            assert reply is not None and reply.message_type == MessageType.ERROR, reply
+            assert reply.error_name == f"org.hostvold1.Error.{error}", reply.body
+            assert words in reply.body[0]
+    finally:
+        os.close(fd)
+        bus.disconnect()
+    assert cli.json("jobs") == [] and cli.json("volumes") == []
