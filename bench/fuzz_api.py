@@ -15,10 +15,12 @@ carry NUL: such strings go as byte arrays), ids that are paths, and file descrip
 directories, sockets, pipes, devices, read-only and write-only files and O_PATH handles.
 
 Checks, per call: the reply is a method return or an ``org.hostvold1.Error.*`` error (never
-``org.freedesktop.DBus.Error.Failed`` or dbus-fast's unnamed ServiceError); a refused call
-changes nothing (the managed objects, but jobs, are the same before and after); an accepted
-call's job ends with success or a named error, never an internal error. The last line of
-output is a JSON summary: calls, refusals, jobs, distinct error names, violations.
+``org.freedesktop.DBus.Error.Failed``, dbus-fast's unnamed ServiceError or an ``Error.Failed``
+"internal error"); a refused call changes nothing (the managed objects, but jobs, are the
+same before and after); an accepted call's job ends with success or a named error, never an
+internal error, and never with an error its own arguments made certain (DOOMED: what the
+call could have refused at once). The next-to-last line of output is a JSON summary (calls,
+refusals, jobs, error names, violations); the last is one line of counts.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ NO_ARGS = {"Status", "Cancel"}
 KNOWN_KEYS = ["size", "id", "format", "provisioning", "share", "fd", "source",
               "source_format", "destination", "snapshot", "domain", "target", "choice"]
 MAX_U64 = (1 << 64) - 1
+# a job that fails with one of these was doomed by its call's own arguments (a bad value,
+# an id taken, a missing object, an image handed over that must not be used): the call
+# should have been refused with it, before any job existed
+DOOMED = {f"{PREFIX}Error.{name}" for name in (
+    "InvalidArgument", "AlreadyExists", "NotFound", "UnsafeImage", "UnsafeFile",
+    "BackingFileOutsideVolume", "ForeignBackingFile", "ExternalDataFile",
+    "UnknownImageFeature")}
 
 
 class Fds:
@@ -186,6 +195,12 @@ class Fuzzer:
         self.errors: Counter[str] = Counter()
         self.job_errors: Counter[str] = Counter()
         self.violations: list[str] = []
+        self.unnamed = 0
+        self.doomed = 0
+
+    def unnamed_error(self, what: str, name: str, message: str) -> None:
+        self.unnamed += 1
+        self.violations.append(f"{what}: unnamed error {name}: {message}")
 
     async def managed(self) -> dict[str, Any]:
         reply = await self.bus.call(Message(
@@ -259,9 +274,10 @@ class Fuzzer:
             self.refused += 1
             name = reply.error_name or ""
             self.errors[name] += 1
-            if not name.startswith(PREFIX + "Error.") or "ServiceError" in name:
-                self.violations.append(f"{kind}.{member} {options!r}: unnamed error {name} "
-                                       f"{reply.body[:1]!r}")
+            text = str(reply.body[0]) if reply.body else ""
+            if (not name.startswith(PREFIX + "Error.") or "ServiceError" in name
+                    or "internal error" in text):
+                self.unnamed_error(f"{kind}.{member} {options!r}", name, text)
             after = self.fingerprint(await self.managed())
             if after != before and not await self.jobs_running():
                 old, new = json.loads(before), json.loads(after)
@@ -274,7 +290,8 @@ class Fuzzer:
             await asyncio.sleep(0.3)  # share usage is re-measured 0.2 s after a change
             return
         self.jobs += 1
-        await self.wait_job(str(reply.body[0]), f"{kind}.{member} {options!r}")
+        await self.wait_job(str(reply.body[0]), f"{kind}.{member} {options!r}",
+                            doomable=True)
         await asyncio.sleep(0.3)  # share usage is re-measured 0.2 s after a change
 
     async def ensure_objects(self, managed: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +321,7 @@ class Fuzzer:
         return any(ifaces.get(PREFIX + "Job", {}).get("State", Variant("s", "")).value
                    == "running" for ifaces in managed.values())
 
-    async def wait_job(self, path: str, what: str) -> None:
+    async def wait_job(self, path: str, what: str, doomable: bool = False) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             reply = await self.bus.call(Message(
@@ -319,7 +336,11 @@ class Fuzzer:
                 if name:
                     self.job_errors[name] += 1
                     if not name.startswith(PREFIX + "Error.") or "internal error" in message:
-                        self.violations.append(f"{what}: job failed unnamed: {name} {message}")
+                        self.unnamed_error(f"{what}: job", name, message)
+                    elif doomable and name in DOOMED:
+                        self.doomed += 1
+                        self.violations.append(f"{what}: job accepted, then failed {name}: "
+                                               f"{message}")
                 return
             await asyncio.sleep(0.02)
         self.violations.append(f"{what}: job {path} still running after 120 s")
@@ -362,7 +383,9 @@ def run(address: str, calls: int, seed: int, scratch: str,
     return {"calls": fuzzer.calls, "refused": fuzzer.refused, "jobs": fuzzer.jobs,
             "errors": dict(sorted(fuzzer.errors.items())),
             "job_errors": dict(sorted(fuzzer.job_errors.items())),
-            "violations": fuzzer.violations[:20], "uid": os.getuid()}
+            "unnamed": fuzzer.unnamed, "doomed": fuzzer.doomed,
+            "violation_count": len(fuzzer.violations), "violations": fuzzer.violations,
+            "uid": os.getuid()}
 
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
@@ -454,6 +477,8 @@ def main() -> int:
     parser.add_argument("--scratch", default=tempfile.gettempdir(),
                         help="a directory for the fuzzer's own small file")
     args = parser.parse_args()
+    started = time.monotonic()
+    tracebacks = "unchecked (--bus)"
     private = None
     root = tempfile.mkdtemp(prefix="hostvold-fuzz-")
     try:
@@ -470,22 +495,35 @@ def main() -> int:
                 text = log.read()
             leaked = private.open_fds() - fds_before
             private.stop()
-            print(f"daemon alive: {alive}; tracebacks in its log: {text.count('Traceback')}; "
+            # asyncio reports a lost task's error without a traceback when it has none
+            tracebacks = str(text.count("Traceback") + text.count("never retrieved"))
+            print(f"daemon alive: {alive}; tracebacks in its log: {tracebacks}; "
                   f"file descriptors kept: {leaked}")
-            if not alive or "Traceback" in text or leaked > 2:
+            if not alive or tracebacks != "0" or leaked > 2:
                 summary["violations"].append("daemon crashed, logged a traceback or leaked")
+                summary["violation_count"] += 1
             private = None
     finally:
         if private is not None:
             private.stop()
     if summary["violations"]:
-        print(f"kept {root} (the daemon's log: hostvold.log)")
+        with open(os.path.join(root, "violations.txt"), "w") as out:
+            out.write("\n".join(summary["violations"]) + "\n")
+        summary["violations"] = summary["violations"][:20]
+        print(f"kept {root} (the daemon's log: hostvold.log; all violations: violations.txt)")
     else:
         shutil.rmtree(root, ignore_errors=True)
     names = sorted(set(summary["errors"]) | set(summary["job_errors"]))
     print(f"calls: {summary['calls']}, refused: {summary['refused']}, jobs: {summary['jobs']}")
     print(f"distinct error names ({len(names)}): {', '.join(names)}")
     print(json.dumps(summary))
+    others = summary["violation_count"] - summary["unnamed"] - summary["doomed"]
+    print(f"fuzz summary: seed {args.seed}, {summary['calls']} calls, "
+          f"{summary['refused']} refused, {summary['jobs']} jobs, "
+          f"{sum(summary['job_errors'].values())} failed jobs; "
+          f"unnamed errors {summary['unnamed']}, tracebacks {tracebacks}, "
+          f"doomed jobs {summary['doomed']}, other violations {others}; "
+          f"{time.monotonic() - started:.0f} s")
     return 1 if summary["violations"] else 0
 
 

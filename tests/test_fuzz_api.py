@@ -54,8 +54,9 @@ def fuzz(tools: Path, address: str, who: str, seed: int) -> dict[str, Any]:
         argv = ["runuser", "-u", ADMIN, "--", *argv]
     result = subprocess.run(argv, capture_output=True, text=True, cwd="/", timeout=1200)
     assert result.stdout, result.stderr[-3000:]
-    print(who, "\n".join(result.stdout.splitlines()[:2]))
-    summary: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    lines = result.stdout.splitlines()
+    print(who, "\n".join(lines[:2]), lines[-1], sep="\n")
+    summary: dict[str, Any] = json.loads(lines[-2])  # the last line: the counts in words
     return summary
 
 

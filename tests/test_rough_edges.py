@@ -1,18 +1,23 @@
 """Rough edges found by random D-Bus calls: a cancelled create or delete leaves nothing
-half done, a new volume smaller than its source is refused at the call, and the
-attachment of a detached volume is ``("", "")``."""
+half done, a new volume smaller than its source is refused at the call, the
+attachment of a detached volume is ``("", "")``, an attach to a domain that does not exist
+or an import whose image dooms it is refused at the call, and a volume smaller than 4 KiB
+can lose its snapshots."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from hostvold.core.ids import new_id
@@ -213,3 +218,68 @@ async def test_a_smaller_copy_is_refused_at_the_call(
     finally:
         bus.disconnect()
     assert len(cli.json("volumes")) == 2
+
+
+async def test_snapshots_of_a_volume_smaller_than_4k_are_deleted(
+        host_factory: Callable[..., Host]) -> None:
+    """qemu-img cannot open a raw file whose size is not a multiple of 4 KiB for writing
+    with O_DIRECT (``-t none``): the commit of a 512-byte volume's snapshot failed."""
+    host = host_factory(256)
+    ops = await host.start()
+    vid = (await ops.create_volume(size=512, format="raw")).id
+    first = await ops.create_snapshot(vid)
+    second = await ops.create_snapshot(vid)
+    meta = ops.store.get_volume(vid)
+    directory = ops.store.files_of(meta).directory
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 512",
+                    str(directory / meta.active)], check=True, capture_output=True)
+    for snapshot in (first, second):
+        await ops.delete_snapshot(vid, snapshot.id)
+    meta = ops.store.get_volume(vid)
+    assert meta.snapshots == {} and meta.operation is None and meta.state == "available"
+    assert meta.active == ops.store.naming.base_name(vid)
+    assert (directory / meta.active).read_bytes() == b"\x5a" * 512
+    host.stop()
+
+
+async def test_attach_to_a_domain_that_does_not_exist_is_refused_at_the_call(
+        running: Callable[..., tuple[Host, Cli]]) -> None:  # noqa: F811
+    _, cli = running()
+    vid = cli.json("create", "4M")["Id"]
+    jobs = len(cli.json("jobs"))
+    bus = await _client(cli.address)
+    try:
+        reply = await raw_call(bus, dbus_path("volumes", vid), "org.hostvold1.Volume",
+                               "Attach", {"domain": Variant("s", "no-such-domain-here")})
+    finally:
+        bus.disconnect()
+    assert reply.message_type == MessageType.ERROR, reply.body
+    assert reply.error_name == "org.hostvold1.Error.NotFound"
+    assert "no-such-domain-here" in reply.body[0]
+    assert len(cli.json("jobs")) == jobs  # no job was made
+    assert cli.json("show", vid)["State"] == "available"
+
+
+async def test_an_import_its_image_dooms_is_refused_at_the_call(
+        running: Callable[..., tuple[Host, Cli]], tmp_path: Path) -> None:  # noqa: F811
+    _, cli = running()
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"\x01" * MiB)
+    bus = await MessageBus(bus_address=cli.address, bus_type=BusType.SYSTEM,
+                           negotiate_unix_fd=True).connect()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        for options, error, words in (
+                ({"size": Variant("t", 512)}, "InvalidArgument", "smaller"),
+                ({"source_format": Variant("s", "qcow2")}, "UnsafeImage", "not a qcow2")):
+            reply = await bus.call(Message(
+                destination="org.hostvold1", path="/org/hostvold1",
+                interface="org.hostvold1.Manager", member="ImportVolume", signature="a{sv}",
+                body=[{"fd": Variant("h", 0), **options}], unix_fds=[fd]))
+            assert reply is not None and reply.message_type == MessageType.ERROR, reply
+            assert reply.error_name == f"org.hostvold1.Error.{error}", reply.body
+            assert words in reply.body[0]
+    finally:
+        os.close(fd)
+        bus.disconnect()
+    assert cli.json("jobs") == [] and cli.json("volumes") == []

@@ -139,6 +139,18 @@ class LiveVolumes:
         if virtual > meta.size:
             raise InvalidState(f"{top.name} claims {virtual} bytes, more than the "
                                f"volume's {meta.size}; refused")
+        guest, target = await self.plug_into(domain, target)
+        await guest.attach_disk(disk_xml(str(files.directory / top.name), top.format, target,
+                                         meta.id))
+        log.info("attached volume %s to %s as %s", meta.id, domain, target,
+                 extra={"VOLUME_ID": meta.id, "DOMAIN": domain})
+        return await self.store.record(files, meta.evolve(
+            state="in-use", attachment={"domain": domain, "target": target}))
+
+    async def plug_into(self, domain: str, target: str | None) -> tuple[Guest, str]:
+        """The running domain called ``domain`` and a free ``target`` in it (the first free
+        ``sdX`` when None). Also asked when an attach call arrives, so that a domain or
+        target the call names wrongly is refused then, not in a failed job."""
         guest = Guest(self.hypervisor, await self.hypervisor.lookup(domain))
         if not await guest.is_running():
             raise InvalidState(f"domain {domain} is not running; hostvold plugs volumes "
@@ -148,12 +160,7 @@ class LiveVolumes:
             target = next(f"sd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"sd{c}" not in used)
         elif target in used:
             raise InvalidArgument(f"target {target} is already used in domain {domain}")
-        await guest.attach_disk(disk_xml(str(files.directory / top.name), top.format, target,
-                                         meta.id))
-        log.info("attached volume %s to %s as %s", meta.id, domain, target,
-                 extra={"VOLUME_ID": meta.id, "DOMAIN": domain})
-        return await self.store.record(files, meta.evolve(
-            state="in-use", attachment={"domain": domain, "target": target}))
+        return guest, target
 
     async def detach(self, files: VolumeFiles, meta: VolumeMeta, users: Users) -> VolumeMeta:
         """Unplug the volume from the running domain libvirt says uses it."""

@@ -122,13 +122,15 @@ class SnapshotOps:
         directory = files.directory
         top, base, higher = op["top"], op["base"], op["higher"]
         if op["step"] == "commit":
+            cache = await share_call(self.store, meta, qemuimg.write_cache, directory / base,
+                                     op["base_format"])
             if await share_call(self.store, meta, pair_safe, directory / top, directory / base,
                                 op["base_format"]):
                 await qemuimg.commit_pair(directory / top, directory / base, op["base_format"],
-                                          limits=self.store.limits)
+                                          limits=self.store.limits, cache=cache)
             else:  # clusters that do not line up: qemu-img opens the chain below too
                 await qemuimg.commit(directory / top, "qcow2", drop=True,
-                                     limits=self.store.limits)
+                                     limits=self.store.limits, cache=cache)
             crash.point("delete-snapshot:commit")
             op["step"] = "relink"
             meta = await self.store.record(files, meta.evolve(operation=op))

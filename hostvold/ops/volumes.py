@@ -52,6 +52,21 @@ from hostvold.storage.volumefiles import remove_volume_files
 log = logging.getLogger(__name__)
 
 
+def image_size(fd: int, source_format: Format | None) -> tuple[Format, int]:
+    """The format of an image handed over as ``fd`` (the named one, else qcow2 when its
+    magic says so, else raw) and its virtual size, from its header; UnsafeImage for a
+    qcow2 image that could reach other files, or one larger than hostvold accepts. Also
+    asked when an import call arrives. Reads the file: off the loop."""
+    head = read_head(fd)
+    fmt: Format = source_format or ("qcow2" if head[:4] == QCOW2_MAGIC else "raw")
+    virtual = (standalone_qcow2(head, "the image").size if fmt == "qcow2"
+               else os.fstat(fd).st_size)
+    if virtual > MAX_SIZE:
+        raise UnsafeImage(f"the image claims a virtual size of {virtual} bytes, more than "
+                          f"the {MAX_SIZE} hostvold accepts; refused")
+    return fmt, virtual
+
+
 class VolumeOps:
     def __init__(self, store: VolumeStore) -> None:
         self.store = store
@@ -103,20 +118,13 @@ class VolumeOps:
         beside the new volume, checked again there (the caller could rewrite its own file
         between a check and qemu-img's open), and converted from that copy."""
         store = self.store
-        head = await asyncio.to_thread(read_head, fd)
-        src_fmt: Format = request.source_format or (
-            "qcow2" if head[:4] == QCOW2_MAGIC else "raw")
+        src_fmt, virtual = await asyncio.to_thread(image_size, fd, request.source_format)
         st = os.fstat(fd)
         if src_fmt == "qcow2":
-            virtual = standalone_qcow2(head, "the image").size
             needed = 2 * st.st_size + (1 << 20)  # the private copy, then the volume
         else:
-            virtual = st.st_size
             needed = (await qemuimg.measure(fd_path(fd), "raw", request.format or "raw",
                                             store.limits, pass_fds=(fd,))).required
-        if virtual > MAX_SIZE:
-            raise UnsafeImage(f"the image claims a virtual size of {virtual} bytes, more than "
-                              f"the {MAX_SIZE} hostvold accepts; refused")
         size = request.size or -(-virtual // 512) * 512
         if size < virtual:
             raise InvalidArgument(f"size {size} is smaller than the image's {virtual} bytes")

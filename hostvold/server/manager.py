@@ -15,6 +15,7 @@ from hostvold.core.errors import InvalidArgument, NotAuthorized
 from hostvold.core.groups import GroupRequest
 from hostvold.core.models import CreateVolume, ImportVolume
 from hostvold.core.records import VolumeMeta
+from hostvold.ops.volumes import image_size
 from hostvold.server.bus import id_from_path, object_path
 from hostvold.server.calls import (
     CREATE_OPTIONS,
@@ -25,6 +26,7 @@ from hostvold.server.calls import (
     close_fd,
     named_errors,
     read_options,
+    refuse_smaller,
 )
 from hostvold.storage.safefile import open_source
 
@@ -72,6 +74,12 @@ class ManagerInterface(ServiceInterface):
             size = os.fstat(fd).st_size
             del values["source"]
         values["fd"] = fd
+        try:  # a size below the image's, or an image that must not be used: said now
+            _fmt, virtual = await asyncio.to_thread(image_size, fd, request.source_format)
+            refuse_smaller(request.size, virtual, "the image")
+        except BaseException:
+            close_fd(fd)
+            raise
 
         async def make() -> VolumeMeta:
             try:

@@ -311,6 +311,8 @@ class VolumeInterface(VolumeProperties, VolumeChanges):
         domain, target = request.domain, request.target
         self._refuse_attached(f"attach to {domain}")
         self.api.store.require_available(self.meta.id)
+        if self.api.ops.live is not None:  # an unknown domain or a used target: said now
+            await self.api.ops.live.plug_into(domain, target)
         volume_id = self.meta.id
 
         async def work() -> VolumeMeta:
