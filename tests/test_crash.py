@@ -35,7 +35,7 @@ DELETE_STEPS = ["intent", "commit", "relink-recorded", "rebase", "info", "remove
 CASES: list[tuple[str, str, str]] = [  # (operation, variant, crash point)
     *[("create", "-", f"create:{s}") for s in ("intent", "made")],
     *[("import", "-", f"import:{s}") for s in ("intent", "made")],
-    *[("delete", "-", f"delete:{s}") for s in ("intent", "files-removed")],
+    *[("delete", "-", f"delete:{s}") for s in ("intent", "base-removed", "files-removed")],
     *[("extend", "-", f"extend:{s}") for s in ("intent", "grown")],
     *[("create-snapshot", "-", f"create-snapshot:{s}") for s in ("intent", "overlay", "info")],
     *[("delete-snapshot", position, f"delete-snapshot:{s}")

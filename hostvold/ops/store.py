@@ -177,7 +177,8 @@ class VolumeStore:
                       top_only: bool = False, ours_too: bool = False) -> VolumeMeta | None:
         """The volume re-read from its share (in its pool) and reconciled; None when it is
         not a volume. The info file and chain decide the snapshots and the active file, the
-        metadata file the rest; a volume whose base file is gone is forgotten. Left as they
+        metadata file the rest; a volume whose base file is gone is forgotten, unless its record
+        says it is being created or deleted (recovery finishes that). Left as they
         are: this host's own operation under way (unless ``ours_too``: a recovery under the
         lock, as another host may have taken it over), another writer's in-flight record.
         Damaged files are recorded as a problem, then raised. ``top_only``: see
@@ -199,9 +200,9 @@ class VolumeStore:
         def read() -> tuple[VolumeMeta | None, bool, VolumeMeta | None, HostvoldError | None]:
             on_share = read_record(share, files.meta, volume_id) \
                 if os.path.lexists(files.meta) else None
-            if not os.path.lexists(files.base) and not (on_share and
-                                                        on_share.state == "creating"):
-                return on_share, True, None, None
+            if not os.path.lexists(files.base) and not (
+                    on_share and on_share.state in ("creating", "deleting")):
+                return on_share, True, None, None  # not a volume (a delete cut short is)
             meta = on_share or known
             if meta is None:
                 return on_share, False, None, None

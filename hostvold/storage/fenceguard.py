@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 
 
-def members(group: int, me: int) -> list[tuple[int, bool]]:
-    """The processes of ``group`` but this one, and whether each has already ended (a
-    zombie its stopped daemon has not reaped)."""
+def members(group: int, me: int, daemon: int) -> list[tuple[int, bool, str]]:
+    """The processes of ``group`` but this one, and any qemu-img the daemon started outside
+    it (every writer should have joined the group; one that did not is fenced all the
+    same): each with whether it has already ended (a zombie its stopped daemon has not
+    reaped) and how it was found."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == me:
@@ -38,29 +40,40 @@ def members(group: int, me: int) -> list[tuple[int, bool]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[2]) == group:
-            found.append((int(entry.name), fields[0] == "Z"))
+        state, parent, pgrp = fields[0], int(fields[1]), int(fields[2])
+        if pgrp == group:
+            found.append((int(entry.name), state == "Z", ""))
+        elif parent == daemon and _runs_qemu_img(entry):
+            found.append((int(entry.name), state == "Z", " (outside the guard's group)"))
     return found
 
 
-def kill_group(host: str, why: str) -> None:
-    """SIGKILL every other process of the group. Each, killed now or already ended (a
-    zombie writes nothing more), is logged as a step that ends here."""
+def _runs_qemu_img(entry: Path) -> bool:
+    try:
+        argv = (entry / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(os.path.basename(arg) == b"qemu-img" for arg in argv)
+
+
+def kill_group(host: str, why: str, daemon: int) -> None:
+    """SIGKILL every other process of the group (and the daemon's qemu-img children). Each,
+    killed now or already ended (a zombie writes nothing more), is logged as a step that
+    ends here."""
     me = os.getpid()
-    for pid, ended in members(os.getpgid(0), me):
+    for pid, ended, where in members(os.getpgid(0), me, daemon):
         if not ended:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
         done = "had already ended" if ended else "killed"
-        print(f"hostvold fence guard: {why}: pid {pid} {done}\n"
+        print(f"hostvold fence guard: {why}: pid {pid}{where} {done}\n"
               f"STEP killed t={time.time():.6f} host={host} pid={pid}", file=sys.stderr,
               flush=True)
 
 
-def kill_daemon(host: str) -> None:
-    daemon = os.getppid()
+def kill_daemon(host: str, daemon: int) -> None:
     if daemon > 1:
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon, signal.SIGKILL)
@@ -72,6 +85,7 @@ def kill_daemon(host: str) -> None:
 
 def main(argv: list[str]) -> int:
     host = argv[1] if len(argv) > 1 else "-"
+    daemon = os.getppid()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     deadlines: dict[bytes, float] = {}
@@ -82,15 +96,17 @@ def main(argv: list[str]) -> int:
         readable, _, _ = select.select([0], [], [], timeout)
         if not readable:
             if deadlines.get(b"alive", float("inf")) <= time.monotonic():
-                kill_daemon(host)
-                kill_group(host, f"the daemon of host {host} stopped running")
+                why = f"the daemon of host {host} stopped running"
+                kill_group(host, why, daemon)  # its writers, while still its children
+                kill_daemon(host, daemon)
+                kill_group(host, why, daemon)  # whatever it started meanwhile
                 return 0
-            kill_group(host, f"host {host} did not renew its lease in time")
+            kill_group(host, f"host {host} did not renew its lease in time", daemon)
             deadlines.pop(b"lease", None)  # until the daemon renews (it starts nothing now)
             continue
         data = os.read(0, 4096)
         if not data:
-            kill_group(host, f"the daemon of host {host} is gone")
+            kill_group(host, f"the daemon of host {host} is gone", daemon)
             return 0
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:

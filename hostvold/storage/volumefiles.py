@@ -9,6 +9,7 @@ import os
 import struct
 from pathlib import Path
 
+from hostvold.core import crash
 from hostvold.core.layout import Naming, VolumeFiles
 from hostvold.storage.atomic import unlink_durable
 from hostvold.storage.safefile import require_regular
@@ -44,13 +45,17 @@ def measure_directory(directory: Path, naming: Naming) -> tuple[int, int, int]:
 
 def remove_volume_files(files: VolumeFiles) -> int:
     """Remove every file of the volume, the metadata file last, and nothing else; the
-    apparent bytes of the images removed (for the share's tally)."""
+    apparent bytes of the images removed (for the share's tally). Its record says
+    ``deleting`` all along: a delete cut short, even with the base file gone, is finished
+    by whoever reads that record next (:meth:`VolumeStore.refresh` keeps it)."""
     freed = 0
     for path in files.existing():
         if path != files.meta:
             if files.is_image(path.name):
                 freed += os.lstat(path).st_size
             unlink_durable(path)
+            if path == files.base:
+                crash.point("delete:base-removed")
     unlink_durable(files.meta)
     return freed
 
