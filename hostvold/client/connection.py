@@ -159,6 +159,9 @@ class JobWaiter:
         self.show_progress = show_progress
         self.done: asyncio.Future[tuple[bool, str, str]] = \
             asyncio.get_running_loop().create_future()
+        # the daemon may leave before wait() awaits it (a call of wait's own failed first):
+        # its exception counts as seen, and asyncio prints no "never retrieved" on exit
+        self.done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         self.job_path: list[str] = []
         self.early: dict[str, tuple[bool, str, str]] = {}
         client.handlers.append(self._on_signal)
