@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from hostvold.ops.operations import Operations
+from hostvold.storage.coordination import CoordinationUnavailable
 from tests.cluster_fixtures import Cluster
 from tests.conftest import DaemonProcess
 from tests.test_cluster import _process_with, daemon_log, share_of
@@ -252,3 +254,35 @@ def test_the_guard_fences_a_qemu_img_outside_its_group(tmp_path: Path) -> None:
             proc.wait()
         guard.stdin.close()  # type: ignore[union-attr]
         guard.wait(10)
+
+
+async def test_a_create_whose_lock_lapsed_leaves_its_files_to_the_new_holder(
+        service: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone stalled past its lease while qemu-img ran; another host took the volume
+    over and removed the half-made files (cluster_fire saw it). When the stalled host
+    wakes, its next step fails (here: the fsync of a file that is gone). That host must
+    not remove what is now the new holder's, and the caller hears that the lock was lost
+    (CoordinationUnavailable), not an internal FileNotFoundError."""
+    store = service.store
+    lost = False
+
+    def check(volume_id: str) -> None:
+        if lost:
+            raise CoordinationUnavailable(f"host a lost its lock on volume {volume_id}")
+
+    monkeypatch.setattr(store.locks, "check", check)
+    made: list[Path] = []
+
+    async def make(path: Path) -> None:
+        nonlocal lost
+        path.write_bytes(bytes(1 << 20))
+        made.append(path)
+        lost = True  # the stall: the new holder now owns these files
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    volume_id = "0c0ffee0-0000-4000-8000-000000000001"
+    with pytest.raises(CoordinationUnavailable, match="lost its lock"):
+        await store.create_new(volume_id, 1 << 20, "raw", True, None, make, operation="clone")
+    assert made and made[0].exists(), "the stalled host removed the new holder's image"
+    assert made[0].with_name(made[0].name + ".meta").exists()
+    assert store.find(volume_id) is None

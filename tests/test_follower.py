@@ -12,8 +12,11 @@ from hostvold.storage.coordination import CHANGES, Coordination
 
 
 class Locks:
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
     def busy(self, volume_id: str) -> bool:
-        return False
+        return volume_id in self.used
 
 
 class Store:
@@ -80,6 +83,31 @@ async def test_an_announcement_during_a_refresh_is_read_after_it() -> None:
     assert len(store.reads) == 3
     store.reads[2].set_result(None)
     await settle()
+
+
+async def test_an_announcement_while_this_host_uses_the_lock_is_read_after_it() -> None:
+    """Host a deletes volume v and says so just as b takes v's lock for a call that is
+    refused (Busy: a still held it a moment ago) without reading the share. Skipping the
+    read would leave b listing v until its next rescan (cluster_fire found b behind on
+    volumes a had changed, 15 s after the hosts settled). It is read once b lets the lock
+    go."""
+    store = Store()
+    store.on_share = False
+    follower = ClusterFollower(store, None, Peer(), lambda: None)  # type: ignore[arg-type]
+    store.locks.used.add("v")  # b's call has the lock's use
+    follower._changed_elsewhere("v", "a")
+    await settle()
+    assert store.reads == []
+    store.locks.used.discard("v")  # refused: let go
+    follower._released("v")
+    await settle()
+    assert len(store.reads) == 1
+    store.reads[0].set_result(None)
+    await settle()
+    assert store.listed == set()
+    follower._released("v")  # a later release with nothing announced reads nothing
+    await settle()
+    assert len(store.reads) == 1
 
 
 async def test_this_hosts_own_announcements_are_not_read_back() -> None:

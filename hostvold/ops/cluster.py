@@ -31,6 +31,7 @@ class ClusterFollower:
         self._stops: list[Callable[[], None]] = []
         self._changed_under_lock: set[str] = set()
         self._again: dict[str, bool] = {}  # volume id -> announced again during its refresh
+        self._after_release: set[str] = set()  # announced while this host had the lock's use
 
     async def start(self) -> None:
         self.store.change_listeners.append(self._changed_here)
@@ -75,13 +76,20 @@ class ClusterFollower:
             self._spawn(self.coordination.announce(volume_id))
 
     def _released(self, volume_id: str) -> None:
-        if volume_id in self._changed_under_lock and not self.store.locks.busy(volume_id):
+        if self.store.locks.busy(volume_id):
+            return
+        if volume_id in self._changed_under_lock:
             self._changed_under_lock.discard(volume_id)
             self._spawn(self.coordination.announce(volume_id))
+        if volume_id in self._after_release:
+            self._after_release.discard(volume_id)
+            self._follow(volume_id)
 
     def _changed_elsewhere(self, volume_id: str, host: str) -> None:
-        if host == self.coordination.host_id:
-            return
+        if host != self.coordination.host_id:
+            self._follow(volume_id)
+
+    def _follow(self, volume_id: str) -> None:
         if volume_id in self._again:  # its refresh is under way: one more after it
             self._again[volume_id] = True
             return
@@ -104,10 +112,13 @@ class ClusterFollower:
     async def _refresh(self, volume_id: str) -> None:
         """Another host changed the volume: read it again from its share. Not under the
         volume's lock (the other host may still hold it): a picture taken mid-operation is
-        corrected by the next announcement, an in-flight record is never rewritten, and
-        every operation here reads the volume again under the lock before acting."""
+        corrected by the next announcement, and an in-flight record is never rewritten.
+        While this host uses the lock itself the read waits for its release."""
         if self.store.locks.busy(volume_id):
-            return  # our own operation holds it and reads the share itself
+            # our own use of the lock (an operation, a look, one refused as Busy) may not
+            # have read what was announced: read it once the lock is let go
+            self._after_release.add(volume_id)
+            return
         try:
             share = None
             if self.store.find(volume_id) is None:  # made elsewhere: find its share

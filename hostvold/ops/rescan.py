@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostvold.core.errors import HostvoldError, StorageUnavailable
+from hostvold.core.errors import Busy, HostvoldError, StorageUnavailable
 from hostvold.core.layout import Naming, VolumeFiles
 from hostvold.ops.startup import adopt
 from hostvold.ops.store import VolumeStore
@@ -113,7 +113,8 @@ class ShareRescanner:
             try:
                 async with store.locks.volume(volume_id, brief=True):
                     await self._sync(share, volume_id, seen)
-            except StorageUnavailable as exc:  # etcd or the share away: next round
+            except (StorageUnavailable, Busy) as exc:  # etcd or the share away, or another
+                # host at work on it (its announcement follows): not in step, next round
                 log.warning("volume %s on %s: %s", volume_id, address, exc,
                             extra={"VOLUME_ID": volume_id})
                 complete = False

@@ -309,6 +309,13 @@ class VolumeStore:
                 crash.point(f"{operation}:made")
                 meta = await self.record(files, meta.evolve(state="available", operation=None))
             except BaseException as exc:
+                try:  # a lock lost meanwhile (a stall past the lease): the volume's files are
+                    self.locks.check(volume_id)  # its new holder's, and so is the failure
+                except StorageUnavailable as lost:
+                    await self.forget(volume_id)
+                    if isinstance(exc, Exception):
+                        raise lost from None
+                    raise
                 with contextlib.suppress(StorageUnavailable):  # then recovery removes them
                     await share.io.run(remove_volume_files, files)
                     await self.forget(volume_id)
