@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DaemonProcess, PrivateBus
+
 
 def test_default_config_becomes_ready_and_stops_on_sigterm(tmp_path: Path,
                                                            dbus_daemon: str) -> None:
@@ -87,3 +89,24 @@ def test_journal_gets_structured_fields(monkeypatch: pytest.MonkeyPatch) -> None
     assert sent and sent[-1]["MESSAGE"] == "deleted snapshot"
     assert sent[-1]["VOLUME_ID"] == "v-1" and sent[-1]["SNAPSHOT_ID"] == "s-1"
     assert sent[-1]["SYSLOG_IDENTIFIER"] == "hostvold"
+
+
+def test_a_daemon_whose_bus_goes_away_stops_with_status_1(tmp_path: Path,
+                                                          dbus_daemon: str) -> None:
+    """dbus-daemon restarted (an upgrade of dbus, a crash): the daemon's connection is gone
+    for good and no caller can reach it. It stops as on SIGTERM and exits 1, so systemd
+    (Restart=on-failure) starts it again on the new bus; before, it ran on deaf."""
+    bus = PrivateBus("")  # one of its own: this test ends it
+    config = tmp_path / "hostvold.conf"
+    config.write_text(f"[daemon]\nstate_dir = {tmp_path / 'state'}\nbus = {bus.address}\n")
+    daemon = DaemonProcess(config)
+    try:
+        daemon.wait_ready()
+        bus.proc.kill()
+        assert daemon.proc.wait(timeout=15) == 1
+        text = daemon.log_text()
+        assert "lost the D-Bus connection" in text, text[-2000:]
+        assert "Traceback" not in text, text[-3000:]
+    finally:
+        daemon.stop()
+        bus.close()

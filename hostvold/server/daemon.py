@@ -291,12 +291,16 @@ class Daemon:
             self.guard.watch_daemon()
         await self._follow_cluster()
         rescans = asyncio.get_running_loop().create_task(self._rescan_shares())
+        bus_lost = asyncio.get_running_loop().create_task(self._stop_when_bus_lost())
         self.jobs.listeners.append(lambda job, names: self._job_status(summary, names))
         await self.stop_requested.wait()
         log.info("stopping: no new calls; running jobs stop at a safe, recoverable state")
         notify.stopping()
         assert self.bus is not None
-        await self.bus.release_name(BUS_NAME)
+        status = 1 if bus_lost.done() else 0
+        bus_lost.cancel()
+        if not status:
+            await self.bus.release_name(BUS_NAME)
         rescans.cancel()
         await asyncio.gather(rescans, return_exceptions=True)  # no rescan holds a lock now
         try:  # a job stuck on a dead share must not keep the daemon from stopping
@@ -304,12 +308,26 @@ class Daemon:
         except TimeoutError:
             log.error("jobs still running after %d s (their storage does not answer); "
                       "stopping anyway: each is recovered at the next start", STOP_JOBS_SECONDS)
-        self.bus.disconnect()
+        with contextlib.suppress(Exception):  # already gone when it was lost
+            self.bus.disconnect()
         if watchdog is not None:
             watchdog.cancel()
         await self.stop()
         del api
-        return 0
+        return status
+
+    async def _stop_when_bus_lost(self) -> None:
+        """A daemon cut from its bus (dbus-daemon restarted, the socket broken) serves no
+        one and no one can stop it: it stops as on SIGTERM, with status 1, and systemd
+        (Restart=on-failure) starts it again on a fresh connection."""
+        assert self.bus is not None
+        try:
+            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+            reason = "the bus closed it"
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+        log.error("lost the D-Bus connection (%s): stopping, to be started again", reason)
+        self.stop_requested.set()
 
 
     async def _rescan_shares(self) -> None:
