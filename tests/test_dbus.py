@@ -187,6 +187,34 @@ async def _call(bus: MessageBus, path: str, interface: str, member: str, signatu
     return list(reply.body)
 
 
+async def test_list_volumes_rows_match_the_objects(
+        running: Callable[..., tuple[Host, Cli]]) -> None:
+    """Manager.ListVolumes (what ``hostvolctl volumes`` prints) says what the Volume
+    objects say, sorted by id; an option it does not know is refused by name."""
+    _, cli = running()
+    made = [cli.json("create", size)["Id"] for size in ("1M", "2M", "3M")]
+    cli.json("snapshot", "create", made[1])
+    bus = await _client(cli.address)
+    try:
+        (rows,) = await _call(bus, "/org/hostvold1", "org.hostvold1.Manager", "ListVolumes",
+                              "a{sv}", [{}])
+        reply = await bus.call(Message(
+            destination="org.hostvold1", path="/org/hostvold1",
+            interface="org.hostvold1.Manager", member="ListVolumes", signature="a{sv}",
+            body=[{"share": Variant("s", "x")}]))
+    finally:
+        bus.disconnect()
+    objects = {v["Id"]: v for v in cli.json("volumes")}
+    assert [row[1] for row in rows] == sorted(made)
+    for path, volume_id, size, fmt, state, snapshots, problems in rows:
+        shown = objects[volume_id]
+        assert (path, size, fmt, state, snapshots, problems) == (
+            shown["path"], shown["Size"], shown["Format"], shown["State"],
+            len(shown["Snapshots"]), shown["Problems"])
+    assert reply is not None and reply.error_name == "org.hostvold1.Error.InvalidArgument"
+    assert "share" in reply.body[0]
+
+
 async def test_signals_arrive_without_polling(
         running: Callable[..., tuple[Host, Cli]]) -> None:
     _, cli = running()
@@ -296,6 +324,10 @@ def test_authorization(running: Callable[..., tuple[Host, Cli]], users: dict[str
     assert [v["Id"] for v in cli.json("volumes", user=reader)] == [volume["Id"]]
     assert cli.json("show", volume["Id"], user=reader)["Size"] == 4 * MiB
     assert len(cli.json("snapshots", user=reader)) == 1
+    listing = cli.run("volumes", user=reader)  # the table: Manager.ListVolumes
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines()[1].split() == [
+        volume["Id"], "4.0", "MiB", volume["Format"], "available", "1"]
     for command in MUTATIONS:
         args = [part.format(**ids) for part in command]
         result = cli.run(*args, user=reader)

@@ -57,11 +57,15 @@ async def cmd_shares(client: Client, args: argparse.Namespace) -> None:
 
 
 async def cmd_volumes(client: Client, args: argparse.Namespace) -> None:
-    volumes = of_kind(await client.objects(), "Volume")
-    emit(args, volumes, lambda: table(
-        [[v["Id"], human_size(v["Size"]), v["Format"], v["State"], str(len(v["Snapshots"])),
-          "; ".join(v["Problems"])] for v in volumes],
-        ["VOLUME", "SIZE", "FORMAT", "STATE", "SNAPSHOTS", "PROBLEMS"]))
+    """The table from ListVolumes (one small row a volume); ``--json`` gives every
+    property, from GetManagedObjects."""
+    if args.json:
+        emit(args, of_kind(await client.objects(), "Volume"), str)
+        return
+    (rows,) = await client.call(ROOT_PATH, f"{PREFIX}Manager", "ListVolumes", "a{sv}", [{}])
+    print(table([[volume_id, human_size(size), fmt, state, str(snapshots), "; ".join(problems)]
+                 for _path, volume_id, size, fmt, state, snapshots, problems in rows],
+                ["VOLUME", "SIZE", "FORMAT", "STATE", "SNAPSHOTS", "PROBLEMS"]))
 
 
 async def cmd_show(client: Client, args: argparse.Namespace) -> None:

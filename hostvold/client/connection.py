@@ -17,7 +17,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from hostvold.client.output import draw_progress, plain
+from hostvold.client.output import draw_progress, plain, plain_properties
 
 # the names callers import from here, now defined where a reading command finds them light
 from hostvold.client.wire import BUS_NAME as BUS_NAME
@@ -115,13 +115,13 @@ class Client:
         with collector_paused():  # the answer is decoded into many acyclic objects
             (managed,) = await self.call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager",
                                          "GetManagedObjects")
-        return {str(path): {iface: plain(props) for iface, props in ifaces.items()}
+        return {str(path): {iface: plain_properties(props) for iface, props in ifaces.items()}
                 for path, ifaces in managed.items()}
 
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
         (props,) = await self.call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
                                    [interface])
-        return dict(plain(props))
+        return plain_properties(props)
 
     async def watch_jobs(self) -> None:
         """Subscribe to job signals, and to the daemon leaving the bus, before any call,

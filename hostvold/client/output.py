@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -16,9 +15,11 @@ if TYPE_CHECKING:
 
 
 def plain(value: Any) -> Any:
-    """D-Bus values (variants, structs) as JSON-ready Python values."""
+    """D-Bus values (variants, structs) as JSON-ready Python values. A variant with no
+    variant or struct inside (most properties: strings, numbers, arrays of them) is plain
+    already: not walked (1,000 volumes' properties are 20,000 values)."""
     if isinstance(value, Variant):
-        return plain(value.value)
+        return plain(value.value) if _nested(value.signature) else value.value
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -26,19 +27,33 @@ def plain(value: Any) -> Any:
     return value
 
 
+def plain_properties(properties: dict[str, Variant]) -> dict[str, Any]:
+    """An ``a{sv}`` of properties as plain values, the common case inline (the listing of
+    1,000 volumes converts 20,000 of them)."""
+    return {name: plain(value.value) if _nested(value.signature) else value.value
+            for name, value in properties.items()}
+
+
+def _nested(signature: str) -> bool:
+    """Whether a value of this type holds variants or structs (tuples: made lists)."""
+    return "v" in signature or "(" in signature
+
+
 def emit(args: argparse.Namespace, data: Any, human: Callable[[], str]) -> None:
     """``data`` as JSON with ``--json``; else the text ``human`` makes."""
     if args.json:
+        import json  # not for the text most calls print
+
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(human())
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines)
+    cells = [header, *([str(c) for c in row] for row in rows)]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    template = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(template.format(*row).rstrip() for row in cells)
 
 
 def fields(data: dict[str, Any], width: int) -> Callable[[], str]:

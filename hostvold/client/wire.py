@@ -146,12 +146,18 @@ def socket_path(address: str) -> str:
             continue
         options = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv)
         if "path" in options:
-            from urllib.parse import unquote
-            return unquote(options["path"])
+            return _unescaped(options["path"])
         if "abstract" in options:
-            from urllib.parse import unquote
-            return "\0" + unquote(options["abstract"])
+            return "\0" + _unescaped(options["abstract"])
     raise ValueError(f"no unix socket in the D-Bus address {address!r}")
+
+
+def _unescaped(value: str) -> str:
+    """An address value's %-escapes undone (urllib's import costs more than the call)."""
+    if "%" not in value:
+        return value
+    from urllib.parse import unquote
+    return unquote(value)
 
 
 class WireClient:
@@ -212,21 +218,21 @@ class WireClient:
         return self._call(path, interface, member, signature, body or [], destination)
 
     async def objects(self) -> dict[str, dict[str, dict[str, Any]]]:
-        from hostvold.client.output import plain
+        from hostvold.client.output import plain_properties
         from hostvold.core.collector import collector_paused
 
         with collector_paused():  # the answer is decoded into many acyclic objects
             (managed,) = self._call(ROOT_PATH, "org.freedesktop.DBus.ObjectManager",
                                     "GetManagedObjects", "", [], BUS_NAME)
-        return {str(path): {iface: plain(props) for iface, props in ifaces.items()}
+        return {str(path): {iface: plain_properties(props) for iface, props in ifaces.items()}
                 for path, ifaces in managed.items()}
 
     async def properties(self, path: str, interface: str) -> dict[str, Any]:
-        from hostvold.client.output import plain
+        from hostvold.client.output import plain_properties
 
         (props,) = self._call(path, "org.freedesktop.DBus.Properties", "GetAll", "s",
                               [interface], BUS_NAME)
-        return dict(plain(props))
+        return plain_properties(props)
 
     def child_ids(self, kind: str) -> list[str]:
         """The ids of the objects under ``/org/hostvold1/<kind>``, from the introspection

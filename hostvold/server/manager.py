@@ -4,10 +4,10 @@
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 
 from dbus_fast import PropertyAccess, Variant
-from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr
+from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from hostvold import __version__
@@ -33,6 +33,8 @@ from hostvold.storage.safefile import open_source
 if TYPE_CHECKING:
     from hostvold.server.api import Api
 
+# one row a volume: its object path, id, size, format, state, count of snapshots, problems
+VolumeRows = Annotated[list[list[Any]], DBusSignature("a(ostssuas)")]
 GROUP_OPTIONS = {"domain": STR, "domains": frozenset({"as"}), "consistency": STR,
                  "quiesce": STR}
 
@@ -134,6 +136,21 @@ class ManagerInterface(ServiceInterface):
             "jobs-running": Variant("u", running),
             "health": Variant("s", api.health()),
         }
+
+    @dbus_method()
+    @named_errors
+    async def ListVolumes(self, options: DBusDict) -> VolumeRows:
+        """What a listing of the volumes shows, one row a volume, sorted by id, in one
+        small message: GetManagedObjects carries every property of every object (for 1,000
+        volumes 840 KB of variants, most of a listing's time). No options yet."""
+        await self.api.authorizer.require_read("Manager.ListVolumes")
+        if options:
+            raise InvalidArgument(f"unknown option(s): {', '.join(sorted(options))}")
+        store = self.api.store
+        listed = (store.find(volume_id) for volume_id in sorted(self.api.volume_objects))
+        return [[object_path("volumes", meta.id), meta.id, meta.size, meta.format,
+                 meta.state, len(meta.snapshots), list(meta.problems)]
+                for meta in listed if meta is not None]
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> DBusStr:

@@ -61,7 +61,9 @@ _GROUP = ("""Reading is open to every local user; changing anything needs root o
     <allow send_destination="org.hostvold1"
            send_interface="org.freedesktop.DBus.Properties" send_member="GetAll"/>
     <allow send_destination="org.hostvold1"
-           send_interface="org.hostvold1.Manager" send_member="Status"/>""")
+           send_interface="org.hostvold1.Manager" send_member="Status"/>
+    <allow send_destination="org.hostvold1"
+           send_interface="org.hostvold1.Manager" send_member="ListVolumes"/>""")
 
 
 def render(group: str, polkit: bool = True) -> str:
