@@ -4,12 +4,14 @@ is killed by its fence guard) nor goes on when it wakes (its steps check the lea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -259,10 +261,12 @@ def test_the_guard_fences_a_qemu_img_outside_its_group(tmp_path: Path) -> None:
 async def test_a_create_whose_lock_lapsed_leaves_its_files_to_the_new_holder(
         service: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
     """A clone stalled past its lease while qemu-img ran; another host took the volume
-    over and removed the half-made files (cluster_fire saw it). When the stalled host
-    wakes, its next step fails (here: the fsync of a file that is gone). That host must
-    not remove what is now the new holder's, and the caller hears that the lock was lost
-    (CoordinationUnavailable), not an internal FileNotFoundError."""
+    over and removed the half-made image (cluster_fire saw it). When the stalled host
+    wakes, its next step fails (here: the fsync of the file that is gone). That host must
+    not remove anything more (it may no longer write), the caller hears that the lock was
+    lost (CoordinationUnavailable, not an internal FileNotFoundError), and the record stays
+    for whoever holds the lock now (this host's own take-over, once it is back). A cancel
+    arriving then stays a cancel."""
     store = service.store
     lost = False
 
@@ -271,18 +275,25 @@ async def test_a_create_whose_lock_lapsed_leaves_its_files_to_the_new_holder(
             raise CoordinationUnavailable(f"host a lost its lock on volume {volume_id}")
 
     monkeypatch.setattr(store.locks, "check", check)
-    made: list[Path] = []
 
-    async def make(path: Path) -> None:
-        nonlocal lost
-        path.write_bytes(bytes(1 << 20))
-        made.append(path)
-        lost = True  # the stall: the new holder now owns these files
-        raise FileNotFoundError(2, "No such file or directory", str(path))
+    def make_failing(error: BaseException) -> Callable[[Path], Awaitable[None]]:
+        async def make(path: Path) -> None:
+            nonlocal lost
+            path.write_bytes(bytes(1 << 20))
+            lost = True  # the stall: another host took over and removed the image
+            path.unlink()
+            raise error
+        return make
 
-    volume_id = "0c0ffee0-0000-4000-8000-000000000001"
-    with pytest.raises(CoordinationUnavailable, match="lost its lock"):
-        await store.create_new(volume_id, 1 << 20, "raw", True, None, make, operation="clone")
-    assert made and made[0].exists(), "the stalled host removed the new holder's image"
-    assert made[0].with_name(made[0].name + ".meta").exists()
-    assert store.find(volume_id) is None
+    for volume_id, error, expected in (
+            ("0c0ffee0-0000-4000-8000-000000000001",
+             FileNotFoundError(2, "No such file or directory"), CoordinationUnavailable),
+            ("0c0ffee0-0000-4000-8000-000000000002", asyncio.CancelledError(),
+             asyncio.CancelledError)):
+        lost = False
+        with pytest.raises(expected):
+            await store.create_new(volume_id, 1 << 20, "raw", True, None,
+                                   make_failing(error), operation="clone")
+        kept = store.find(volume_id)
+        assert kept is not None and kept.state == "creating"
+        assert store.files_of(kept).meta.exists(), "the stalled host removed the record"

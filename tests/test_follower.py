@@ -5,9 +5,17 @@ hosts)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from hostvold.core.errors import Busy
 from hostvold.ops.cluster import ClusterFollower
+from hostvold.storage.clusterlocks import ClusterLocks
 from hostvold.storage.coordination import CHANGES, Coordination
 
 
@@ -149,5 +157,52 @@ async def test_a_change_etcd_did_not_take_is_told_once_it_answers() -> None:
     assert client.sent == [f"{CHANGES}v1", f"{CHANGES}v2"]
     coordination._announce_again()  # nothing left to tell
     assert client.sent == [f"{CHANGES}v1", f"{CHANGES}v2"]
+    coordination.executor.shutdown()
+    coordination.renewer.shutdown()
+
+
+async def test_a_lock_refused_busy_tells_the_follower_once_it_is_let_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real ClusterLocks: a call refused Busy (another host holds the volume) lets go
+    of this host's own lock before ``on_released`` is told, so the follower sees the lock
+    free and reads what was announced meanwhile."""
+    coordination = Coordination("etcd3+http://127.0.0.1:1", "b", 6)
+    locks = ClusterLocks(tmp_path, coordination)
+
+    @contextlib.asynccontextmanager
+    async def held_elsewhere(name: str, wait: bool, brief: bool) -> AsyncIterator[int]:
+        raise Busy(f"volume {name} is being changed by host a")
+        yield 0  # pragma: no cover
+
+    monkeypatch.setattr(locks, "_cluster_lock", held_elsewhere)
+    seen: list[bool] = []
+    locks.on_released.append(lambda volume_id: seen.append(locks.busy(volume_id)))
+    with pytest.raises(Busy):
+        async with locks.volume("v", wait=False):
+            pass
+    assert seen == [False]
+    coordination.executor.shutdown()
+    coordination.renewer.shutdown()
+
+
+async def test_a_renewal_that_works_past_the_deadline_catches_up() -> None:
+    """The event loop stalled past half the lease (not the whole lease): steps were refused
+    meanwhile, and no fence was noticed, as the renewal that came next worked. The host
+    still reads the shares again and finishes its refused operations (``on_back``)."""
+    coordination = Coordination("etcd3+http://127.0.0.1:1", "a", 6)
+    coordination.healthy = coordination.joined = True
+    coordination._last_renewal = time.monotonic() - 4  # the stall: 4 s of a 6 s lease
+    coordination._heartbeat_once = lambda: True  # type: ignore[method-assign]
+    fenced: list[int] = []
+    back = asyncio.Event()
+    coordination.on_lost.append(lambda: fenced.append(1))
+    coordination.on_back.append(back.set)
+    renewing = asyncio.get_running_loop().create_task(coordination._renew())
+    try:
+        await asyncio.wait_for(back.wait(), 2)
+    finally:
+        renewing.cancel()
+        await asyncio.gather(renewing, return_exceptions=True)
+    assert fenced == [] and coordination.fresh
     coordination.executor.shutdown()
     coordination.renewer.shutdown()

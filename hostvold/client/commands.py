@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 from dbus_fast.signature import Variant  # not the package: it imports the whole bus
 
 from hostvold.client.output import emit, fields, plain, table
-from hostvold.client.wire import PREFIX, ROOT_PATH, CliError, object_id, os_error, resolve
+from hostvold.client.wire import (
+    EXIT_DENIED,
+    PREFIX,
+    ROOT_PATH,
+    CliError,
+    object_id,
+    os_error,
+    resolve,
+)
 from hostvold.core.units import human_size
 
 if TYPE_CHECKING:  # the reading commands also run on a WireClient (see hostvold.client.wire)
@@ -62,7 +70,14 @@ async def cmd_volumes(client: Client, args: argparse.Namespace) -> None:
     if args.json:
         emit(args, of_kind(await client.objects(), "Volume"), str)
         return
-    (rows,) = await client.call(ROOT_PATH, f"{PREFIX}Manager", "ListVolumes", "a{sv}", [{}])
+    try:
+        (rows,) = await client.call(ROOT_PATH, f"{PREFIX}Manager", "ListVolumes", "a{sv}",
+                                    [{}])
+    except CliError as exc:  # a daemon from before ListVolumes, or a bus policy that
+        if exc.code != EXIT_DENIED and "UnknownMethod" not in str(exc):  # lists methods
+            raise
+        rows = [(v["path"], v["Id"], v["Size"], v["Format"], v["State"], len(v["Snapshots"]),
+                 v["Problems"]) for v in of_kind(await client.objects(), "Volume")]
     print(table([[volume_id, human_size(size), fmt, state, str(snapshots), "; ".join(problems)]
                  for _path, volume_id, size, fmt, state, snapshots, problems in rows],
                 ["VOLUME", "SIZE", "FORMAT", "STATE", "SNAPSHOTS", "PROBLEMS"]))

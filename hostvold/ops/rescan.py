@@ -111,7 +111,8 @@ class ShareRescanner:
                 complete = False  # our own operation holds it: looked at next round
                 continue
             try:
-                async with store.locks.volume(volume_id, brief=True):
+                # never behind another host's operation (its announcement follows it)
+                async with store.locks.volume(volume_id, wait=False, brief=True):
                     await self._sync(share, volume_id, seen)
             except (StorageUnavailable, Busy) as exc:  # etcd or the share away, or another
                 # host at work on it (its announcement follows): not in step, next round

@@ -309,12 +309,10 @@ class VolumeStore:
                 crash.point(f"{operation}:made")
                 meta = await self.record(files, meta.evolve(state="available", operation=None))
             except BaseException as exc:
-                try:  # a lock lost meanwhile (a stall past the lease): the volume's files are
-                    self.locks.check(volume_id)  # its new holder's, and so is the failure
-                except StorageUnavailable as lost:
-                    await self.forget(volume_id)
-                    if isinstance(exc, Exception):
-                        raise lost from None
+                fenced = self._fenced(volume_id)
+                if fenced is not None:  # the record stays: the recovery of whoever holds
+                    if isinstance(exc, Exception):  # the lock now removes the files
+                        raise fenced from None
                     raise
                 with contextlib.suppress(StorageUnavailable):  # then recovery removes them
                     await share.io.run(remove_volume_files, files)
@@ -326,6 +324,17 @@ class VolumeStore:
             log.info("created volume %s (%d bytes, %s, %s) on %s", volume_id, size, fmt,
                      meta.provisioning, share.spec.address, extra={"VOLUME_ID": volume_id})
             return meta
+
+    def _fenced(self, volume_id: str) -> StorageUnavailable | None:
+        """Why this host may no longer change the volume (its lease is not fresh, or its
+        lock is of a lapsed session), or None. A failure then is most likely that: a stall
+        past the lease, and another host's recovery removing what the stalled step wrote;
+        whoever holds the lock after it (this host too, once back) finishes the operation."""
+        try:
+            self.locks.check(volume_id)
+        except StorageUnavailable as exc:
+            return exc
+        return None
 
     async def _pick_share(self, size: int, thin: bool, share_name: str | None,
                           space_needed: int) -> Share:

@@ -239,7 +239,9 @@ class Coordination:
                 continue
             if not kept and not await self._new_session():
                 continue
-            back = not self.healthy
+            # fenced, or past the deadline unfenced (a stalled loop whose renewal then
+            # worked): steps were refused meanwhile, and their operations wait to be finished
+            back = not self.healthy or sent >= fence_at
             self.healthy, self._last_renewal = True, sent
             for listener in self.on_renewed:
                 listener(self.deadline)
