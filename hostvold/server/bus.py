@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
+import time
 from contextvars import ContextVar
 from typing import Any
 
@@ -42,6 +44,7 @@ caller: ContextVar[str | None] = ContextVar("hostvold_caller", default=None)
 # how long the file descriptors of a call wait for their method to claim them; any call
 # that does not reach a method of ours (an unknown object, a property) has them closed then
 UNCLAIMED_FD_SECONDS = 2.0
+SENDMSG_WAIT = 5.0  # seconds a message carrying descriptors waits for a full bus socket
 
 
 class ReceivedFds:
@@ -150,8 +153,10 @@ class _SendsThatWait:
     whenever the bus reads slower than we write, e.g. the InterfacesAdded of 10,000 volumes
     at start while dbus-daemon is short of CPU, and the daemon died of it (P6 at load 6 on
     two cores). With 0 its writer keeps the rest and waits until the socket is writable.
-    ``sendmsg`` (a message carrying file descriptors) is left as it is: the writer forgets
-    the descriptors after one try whatever it returned."""
+    ``sendmsg`` (a message carrying file descriptors, the reply of ExportChanges) cannot do
+    the same: the writer drops the descriptors after that one call, whatever it returned,
+    so a full socket is waited for right there, up to ``SENDMSG_WAIT`` seconds (the 10,000
+    calls of bench/fuzz_api.py lost the bus that way twice)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -161,6 +166,17 @@ class _SendsThatWait:
             return self._sock.send(data)
         except BlockingIOError:
             return 0
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), *rest: Any) -> int:
+        deadline = time.monotonic() + SENDMSG_WAIT
+        while True:
+            try:
+                return self._sock.sendmsg(buffers, ancdata, *rest)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                select.select([], [self._sock], [], left)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
