@@ -308,12 +308,9 @@ class VolumeStore:
                 share.tally(await share.io.run(own_file, files.base, self.file_mode))
                 crash.point(f"{operation}:made")
                 meta = await self.record(files, meta.evolve(state="available", operation=None))
-            except BaseException as exc:
-                fenced = self._fenced(volume_id)
-                if fenced is not None:  # the record stays: the recovery of whoever holds
-                    if isinstance(exc, Exception):  # the lock now removes the files
-                        raise fenced from None
-                    raise
+            except BaseException as exc:  # a lapsed lock: the record stays, for whoever
+                if (lapsed := self.locks.lapsed(volume_id)) is not None:  # holds it now
+                    raise (lapsed if isinstance(exc, Exception) else exc) from None
                 with contextlib.suppress(StorageUnavailable):  # then recovery removes them
                     await share.io.run(remove_volume_files, files)
                     await self.forget(volume_id)
@@ -324,17 +321,6 @@ class VolumeStore:
             log.info("created volume %s (%d bytes, %s, %s) on %s", volume_id, size, fmt,
                      meta.provisioning, share.spec.address, extra={"VOLUME_ID": volume_id})
             return meta
-
-    def _fenced(self, volume_id: str) -> StorageUnavailable | None:
-        """Why this host may no longer change the volume (its lease is not fresh, or its
-        lock is of a lapsed session), or None. A failure then is most likely that: a stall
-        past the lease, and another host's recovery removing what the stalled step wrote;
-        whoever holds the lock after it (this host too, once back) finishes the operation."""
-        try:
-            self.locks.check(volume_id)
-        except StorageUnavailable as exc:
-            return exc
-        return None
 
     async def _pick_share(self, size: int, thin: bool, share_name: str | None,
                           space_needed: int) -> Share:

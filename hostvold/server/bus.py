@@ -189,6 +189,16 @@ def wait_when_full(bus: MessageBus) -> None:
         writer.sock = _SendsThatWait(writer.sock)
 
 
+async def lost(bus: MessageBus) -> str:
+    """Wait until ``bus`` is disconnected (dbus-daemon restarted, the socket broken);
+    why it was."""
+    try:
+        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        return "the bus closed it"
+    except Exception as exc:
+        return str(exc) or type(exc).__name__
+
+
 async def own_name(bus: MessageBus) -> None:
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):

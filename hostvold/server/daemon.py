@@ -29,7 +29,7 @@ from hostvold.ops.startup import load_index, rebuild_index
 from hostvold.ops.store import VolumeStore
 from hostvold.server import notify, policy
 from hostvold.server.authority import Authorizer
-from hostvold.server.bus import BUS_NAME, connect, own_name
+from hostvold.server.bus import BUS_NAME, connect, lost, own_name
 from hostvold.server.objects import Api
 from hostvold.storage import children
 from hostvold.storage.children import FenceGuard
@@ -317,18 +317,12 @@ class Daemon:
         return status
 
     async def _stop_when_bus_lost(self) -> None:
-        """A daemon cut from its bus (dbus-daemon restarted, the socket broken) serves no
-        one and no one can stop it: it stops as on SIGTERM, with status 1, and systemd
-        (Restart=on-failure) starts it again on a fresh connection."""
+        """Cut from its bus, the daemon serves no one and no one can stop it: it stops as
+        on SIGTERM, status 1, and systemd (Restart=on-failure) starts it on a fresh bus."""
         assert self.bus is not None
-        try:
-            await self.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
-            reason = "the bus closed it"
-        except Exception as exc:
-            reason = str(exc) or type(exc).__name__
+        reason = await lost(self.bus)
         log.error("lost the D-Bus connection (%s): stopping, to be started again", reason)
         self.stop_requested.set()
-
 
     async def _rescan_shares(self) -> None:
         """Every ``rescan_interval`` seconds: a stat of each share directory, and a rescan

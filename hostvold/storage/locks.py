@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from hostvold.core.errors import StorageUnavailable
+
 
 class LocalLocks:
     def __init__(self, directory: Path) -> None:
@@ -41,6 +43,17 @@ class LocalLocks:
     def check(self, volume_id: str) -> None:
         """Raise when this host may no longer change the volume under the lock it took
         (only cluster locks can lapse)."""
+
+    def lapsed(self, volume_id: str) -> StorageUnavailable | None:
+        """Why this host may no longer change the volume (:meth:`check`), or None. A step
+        failing then most likely failed of it: a stall past the lease, and another host's
+        recovery undoing what the stalled step wrote; whoever holds the lock after it (this
+        host too, once back) finishes the operation, so nothing more is undone here."""
+        try:
+            self.check(volume_id)
+        except StorageUnavailable as exc:
+            return exc
+        return None
 
     def busy(self, volume_id: str) -> bool:
         """Whether an operation of this daemon holds or waits for the volume's lock."""
