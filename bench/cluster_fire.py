@@ -404,13 +404,17 @@ class Rig:
         self.links = [Link(tag, name, index, net)
                       for index, name in enumerate(HOST_NAMES[:args.hosts])]
         self.image = self.work / "share.img"
+        # the workload fills some 7 MiB a second, frozen volumes are never deleted: a full
+        # share would leave the rest of a long run nothing but NoSpace (a 30-minute run on
+        # 4 GiB was full after 9 minutes)
+        self.image_bytes = max(4 << 30, int(args.minutes * 0.6 * (1 << 30)))
         self.mounts = self.work / "mnt"
         self.share = self.mounts / hashlib.md5(str(self.image).encode()).hexdigest()
         self.etcd = Etcd(self.work, [link.gateway for link in self.links])
 
     def build(self) -> None:
         with open(self.image, "wb") as image:
-            image.truncate(4 << 30)
+            image.truncate(self.image_bytes)
         sh("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0",
            str(self.image))
         self.share.mkdir(parents=True)
