@@ -61,11 +61,10 @@ class ClusterLocks(LocalLocks):
                 released(volume_id)
 
     def check(self, volume_id: str) -> None:
-        """Also without the lock (a refresh writing back what it read): a host whose lease
-        is not fresh writes nothing. cluster_fire saw a host thawed after a whole-host stop
-        rewrite a record its take-over had settled, 70 ms after it woke."""
         epoch = self._held.get(volume_id)
-        if epoch is not None and epoch != self.coordination.epoch:
+        if epoch is None:
+            return
+        if epoch != self.coordination.epoch:
             raise CoordinationUnavailable(
                 f"host {self.coordination.host_id} lost its lock on volume {volume_id} with "
                 "its expired session; the operation is left to the host that holds it now")
